@@ -1,0 +1,1 @@
+"""Hyper-V sockets for programs: the standard socket API over the emulated host."""
