@@ -1,0 +1,202 @@
+"""Events the core returns: frozen facts, named in the past tense (aioquic style).
+
+Every event carries ``at`` (the ``now`` of the call that produced it) and ``seq`` (a strictly
+increasing number, so a diagnostics stream can resume "after seq N").
+
+Two families:
+
+* :class:`PartitionEvent` -- addressed to one partition (``partition`` = its VM id).  The adapter
+  sends it on that partition's attach stream, if one is live; otherwise it is dropped.  The core
+  never addresses a partition that has no session, except for ``SessionEnded``.
+* everything else -- for the adapter itself (reclaim rings, stall rings, metrics) and for the
+  lifecycle log.
+
+All events go to the lifecycle log (``HostCore.events_since``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from host_service.core.addresses import Address
+from host_service.core.channel import ChannelInput, ChannelState
+from host_service.core.types import PartitionState, RingGeometry, Side
+
+__all__ = [
+    "ChannelRemoved",
+    "ChannelRescinded",
+    "ChannelStateChanged",
+    "ConnectFailed",
+    "ConnectRefused",
+    "ConnectionEstablished",
+    "ConnectionOffered",
+    "Event",
+    "ListenerChanged",
+    "PartitionChanged",
+    "PartitionEvent",
+    "PartitionResumed",
+    "PartitionStalled",
+    "PeerFinReceived",
+    "ServiceChanged",
+    "SessionEnded",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    at: float
+    seq: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionEvent(Event):
+    #: VM id of the partition this event is for.
+    partition: str
+
+
+# --- to a partition -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionOffered(PartitionEvent):
+    """A connect reached one of the partition's listeners; accept or refuse ``channel_id``."""
+
+    channel_id: int
+    listener_id: int
+    #: The listener's bound address.
+    local: Address
+    #: The connector's address as this partition sees it.
+    remote: Address
+    #: Rings from the acceptor's point of view.
+    ring: RingGeometry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionEstablished(PartitionEvent):
+    """The channel is open; sent to both ends (for loopback, twice to the same partition)."""
+
+    channel_id: int
+    side: Side
+    local: Address
+    remote: Address
+    ring: RingGeometry
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectFailed(PartitionEvent):
+    """A pending connect failed (to the connector). ``errno``/``status`` as in the error classes:
+    ETIMEDOUT (ConnectTimedOut), ECONNREFUSED (ConnectionRefused) or ECONNRESET (ConnectionReset).
+    """
+
+    channel_id: int
+    errno: int
+    status: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerFinReceived(PartitionEvent):
+    """The peer sent its FIN: after the data already queued, reads return EOF."""
+
+    channel_id: int
+    side: Side
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelRescinded(PartitionEvent):
+    """The host rescinded the channel: read what is left, then EOF; sends fail with EPIPE.
+    Also sent after a graceful close (the host always rescinds) and to an acceptor whose
+    unopened offer was withdrawn.  After it the partition must not use ``channel_id`` again."""
+
+    channel_id: int
+    side: Side
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionEnded(PartitionEvent):
+    """The host ended the partition's session (VM stopped or deleted): close its stream."""
+
+    session_id: int
+    reason: str
+
+
+# --- to the adapter / lifecycle log -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelStateChanged(Event):
+    """Lifecycle log entry for every channel transition (``old`` is None at creation)."""
+
+    channel_id: int
+    old: ChannelState | None
+    new: ChannelState
+    input: ChannelInput | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelRemoved(Event):
+    """The channel is gone from the core: reclaim its rings and shared-memory segments."""
+
+    channel_id: int
+    final_state: ChannelState
+    reason: str
+    #: VM ids of the connector and (if any) the acceptor.
+    connector: str
+    acceptor: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectRefused(Event):
+    """A connect refused synchronously (no channel was created); for metrics and the log."""
+
+    connector: str
+    target: Address
+    errno: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionChanged(Event):
+    """created / deleted / paused / resumed / stopped / started / attached / detached."""
+
+    vm_id: str
+    change: str
+    state: PartitionState | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionStalled(Event):
+    """The VM was paused: stall (stop servicing) the rings of these channels."""
+
+    vm_id: str
+    channel_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionResumed(Event):
+    """The VM runs again: service the rings of these channels again."""
+
+    vm_id: str
+    channel_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerChanged(Event):
+    """``change`` is "listening" or "closed"."""
+
+    listener_id: int
+    vm_id: str
+    local: Address
+    change: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceChanged(Event):
+    """``change`` is "registered", "updated" or "unregistered"."""
+
+    service_id: str
+    element_name: str
+    change: str

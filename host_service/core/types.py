@@ -1,0 +1,149 @@
+"""Small value types shared by the core's modules and its public API (all immutable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from host_service.core.addresses import Address
+from host_service.core.channel import ChannelState
+
+__all__ = [
+    "PAGE_SIZE",
+    "ChannelInfo",
+    "EndpointInfo",
+    "ListenerInfo",
+    "PartitionInfo",
+    "PartitionState",
+    "Personality",
+    "RingGeometry",
+    "ServiceRegistration",
+    "Session",
+    "Side",
+]
+
+#: VMBus ring pages are 4 KiB (HV_HYP_PAGE_SIZE), whatever the machine's page size.
+PAGE_SIZE = 4096
+
+
+class Side(StrEnum):
+    """Which end of a channel."""
+
+    CONNECTOR = "connector"
+    ACCEPTOR = "acceptor"
+
+    @property
+    def peer(self) -> Side:
+        return Side.ACCEPTOR if self is Side.CONNECTOR else Side.CONNECTOR
+
+
+class Personality(StrEnum):
+    """How a partition's sockets behave where Linux and Windows differ.
+
+    ``linux``: a connect nobody answers ends in ETIMEDOUT after the connect timeout (Linux
+    ignores TL_CONNECT_RESULT).  ``windows``: such a connect is refused at once (ECONNREFUSED).
+    The host partition is always ``windows``.
+    """
+
+    LINUX = "linux"
+    WINDOWS = "windows"
+
+
+class PartitionState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class RingGeometry:
+    """Ring sizes in 4 KiB pages (control page included), from one end's point of view."""
+
+    send_pages: int
+    recv_pages: int
+
+    @property
+    def swapped(self) -> RingGeometry:
+        """The same rings seen from the other end."""
+        return RingGeometry(self.recv_pages, self.send_pages)
+
+    @property
+    def send_bytes(self) -> int:
+        """Data-area bytes of the send ring (pages minus the control page)."""
+        return (self.send_pages - 1) * PAGE_SIZE
+
+    @property
+    def recv_bytes(self) -> int:
+        return (self.recv_pages - 1) * PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A partition's attachment.  Every partition-side call takes it; a stale one is refused."""
+
+    session_id: int
+    vm_id: str
+    is_host: bool
+    personality: Personality
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    vm_id: str
+    name: str
+    personality: Personality
+    state: PartitionState
+    is_host: bool
+    attached: bool
+    created_at: float
+    #: Live sockets (listeners + channel ends) counted against max_socket_number.
+    sockets: int
+    #: sha256 hex of the token; what persistence stores (the token itself is shown once).
+    token_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRegistration:
+    service_id: str
+    element_name: str
+    registered_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerInfo:
+    listener_id: int
+    vm_id: str
+    local: Address
+    backlog: int
+    pending: int
+    send_pages: int | None
+    recv_pages: int | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    """One end of a channel as its program sees it."""
+
+    vm_id: str
+    local: Address
+    remote: Address
+    #: Opaque label the adapter sets ("shm", "relay", ...); "" until set.
+    data_path: str
+    #: Bytes this end sent, as reported by the adapter.
+    bytes_sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    channel_id: int
+    state: ChannelState
+    connector: EndpointInfo
+    #: None while no listener was found (CONNECT_REQUESTED without an offer).
+    acceptor: EndpointInfo | None
+    #: Ring geometry from the connector's point of view.
+    ring: RingGeometry
+    created_at: float
+    state_since: float
+    #: When the pending connect or close timer fires, if one runs.
+    deadline: float | None
