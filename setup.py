@@ -81,6 +81,9 @@ def ring_extension() -> list[Extension]:
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=macros,
+        # ring/_hvring.h (atomics, futex) is included from the generated C under build/.
+        include_dirs=["ring"],
+        depends=["ring/_hvring.h", "ring/_layout.pxd"],
     )
     # Generated C goes under build/, never next to the sources.
     return cythonize(

@@ -1,0 +1,110 @@
+/*
+ * Small C helpers for ring/_ring.pyx: atomics, CPU relax, monotonic clock and futex.
+ *
+ * Everything here is `static inline`, never allocates and never touches Python.
+ *
+ * Memory-ordering vocabulary used by the ring (see ring/_layout.pxd for the protocol):
+ *   - an index is *published* with a release store, so the packet bytes written before it
+ *     are visible to whoever *acquires* the index;
+ *   - the two "Dekker" hand-shakes (writer: publish write_index, then read interrupt_mask;
+ *     reader: clear interrupt_mask, then read write_index; and the same shape for
+ *     pending_send_sz/read_index) need a full fence between the store and the load, which
+ *     is what hv_fence() is. On x86 that is an mfence (or a locked instruction); on arm64 dmb ish.
+ *
+ * The futex calls are deliberately *not* FUTEX_PRIVATE: the words live in a MAP_SHARED file
+ * mapping under /dev/shm and the waker is another process, possibly in another container
+ * that shares the IPC namespace; the kernel keys shared futexes by (inode, offset).
+ */
+#ifndef HVSOCK_RING_HVRING_H
+#define HVSOCK_RING_HVRING_H
+
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#define HV_HAVE_FUTEX 1
+#else
+#define HV_HAVE_FUTEX 0
+#endif
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the VMBus ring layout is little-endian; this build assumes a little-endian CPU"
+#endif
+
+static inline uint32_t hv_load_relaxed(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline uint32_t hv_load_acquire(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint32_t hv_load_seq(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline void hv_store_relaxed(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline void hv_store_release(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void hv_store_seq(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t hv_fetch_add(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t hv_fetch_sub(uint32_t *p, uint32_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t hv_fetch_or(uint32_t *p, uint32_t v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline void hv_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* Polite busy-wait hint: lets the sibling hyper-thread run and saves power while spinning. */
+static inline void hv_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+
+/* CLOCK_MONOTONIC in nanoseconds (vDSO, no syscall); the same clock as time.monotonic(). */
+static inline int64_t hv_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + (int64_t)ts.tv_nsec;
+}
+
+/*
+ * Sleep while *addr == expected, at most timeout_ns (< 0: no limit).
+ * Returns 0 when woken (or spuriously), EAGAIN when *addr != expected already,
+ * ETIMEDOUT, or EINTR when a signal arrived (the caller returns to Python so that
+ * signal handlers run, then retries: PEP 475 style).
+ */
+static inline int hv_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns)
+{
+#if HV_HAVE_FUTEX
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = (time_t)(timeout_ns / 1000000000LL);
+        ts.tv_nsec = (long)(timeout_ns % 1000000000LL);
+        tsp = &ts;
+    }
+    long rc = syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0);
+    if (rc == 0)
+        return 0;
+    return errno;
+#else
+    /* No futex: a short sleep; callers re-check their condition in a loop. */
+    struct timespec ts = {0, 200000};
+    (void)addr; (void)expected; (void)timeout_ns;
+    nanosleep(&ts, NULL);
+    return 0;
+#endif
+}
+
+/* Wake up to n waiters sleeping on addr; returns the number woken (or -errno). */
+static inline int hv_futex_wake(uint32_t *addr, int n)
+{
+#if HV_HAVE_FUTEX
+    long rc = syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+    return rc < 0 ? -errno : (int)rc;
+#else
+    (void)addr; (void)n;
+    return 0;
+#endif
+}
+
+#endif /* HVSOCK_RING_HVRING_H */
