@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from host_service.core import (
-    ChannelInput as I,  # noqa: N814
+    ChannelInput as I,
 )
 from host_service.core import (
     ChannelMachine,
@@ -13,7 +13,7 @@ from host_service.core import (
     ProtocolError,
 )
 from host_service.core import (
-    ChannelState as S,  # noqa: N814
+    ChannelState as S,
 )
 
 pytestmark = pytest.mark.unit

@@ -148,10 +148,10 @@ def test_bad_backlog(world: World, backlog: object) -> None:
 
 def test_backlog_bounds_pending_offers(world: World) -> None:
     guest = world.guest()
-    info, _ = world.core.listen(guest, WILDCARD, SVC, 0, backlog=2)
+    _info, _ = world.core.listen(guest, WILDCARD, SVC, 0, backlog=2)
     offered = []
     for _ in range(3):
-        cid, events = world.core.connect(world.host, guest.vm_id, SVC, 0)
+        _cid, events = world.core.connect(world.host, guest.vm_id, SVC, 0)
         offered.append(bool(world.of_type(events, ConnectionOffered)))
     assert offered == [True, True, False]  # the third is ignored, as a full Linux backlog
     assert world.core.list_listeners(guest.vm_id)[0].pending == 2

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from host_service.core import (
+    BROADCAST,
     CHILDREN,
     HOST_VM_ID,
     LOOPBACK,
     PARENT,
+    SILOHOST,
     WILDCARD,
     AddressNotAvailable,
     AlreadyAttached,
@@ -79,7 +81,7 @@ def test_duplicate_vm_id_is_already_exists(world: World) -> None:
     assert info.value.status == "ALREADY_EXISTS"
 
 
-@pytest.mark.parametrize("vm_id", [WILDCARD, CHILDREN, LOOPBACK, PARENT, "f" * 8 + "-ffff-ffff-ffff-" + "f" * 12])
+@pytest.mark.parametrize("vm_id", [WILDCARD, CHILDREN, LOOPBACK, PARENT, BROADCAST, SILOHOST])
 def test_well_known_ids_cannot_be_vm_ids(world: World, vm_id: str) -> None:
     with pytest.raises(BadAddress, match="well-known"):
         world.core.create_partition("x", 0, vm_id=vm_id)
@@ -100,9 +102,7 @@ def test_create_validation(world: World, kwargs: dict[str, str], error: type, me
 
 
 def test_guid_factory_exhaustion_is_address_not_available() -> None:
-    core = HostCore(
-        host_token="t", token_factory=lambda: "x", guid_factory=lambda: VM_ID
-    )
+    core = HostCore(host_token="t", token_factory=lambda: "x", guid_factory=lambda: VM_ID)
     core.create_partition("first", 0)
     with pytest.raises(AddressNotAvailable):
         core.create_partition("second", 0)
@@ -196,7 +196,7 @@ def test_connects_to_a_paused_vm_go_unanswered(world: World) -> None:
     guest = world.guest("a")
     world.core.listen(guest, WILDCARD, SVC, 0)
     world.core.pause_partition(guest.vm_id, 0)
-    cid, events = world.core.connect(world.host, guest.vm_id, SVC, 0)
+    _cid, events = world.core.connect(world.host, guest.vm_id, SVC, 0)
     assert world.of_type(events, ConnectionOffered) == []
     assert world.core.next_deadline() == 2.0
 
@@ -246,26 +246,42 @@ def test_host_partition_cannot_be_managed(world: World, action: str) -> None:
 def test_restore_partition(world: World) -> None:
     digest = hash_token("persisted")
     info = world.core.restore_partition(
-        vm_id=VM_ID, name="old", personality="windows", token_sha256=digest.upper(),
-        state="paused", created_at=-5.0,
+        vm_id=VM_ID,
+        name="old",
+        personality="windows",
+        token_sha256=digest.upper(),
+        state="paused",
+        created_at=-5.0,
     )
     assert info.state is PartitionState.PAUSED and info.token_sha256 == digest
     session, _ = world.core.attach(VM_ID, "persisted", 0)
     assert session.personality is Personality.WINDOWS
     with pytest.raises(AlreadyExists):
         world.core.restore_partition(
-            vm_id=VM_ID, name="old", personality="linux", token_sha256=digest, state="off",
+            vm_id=VM_ID,
+            name="old",
+            personality="linux",
+            token_sha256=digest,
+            state="off",
             created_at=0,
         )
     with pytest.raises(InvalidArgument, match="sha256"):
         world.core.restore_partition(
-            vm_id="21111111-2222-4333-8444-555555555555", name="x", personality="linux",
-            token_sha256="z" * 64, state="off", created_at=0,
+            vm_id="21111111-2222-4333-8444-555555555555",
+            name="x",
+            personality="linux",
+            token_sha256="z" * 64,
+            state="off",
+            created_at=0,
         )
     with pytest.raises(InvalidArgument, match="state"):
         world.core.restore_partition(
-            vm_id="21111111-2222-4333-8444-555555555555", name="x", personality="linux",
-            token_sha256=digest, state="exploded", created_at=0,
+            vm_id="21111111-2222-4333-8444-555555555555",
+            name="x",
+            personality="linux",
+            token_sha256=digest,
+            state="exploded",
+            created_at=0,
         )
 
 

@@ -126,8 +126,8 @@ def test_linux_guest_timeout_ignores_a_late_listener(world: World) -> None:
 
 @pytest.mark.parametrize("session_of", ["windows", "host-loopback", "windows-loopback"])
 def test_windows_and_host_are_refused_at_once(world: World, session_of: str) -> None:
-    session: Session = world.host if session_of == "host-loopback" else world.guest(
-        personality="windows"
+    session: Session = (
+        world.host if session_of == "host-loopback" else world.guest(personality="windows")
     )
     target = PARENT if session_of == "windows" else LOOPBACK
     with pytest.raises(ConnectionRefused, match="nothing listens") as info:
