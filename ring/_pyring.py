@@ -260,7 +260,9 @@ class Ring:
     # -- plumbing ------------------------------------------------------------------------
 
     def _release(self) -> None:
-        self._futex_words.clear()
+        words = self.__dict__.get("_futex_words")
+        if words is not None:
+            words.clear()  # ctypes views export the buffer: drop them first
         for name in ("_ctl", "_data", "_mv"):
             view = self.__dict__.pop(name, None)
             if view is not None:
@@ -432,10 +434,14 @@ class Ring:
     def _write(self, data: Buffer, timeout: float | None, all_: bool) -> int:
         deadline = _deadline(timeout)
         self._check_open()
-        src = memoryview(data)
-        if not src.c_contiguous:
-            src = memoryview(src.tobytes())
-        src = src.cast("B")
+        with memoryview(data) as view:
+            if not view.c_contiguous:
+                with memoryview(view.tobytes()) as copy, copy.cast("B") as src:
+                    return self._write_view(src, deadline, all_)
+            with view.cast("B") as src:
+                return self._write_view(src, deadline, all_)
+
+    def _write_view(self, src: memoryview, deadline: int, all_: bool) -> int:
         n = len(src)
         done = 0
         if n == 0:
@@ -564,10 +570,13 @@ class Ring:
         self._check_open()
         if nbytes < 0:
             raise ValueError("negative buffersize in read_into")
-        dst = memoryview(buffer)
-        if dst.readonly:
-            raise TypeError("read_into needs a writable buffer")
-        dst = dst.cast("B")
+        with memoryview(buffer) as view:
+            if view.readonly:
+                raise TypeError("read_into needs a writable buffer")
+            with view.cast("B") as dst:
+                return self._read_into(dst, nbytes, deadline)
+
+    def _read_into(self, dst: memoryview, nbytes: int, deadline: int) -> int:
         n = len(dst)
         if nbytes:
             if nbytes > n:

@@ -210,7 +210,7 @@ class Channel:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_PAGE_SIZE:
                 raise RingCorruptError(CORRUPT_IDENTITY, 0, st.st_size)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # serialise attachers (released by close(fd))
+            fcntl.flock(fd, fcntl.LOCK_EX)  # serialise attachers
             mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             try:
                 magic, version, p0, p1, _mapped, _pid = _HEADER.unpack_from(mm, 0)
@@ -243,6 +243,9 @@ class Channel:
             futex_wake(mm, OFF_MAPPED_MASK)
             return chan
         finally:
+            # mmap keeps a dup of fd, i.e. the same open file description, so the lock
+            # would outlive close(fd): release it explicitly.
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     @classmethod
