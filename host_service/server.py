@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import pathlib
+import secrets
 import signal
+import sys
 from collections.abc import Sequence
 
 import grpc
@@ -15,85 +19,158 @@ from grpc_reflection.v1alpha import reflection
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
-from . import __version__
+from . import metrics
+from .core.config import HostConfig
+from .core.errors import HvError
+from .dataplane import DataPlane
+from .service import AdminServicer, Host, HostServicer, new_core
+from .settings import parse_args
+from .store import StateStore
 
 log = logging.getLogger("hvsock.host")
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-SERVICE_NAME = hvsock_pb2.DESCRIPTOR.services_by_name["HostService"].full_name
+SERVICE_NAMES = tuple(
+    service.full_name for service in hvsock_pb2.DESCRIPTOR.services_by_name.values()
+)
+#: Keep idle attach streams alive through NATs and proxies, and accept clients' pings.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.max_receive_message_length", 1 << 20),
+]
 
 
-class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  # untyped gencode
-    async def GetInfo(
-        self, request: hvsock_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
-    ) -> hvsock_pb2.GetInfoResponse:
-        return hvsock_pb2.GetInfoResponse(
-            version=__version__,
-            limits=hvsock_pb2.Limits(max_socket_number=1024, send_ring_page=2, recv_ring_page=3),
-        )
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags; each also reads ``HVSOCK_<FLAG>`` from the environment."""
-    env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="hvsock-host", description="Emulated Hyper-V host for Hyper-V sockets (hv_sock)."
+def host_token(args: argparse.Namespace) -> str:
+    """The given token, or a new one written to a file only this user can read."""
+    if args.host_token:
+        return str(args.host_token)
+    token = secrets.token_urlsafe(32)
+    path: pathlib.Path = args.host_token_file
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(fd, 0o600)
+        file.write(token + "\n")
+    print(f"hvsock-host: host token {token} (also in {path})", file=sys.stderr, flush=True)
+    return token
+
+
+def build_host(args: argparse.Namespace, token: str) -> Host:
+    config = HostConfig(
+        max_socket_number=args.max_socket_number,
+        send_ring_page=args.send_ring_page,
+        recv_ring_page=args.recv_ring_page,
+        strict_registry=args.strict_registry,
+        allow_guest_to_guest=args.allow_guest_to_guest,
+        auto_create_on_attach=args.auto_create_vms,
     )
-    parser.add_argument(
-        "--listen",
-        default=env("HVSOCK_LISTEN", DEFAULT_LISTEN),
-        help="HOST:PORT to serve gRPC on (default %(default)s; env HVSOCK_LISTEN)",
-    )
-    parser.add_argument(
-        "--unix",
-        default=env("HVSOCK_UNIX"),
-        help="also serve on this Unix socket path (env HVSOCK_UNIX)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=env("HVSOCK_LOG_LEVEL", "INFO"),
-        help="logging level (default %(default)s; env HVSOCK_LOG_LEVEL)",
-    )
-    return parser.parse_args(argv)
+    core = new_core(config, token)
+    store = StateStore(args.state) if args.state else None
+    if store is not None:
+        for record in store.partitions():
+            core.restore_partition(
+                vm_id=record.vm_id,
+                name=record.name,
+                personality=record.personality,
+                token_sha256=record.token_sha256,
+                state=record.state,
+                created_at=0.0,
+            )
+        for service in store.services():
+            core.register_service(service.service_id, service.element_name, 0.0)
+    return Host(core, dataplane=DataPlane(args.shm_dir), store=store, shm_dir=args.shm_dir)
 
 
-async def serve(args: argparse.Namespace, started: asyncio.Event | None = None) -> None:
-    server = grpc.aio.server()
-    hvsock_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(), server)
+def _read(path: pathlib.Path) -> bytes:
+    return path.read_bytes()
+
+
+def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    if args.tls_cert is None:
+        return None
+    ca = _read(args.tls_ca) if args.tls_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(args.tls_key), _read(args.tls_cert))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+async def serve(args: argparse.Namespace, token: str) -> None:
+    host = build_host(args, token)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    hvsock_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(host), server)
+    hvsock_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(host, token), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(args.listen)
+    credentials = server_credentials(args)
+    if credentials is not None:
+        port = server.add_secure_port(args.listen, credentials)
+    else:
+        port = server.add_insecure_port(args.listen)
     if port == 0:
         raise SystemExit(f"hvsock-host: cannot listen on {args.listen}")
     if args.unix:
         server.add_insecure_port(f"unix:{args.unix}")
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving on %s%s", args.listen, f" and unix:{args.unix}" if args.unix else "")
+    listen_host = args.listen.rsplit(":", 1)[0]
+    where = f"{listen_host}:{port}" + (f" and unix:{args.unix}" if args.unix else "")
+    metrics_note = ""
+    if args.metrics_port is not None:
+        metrics_port = metrics.serve(args.metrics_address, args.metrics_port)
+        metrics_note = f", metrics on {args.metrics_address}:{metrics_port}"
+    log.info("serving on %s%s%s", where, " (TLS)" if credentials else "", metrics_note)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    if started is not None:
-        started.set()
     await stop.wait()
     log.info("draining")
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    try:
+        host.call(host.core.rescind_all, reason="host shutting down")
+    except HvError:
+        log.exception("rescinding channels at shutdown")
+    for attachment in list(host.attachments.values()):
+        attachment.end("host shutting down")
+    await server.stop(grace=2)
+    host.dataplane.close_all()
+    if host.store is not None:
+        host.store.close()
     log.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    asyncio.run(serve(args))
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    token = host_token(args)
+    asyncio.run(serve(args, token))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,375 @@
+"""Channel rings owned by the host service, and the gRPC relay for ends that cannot map them.
+
+Every open channel has one shared-memory segment with two rings (``ring.shm.Channel``):
+ring 0 carries connector -> acceptor, ring 1 acceptor -> connector, so the connector is end 0
+and the acceptor end 1. The host creates the segment as a broker (``end=None``) and keeps it
+mapped for the channel's whole life, so it can rescind (a flag in each ring's control page that
+wakes every waiter in every process) and report ring fill. An end on the shared-memory path
+attaches by name and moves bytes itself; for an end on the relay path the host attaches that end
+and pumps it to and from the client's ChannelData stream.
+
+Relay threads. Ring waits block on futexes, which asyncio cannot await, so each relayed end has
+two daemon threads: a reader (ring -> stream) and a writer (stream -> ring, and credit grants).
+They talk to the event loop only through ``call_soon_threadsafe``. Teardown rescinds the rings
+first, which wakes any blocked ring call, then joins the threads, then unmaps.
+
+Credit: the client may have sent at most ``send_limit`` bytes in all. The writer grants
+``written + tx.writable()`` whenever it has written everything it was sent, and when the client
+is at its limit it sleeps on the ring until the peer frees space — so the window a relayed
+writer sees is the ring's own free space, and back-pressure is the ring's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import grpc
+
+from hvsock.v1 import hvsock_pb2
+from ring import shm
+from ring._constants import MAX_PAYLOAD, PAGE_SIZE
+
+from . import metrics
+from .core import errors
+from .core.types import RingGeometry, Session, Side
+
+log = logging.getLogger("hvsock.host.dataplane")
+
+#: Largest relay frame either way (the proto's limit).
+MAX_FRAME = 65536
+#: Relay frames read from the ring but not yet sent to the client, per end: bounds memory and
+#: keeps the peer's back-pressure tied to the client's reading.
+MAX_FRAMES_IN_FLIGHT = 4
+
+_END_OF_SIDE = {Side.CONNECTOR: 0, Side.ACCEPTOR: 1}
+
+
+class EndPath(StrEnum):
+    SHARED_MEMORY = "shm"
+    RELAY = "relay"
+
+
+class _Fin:
+    """Marker in the writer's queue: the client sent FIN."""
+
+
+class _Stop:
+    """Marker in the writer's queue: tear down."""
+
+
+_FIN = _Fin()
+_STOP = _Stop()
+
+#: Hands a message (None: "this thread is done") to the event loop.
+_Post = Callable[[hvsock_pb2.ChannelDataResponse | None], None]
+
+
+class Relay:
+    """The host's side of one relayed channel end."""
+
+    def __init__(self, end: shm.Channel, side: Side, vm_id: str) -> None:
+        self.end = end
+        self.side = side
+        self.vm_id = vm_id
+        self.claimed = False
+        self.sent = 0  # client -> ring bytes written
+        self.received = 0  # ring -> client bytes
+        self.running = threading.Event()  # cleared while stalled
+        self.running.set()
+        self._inbound: queue.SimpleQueue[bytes | _Fin | _Stop] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    async def run(
+        self,
+        request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[hvsock_pb2.ChannelDataResponse]:
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[hvsock_pb2.ChannelDataResponse | None] = asyncio.Queue()
+        in_flight = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
+        # The first credit is granted before any frame is read, so the pump's checks never
+        # see a limit the client has not been told.
+        state = _WriterState(limit=self.end.tx.writable())
+        yield hvsock_pb2.ChannelDataResponse(send_limit=state.limit)
+
+        def post(message: hvsock_pb2.ChannelDataResponse | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+                loop.call_soon_threadsafe(out.put_nowait, message)
+
+        self._threads = [
+            threading.Thread(
+                target=self._read_ring, args=(post, in_flight), name="hvsock-relay-rx", daemon=True
+            ),
+            threading.Thread(
+                target=self._write_ring, args=(post, state), name="hvsock-relay-tx", daemon=True
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
+        pump = asyncio.create_task(self._pump_requests(request_iterator, state))
+        ended = 0  # the reader and the writer each post None once when done
+        try:
+            while ended < 2:
+                message = await out.get()
+                if message is None:
+                    ended += 1
+                    continue
+                if message.data:
+                    in_flight.release()
+                yield message
+            if state.error is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, state.error)
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            self._inbound.put(_STOP)
+
+    async def _pump_requests(
+        self, request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest], state: _WriterState
+    ) -> None:
+        """Validate the client's frames and hand them to the writer thread."""
+        total = 0
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                if kind == "data":
+                    data = request.data
+                    total += len(data)
+                    problem = (
+                        "data after fin"
+                        if state.fin
+                        else f"frame of {len(data)} bytes exceeds {MAX_FRAME}"
+                        if len(data) > MAX_FRAME
+                        else f"sent {total} bytes beyond send_limit {state.limit}"
+                        if total > state.limit
+                        else None
+                    )
+                    if problem is not None:
+                        state.error = problem
+                        self._inbound.put(_STOP)
+                        self.end.rescind()
+                        return
+                    if data:
+                        self._inbound.put(data)
+                elif kind == "fin":
+                    state.fin = True
+                    self._inbound.put(_FIN)
+                else:
+                    state.error = "open may only be the first frame"
+                    self._inbound.put(_STOP)
+                    self.end.rescind()
+                    return
+        finally:
+            if not state.fin:
+                # The client went away without FIN: its end is as good as closed.
+                self._inbound.put(_FIN)
+
+    def _read_ring(self, post: _Post, in_flight: threading.Semaphore) -> None:
+        rx = self.end.rx
+        buffer = bytearray(MAX_FRAME)
+        try:
+            while True:
+                in_flight.acquire()
+                self.running.wait()
+                n = rx.read_into(buffer, 0, None)
+                if n == 0:
+                    post(hvsock_pb2.ChannelDataResponse(fin=True))
+                    return
+                self.received += n
+                metrics.BYTES.labels("to_client").inc(n)
+                post(hvsock_pb2.ChannelDataResponse(data=bytes(buffer[:n])))
+        except OSError as exc:  # corrupt ring, or closed under us at teardown
+            log.warning("relay read on %s ended: %s", self.vm_id, exc)
+            post(hvsock_pb2.ChannelDataResponse(fin=True))
+        finally:
+            post(None)
+
+    def _write_ring(self, post: _Post, state: _WriterState) -> None:
+        tx = self.end.tx
+        # Wait for at least this much space before granting more credit to a blocked client.
+        grant_step = min(PAGE_SIZE, tx.max_payload)
+
+        def grant() -> None:
+            limit = self.sent + tx.writable()
+            if limit > state.limit:
+                state.limit = limit
+                post(hvsock_pb2.ChannelDataResponse(send_limit=limit))
+
+        pulled = 0
+        try:
+            while True:
+                try:
+                    item = self._inbound.get(block=pulled < state.limit)
+                except queue.Empty:
+                    # Everything sent is written and the client is at its limit: sleep on the
+                    # ring until the peer frees space (or the channel is rescinded).
+                    metrics.RING_FULL_WAITS.inc()
+                    tx.wait_writable(grant_step, None)
+                    if tx.is_rescinded:
+                        return
+                    grant()
+                    continue
+                if isinstance(item, _Stop):
+                    return
+                if isinstance(item, _Fin):
+                    self.running.wait()
+                    tx.fin(None)
+                    return
+                pulled += len(item)
+                self.running.wait()
+                tx.write_all(item, None)
+                self.sent += len(item)
+                metrics.BYTES.labels("from_client").inc(len(item))
+                if self._inbound.empty():
+                    grant()
+        except OSError as exc:  # rescinded (EPIPE) or corrupt
+            log.debug("relay write on %s ended: %s", self.vm_id, exc)
+        finally:
+            post(None)
+
+    def stop(self) -> None:
+        """Wake and join the threads (the rings must already be rescinded)."""
+        self.running.set()
+        self._inbound.put(_STOP)
+        for thread in self._threads:
+            thread.join()
+        self.end.close()
+
+
+@dataclass
+class _WriterState:
+    limit: int = 0
+    fin: bool = False
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _ChannelRings:
+    broker: shm.Channel
+    geometry: RingGeometry  # the connector's view
+    relays: dict[Side, Relay] = field(default_factory=dict)
+    stall_timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+
+class DataPlane:
+    """Creates, hands over, relays, stalls and reclaims the rings of every open channel."""
+
+    max_payload = MAX_PAYLOAD
+
+    def __init__(self, shm_dir: pathlib.Path) -> None:
+        self.shm_dir = shm_dir
+        self._channels: dict[int, _ChannelRings] = {}
+        reaped = shm.reap_stale_segments(str(shm_dir))
+        if reaped:
+            log.info("removed %d segments left by a dead host: %s", len(reaped), reaped)
+
+    def open_end(
+        self, channel_id: int, side: Side, path: EndPath, connector_view: RingGeometry, vm_id: str
+    ) -> hvsock_pb2.SharedMemorySegment | None:
+        """Set up one end of an opening channel; the segment is made for the first end."""
+        rings = self._channels.get(channel_id)
+        if rings is None:
+            broker = shm.Channel.create(
+                connector_view.send_pages,
+                connector_view.recv_pages,
+                end=None,
+                directory=str(self.shm_dir),
+            )
+            rings = self._channels[channel_id] = _ChannelRings(broker, connector_view)
+        end = _END_OF_SIDE[side]
+        if path is EndPath.RELAY:
+            attached = shm.Channel.attach(rings.broker.name, end=end, directory=str(self.shm_dir))
+            rings.relays[side] = Relay(attached, side, vm_id)
+            return None
+        ring0 = PAGE_SIZE
+        ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
+        size = ring1 + connector_view.recv_pages * PAGE_SIZE
+        return hvsock_pb2.SharedMemorySegment(
+            name=rings.broker.name,
+            size=size,
+            send_ring_offset=ring0 if end == 0 else ring1,
+            recv_ring_offset=ring1 if end == 0 else ring0,
+            end=end,
+        )
+
+    def claim_relay(self, channel_id: int, session: Session) -> Relay:
+        rings = self._channels.get(channel_id)
+        relay = None
+        if rings is not None:
+            candidates = [r for r in rings.relays.values() if r.vm_id == session.vm_id]
+            relay = next((r for r in candidates if not r.claimed), None)
+            if relay is None and candidates:
+                raise errors.InvalidState(f"channel {channel_id} already has a data stream")
+        if relay is None:
+            raise errors.NotFound(
+                f"partition {session.vm_id} has no relayed end of channel {channel_id}"
+            )
+        relay.claimed = True
+        return relay
+
+    def rescind(self, channel_id: int) -> None:
+        rings = self._channels.get(channel_id)
+        if rings is not None:
+            rings.broker.rescind()
+
+    def remove(self, channel_id: int) -> None:
+        """The channel is gone: wake everything, then reclaim threads and mappings."""
+        rings = self._channels.pop(channel_id, None)
+        if rings is None:
+            return
+        rings.broker.rescind()
+        for timer in rings.stall_timers:
+            timer.cancel()
+
+        def finish() -> None:
+            for relay in rings.relays.values():
+                relay.stop()
+            rings.broker.close()
+
+        # Joining relay threads may take a moment; never on the event loop.
+        threading.Thread(target=finish, name="hvsock-reclaim", daemon=True).start()
+
+    def ring_used(self, channel_id: int) -> tuple[int, int] | None:
+        rings = self._channels.get(channel_id)
+        if rings is None or rings.broker.closed:
+            return None
+        ring0, ring1 = rings.broker.rings
+        return (ring0.write_index - ring0.read_index) % ring0.data_size, (
+            ring1.write_index - ring1.read_index
+        ) % ring1.data_size
+
+    def bytes_sent(self, channel_id: int, side: Side) -> int:
+        rings = self._channels.get(channel_id)
+        relay = rings.relays.get(side) if rings is not None else None
+        return relay.sent if relay is not None else 0
+
+    def stall(self, channel_id: int, writer: Side | None, duration: float | None = None) -> None:
+        """Stop relaying (both directions, or what ``writer`` writes) until unstalled."""
+        rings = self._channels.get(channel_id)
+        if rings is None:
+            return
+        for side, relay in rings.relays.items():
+            if writer is None or side is writer or side is writer.peer:
+                relay.running.clear()
+        if duration is not None:
+            loop = asyncio.get_running_loop()
+            rings.stall_timers.append(loop.call_later(duration, self.unstall, channel_id))
+
+    def unstall(self, channel_id: int) -> None:
+        rings = self._channels.get(channel_id)
+        if rings is not None:
+            for relay in rings.relays.values():
+                relay.running.set()
+
+    def close_all(self) -> None:
+        for channel_id in list(self._channels):
+            self.remove(channel_id)

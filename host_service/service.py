@@ -1,0 +1,1017 @@
+"""The grpc.aio adapter: drives the pure core, owns streams, timers, rings and persistence.
+
+Threading: everything here runs on one asyncio event loop. The core is called only from that
+loop, so it needs no locks. Every core call goes through :meth:`Host.call`, which passes ``now``
+and dispatches the events the call produced (also those attached to an error), then re-arms the
+one timer the core asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pathlib
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+
+from . import __version__, metrics
+from .core import errors
+from .core.addresses import Address
+from .core.channel import ChannelState
+from .core.events import (
+    ChannelRemoved,
+    ChannelRescinded,
+    ChannelStateChanged,
+    ConnectFailed,
+    ConnectionEstablished,
+    ConnectionOffered,
+    ConnectRefused,
+    Event,
+    ListenerChanged,
+    PartitionChanged,
+    PartitionResumed,
+    PartitionStalled,
+    PeerFinReceived,
+    ServiceChanged,
+    SessionEnded,
+)
+from .core.host import HostCore
+from .core.partitions import hash_token
+from .core.types import (
+    ChannelInfo,
+    PartitionInfo,
+    PartitionState,
+    Personality,
+    RingGeometry,
+    Session,
+    Side,
+)
+from .dataplane import DataPlane, EndPath
+from .status import STATUS_CODES, abort, errno_detail, error_message, rich_status
+from .store import PartitionRecord, ServiceRecord, StateStore
+
+log = logging.getLogger("hvsock.host")
+
+T = TypeVar("T")
+
+TOKEN_METADATA = "x-hvsock-token"
+#: Responses queued for one attach stream before the host gives up on a client that does not
+#: read them (it is detached, as a VM whose VMBus stopped answering would be).
+MAX_QUEUED_RESPONSES = 65536
+
+_PERSONALITY_TO_PB = {
+    Personality.LINUX: hvsock_pb2.PERSONALITY_LINUX,
+    Personality.WINDOWS: hvsock_pb2.PERSONALITY_WINDOWS,
+}
+_PERSONALITY_FROM_PB = {
+    hvsock_pb2.PERSONALITY_UNSPECIFIED: Personality.LINUX,
+    hvsock_pb2.PERSONALITY_LINUX: Personality.LINUX,
+    hvsock_pb2.PERSONALITY_WINDOWS: Personality.WINDOWS,
+}
+_STATE_TO_PB = {
+    PartitionState.RUNNING: hvsock_pb2.PARTITION_STATE_RUNNING,
+    PartitionState.PAUSED: hvsock_pb2.PARTITION_STATE_PAUSED,
+    PartitionState.OFF: hvsock_pb2.PARTITION_STATE_OFF,
+}
+_CHANNEL_STATE_TO_PB = {
+    ChannelState.CONNECT_REQUESTED: hvsock_pb2.CHANNEL_STATE_CONNECT_REQUESTED,
+    ChannelState.OFFERED: hvsock_pb2.CHANNEL_STATE_OFFERED,
+    ChannelState.OPEN: hvsock_pb2.CHANNEL_STATE_OPEN,
+    ChannelState.HALF_CLOSED_BY_CONNECTOR: hvsock_pb2.CHANNEL_STATE_HALF_CLOSED_CONNECTOR,
+    ChannelState.HALF_CLOSED_BY_ACCEPTOR: hvsock_pb2.CHANNEL_STATE_HALF_CLOSED_LISTENER,
+    ChannelState.CLOSING_BY_CONNECTOR: hvsock_pb2.CHANNEL_STATE_CLOSING,
+    ChannelState.CLOSING_BY_ACCEPTOR: hvsock_pb2.CHANNEL_STATE_CLOSING,
+    ChannelState.CLOSED: hvsock_pb2.CHANNEL_STATE_CLOSED,
+    ChannelState.RESCINDED: hvsock_pb2.CHANNEL_STATE_RESCINDED,
+}
+_DATA_PATH_TO_PB = {
+    EndPath.SHARED_MEMORY: hvsock_pb2.DATA_PATH_SHARED_MEMORY,
+    EndPath.RELAY: hvsock_pb2.DATA_PATH_GRPC_RELAY,
+}
+
+
+def _address(address: Address) -> hvsock_pb2.Address:
+    return hvsock_pb2.Address(vm_id=address.vm_id, service_id=address.service_id)
+
+
+def _geometry(ring: RingGeometry, max_payload: int) -> hvsock_pb2.RingGeometry:
+    return hvsock_pb2.RingGeometry(
+        send_ring_pages=ring.send_pages, recv_ring_pages=ring.recv_pages, max_payload=max_payload
+    )
+
+
+@dataclass(eq=False)
+class Attachment:
+    """One live attach stream: the partition's session and its outgoing queue."""
+
+    session: Session
+    secret: str
+    responses: asyncio.Queue[hvsock_pb2.AttachResponse | None] = field(
+        default_factory=asyncio.Queue
+    )
+    shm_capable: bool = False
+    shm_probe: pathlib.Path | None = None
+    shm_nonce: bytes = b""
+    #: channel id -> (request id, force relay) of Connect requests still waiting for an answer.
+    pending_connects: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    #: channel id -> (request id, force relay) of Accept requests being answered.
+    pending_accepts: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    ended: str | None = None
+
+    def send(self, response: hvsock_pb2.AttachResponse) -> None:
+        if self.ended is not None:
+            return
+        if self.responses.qsize() >= MAX_QUEUED_RESPONSES:
+            self.end("the partition stopped reading its attach stream")
+            return
+        self.responses.put_nowait(response)
+
+    def end(self, reason: str) -> None:
+        """Close the stream from the host side (the handler then detaches the partition)."""
+        if self.ended is None:
+            self.ended = reason
+            self.responses.put_nowait(None)
+
+
+class Host:
+    """The emulated host: the core plus everything with I/O around it."""
+
+    def __init__(
+        self,
+        core: HostCore,
+        *,
+        dataplane: DataPlane,
+        store: StateStore | None = None,
+        shm_dir: pathlib.Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self.dataplane = dataplane
+        self.store = store
+        self.shm_dir = shm_dir
+        self.clock = clock
+        # Monotonic -> wall clock, for timestamps shown to people.
+        self._wall_offset = time.time() - clock()
+        self.attachments: dict[str, Attachment] = {}
+        self._by_secret: dict[str, Attachment] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._watchers: set[asyncio.Queue[Event | None]] = set()
+        self._probe_ids = itertools.count(1)
+
+    # -- driving the core ------------------------------------------------------------------
+
+    def call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a core method with ``now``; dispatch the events it produced, even on error."""
+        try:
+            result = method(*args, now=self.clock(), **kwargs)
+        except errors.HvError as err:
+            self.dispatch(err.events)
+            self._arm_timer()
+            raise
+        events: list[Event]
+        if isinstance(result, list):
+            events = result
+        elif isinstance(result, tuple) and isinstance(result[-1], list):
+            events = result[-1]
+        else:
+            events = []
+        self.dispatch(events)
+        self._arm_timer()
+        return result
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.next_deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == self._loop_time(deadline):
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self._loop_time(deadline), self._on_timer)
+
+    def _loop_time(self, deadline: float) -> float:
+        loop = asyncio.get_running_loop()
+        return loop.time() + (deadline - self.clock())
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.call(self._fire_timers)
+
+    def _fire_timers(self, *, now: float) -> list[Event]:
+        return self.core.on_timer(now)
+
+    def wall(self, monotonic: float) -> timestamp_pb2.Timestamp:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromNanoseconds(int((monotonic + self._wall_offset) * 1e9))
+        return stamp
+
+    # -- events ----------------------------------------------------------------------------
+
+    def dispatch(self, events: list[Event] | tuple[Event, ...]) -> None:
+        for event in events:
+            self._dispatch_one(event)
+            for watcher in self._watchers:
+                watcher.put_nowait(event)
+
+    def _to(self, vm_id: str) -> Attachment | None:
+        return self.attachments.get(vm_id)
+
+    def _dispatch_one(self, event: Event) -> None:
+        if isinstance(event, ConnectionOffered):
+            attachment = self._to(event.partition)
+            if attachment is not None:
+                channel = hvsock_pb2.Channel(
+                    channel_id=event.channel_id,
+                    local=_address(event.local),
+                    remote=_address(event.remote),
+                    geometry=_geometry(event.ring, self.dataplane.max_payload),
+                )
+                attachment.send(
+                    hvsock_pb2.AttachResponse(
+                        offer=hvsock_pb2.Offer(listener_id=event.listener_id, channel=channel)
+                    )
+                )
+        elif isinstance(event, ConnectionEstablished):
+            self._established(event)
+        elif isinstance(event, ConnectFailed):
+            attachment = self._to(event.partition)
+            outcome = {111: "refused", 110: "timeout"}.get(event.errno, "reset")
+            metrics.CONNECTS.labels(outcome).inc()
+            if attachment is None:
+                return
+            pending = attachment.pending_connects.pop(event.channel_id, None)
+            error = hvsock_pb2.Error(
+                code=STATUS_CODES[event.status].value[0],
+                message=event.reason,
+                errno=errno_detail(event.errno),
+            )
+            if pending is not None:
+                attachment.send(hvsock_pb2.AttachResponse(request_id=pending[0], error=error))
+            else:
+                attachment.send(
+                    hvsock_pb2.AttachResponse(
+                        notice=hvsock_pb2.ChannelNotice(
+                            channel_id=event.channel_id,
+                            kind=hvsock_pb2.ChannelNotice.KIND_CONNECT_FAILED,
+                            reason=event.reason,
+                            errno=errno_detail(event.errno),
+                        )
+                    )
+                )
+        elif isinstance(event, PeerFinReceived):
+            attachment = self._to(event.partition)
+            if attachment is not None:
+                attachment.send(
+                    hvsock_pb2.AttachResponse(
+                        notice=hvsock_pb2.ChannelNotice(
+                            channel_id=event.channel_id,
+                            kind=hvsock_pb2.ChannelNotice.KIND_PEER_FIN,
+                        )
+                    )
+                )
+        elif isinstance(event, ChannelRescinded):
+            self.dataplane.rescind(event.channel_id)
+            attachment = self._to(event.partition)
+            if attachment is not None:
+                attachment.pending_accepts.pop(event.channel_id, None)
+                attachment.send(
+                    hvsock_pb2.AttachResponse(
+                        notice=hvsock_pb2.ChannelNotice(
+                            channel_id=event.channel_id,
+                            kind=hvsock_pb2.ChannelNotice.KIND_RESCINDED,
+                            reason=event.reason,
+                            errno=errno_detail(104),
+                        )
+                    )
+                )
+        elif isinstance(event, ChannelRemoved):
+            self.dataplane.remove(event.channel_id)
+            if event.final_state is ChannelState.RESCINDED:
+                metrics.RESCINDS.labels(event.reason).inc()
+            for vm_id in (event.connector, event.acceptor):
+                attachment = self._to(vm_id) if vm_id is not None else None
+                if attachment is not None:
+                    attachment.pending_connects.pop(event.channel_id, None)
+        elif isinstance(event, ChannelStateChanged):
+            if event.old is not None:
+                metrics.CHANNELS.labels(event.old.value).dec()
+            metrics.CHANNELS.labels(event.new.value).inc()
+            if event.new in (ChannelState.CLOSED, ChannelState.RESCINDED):
+                metrics.CHANNELS.labels(event.new.value).dec()
+        elif isinstance(event, SessionEnded):
+            attachment = self._to(event.partition)
+            if attachment is not None and attachment.session.session_id == event.session_id:
+                attachment.end(event.reason)
+        elif isinstance(event, PartitionStalled):
+            for channel_id in event.channel_ids:
+                self.dataplane.stall(channel_id, None)
+        elif isinstance(event, PartitionResumed):
+            for channel_id in event.channel_ids:
+                self.dataplane.unstall(channel_id)
+        elif isinstance(event, PartitionChanged):
+            self._persist_partition(event)
+        elif isinstance(event, ServiceChanged):
+            if self.store is not None:
+                if event.change == "unregistered":
+                    self.store.delete_service(event.service_id)
+                else:
+                    self.store.put_service(ServiceRecord(event.service_id, event.element_name))
+        elif isinstance(event, ConnectRefused):
+            metrics.CONNECTS.labels("refused").inc()
+        elif isinstance(event, ListenerChanged):
+            pass  # the lifecycle log (watchers) is all a listener change needs
+
+    def _persist_partition(self, event: PartitionChanged) -> None:
+        if self.store is None or event.vm_id == self.core.host_vm_id:
+            return
+        if event.change == "deleted":
+            self.store.delete_partition(event.vm_id)
+        elif event.state is not None and event.change not in ("created", "attached", "detached"):
+            self.store.set_partition_state(event.vm_id, event.state.value)
+
+    def _established(self, event: ConnectionEstablished) -> None:
+        """Answer the Connect or Accept that this opening completes, with the end's rings."""
+        attachment = self._to(event.partition)
+        if attachment is None:
+            return
+        pending = (
+            attachment.pending_connects.pop(event.channel_id, None)
+            if event.side is Side.CONNECTOR
+            else attachment.pending_accepts.pop(event.channel_id, None)
+        )
+        if event.side is Side.CONNECTOR:
+            metrics.CONNECTS.labels("opened").inc()
+        force_relay = pending[1] if pending is not None else False
+        path = (
+            EndPath.SHARED_MEMORY if attachment.shm_capable and not force_relay else EndPath.RELAY
+        )
+        # Geometry in the event is this end's view; the data plane keeps the connector's view.
+        connector_view = event.ring if event.side is Side.CONNECTOR else event.ring.swapped
+        segment = self.dataplane.open_end(
+            event.channel_id, event.side, path, connector_view, event.partition
+        )
+        self.core.set_data_path(event.channel_id, event.side, path.value)
+        channel = hvsock_pb2.Channel(
+            channel_id=event.channel_id,
+            local=_address(event.local),
+            remote=_address(event.remote),
+            data_path=_DATA_PATH_TO_PB[path],
+            geometry=_geometry(event.ring, self.dataplane.max_payload),
+        )
+        if segment is not None:
+            channel.shared_memory.CopyFrom(segment)
+        attachment.send(
+            hvsock_pb2.AttachResponse(
+                request_id=pending[0] if pending is not None else 0, opened=channel
+            )
+        )
+
+    # -- watchers --------------------------------------------------------------------------
+
+    def watch(self) -> asyncio.Queue[Event | None]:
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._watchers.add(queue)
+        return queue
+
+    def unwatch(self, queue: asyncio.Queue[Event | None]) -> None:
+        self._watchers.discard(queue)
+
+    # -- attachments -----------------------------------------------------------------------
+
+    def register(self, session: Session) -> Attachment:
+        attachment = Attachment(session=session, secret=secrets.token_urlsafe(24))
+        if self.shm_dir is not None:
+            name = f"hvsock-probe-{os.getpid()}-{next(self._probe_ids)}-{secrets.token_hex(8)}"
+            path = self.shm_dir / name
+            nonce = secrets.token_bytes(32)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                os.write(fd, nonce)
+            finally:
+                os.close(fd)
+            attachment.shm_probe, attachment.shm_nonce = path, nonce
+        self.attachments[session.vm_id] = attachment
+        self._by_secret[attachment.secret] = attachment
+        metrics.PARTITIONS_ATTACHED.inc()
+        return attachment
+
+    def unregister(self, attachment: Attachment, reason: str) -> None:
+        self._drop_probe(attachment)
+        attachment.end(reason)
+        if self.attachments.get(attachment.session.vm_id) is attachment:
+            del self.attachments[attachment.session.vm_id]
+            self._by_secret.pop(attachment.secret, None)
+            metrics.PARTITIONS_ATTACHED.dec()
+            with contextlib.suppress(errors.HvError):
+                self.call(self.core.detach, attachment.session, reason=reason)
+
+    @staticmethod
+    def _drop_probe(attachment: Attachment) -> None:
+        if attachment.shm_probe is not None:
+            with contextlib.suppress(FileNotFoundError):
+                attachment.shm_probe.unlink()
+            attachment.shm_probe = None
+
+    def by_secret(self, secret: str) -> Attachment | None:
+        return self._by_secret.get(secret)
+
+    # -- conversions -----------------------------------------------------------------------
+
+    def partition_pb(self, info: PartitionInfo) -> hvsock_pb2.Partition:
+        listeners = self.core.list_listeners(info.vm_id)
+        channels = self.core.list_channels(info.vm_id)
+        return hvsock_pb2.Partition(
+            vm_id=info.vm_id,
+            name=info.name,
+            personality=_PERSONALITY_TO_PB[info.personality],
+            state=_STATE_TO_PB[info.state],
+            host=info.is_host,
+            attached=info.attached,
+            channel_count=len(channels),
+            listener_count=len(listeners),
+        )
+
+    def channel_status_pb(self, info: ChannelInfo) -> hvsock_pb2.ChannelStatus:
+        status = hvsock_pb2.ChannelStatus(
+            channel_id=info.channel_id,
+            state=_CHANNEL_STATE_TO_PB[info.state],
+            connector=_address(Address(info.connector.vm_id, info.connector.local.service_id)),
+            connector_data_path=_path_pb(info.connector.data_path),
+            created=self.wall(info.created_at),
+        )
+        used = self.dataplane.ring_used(info.channel_id)
+        status.to_listener.CopyFrom(
+            hvsock_pb2.ChannelDirection(
+                bytes=info.connector.bytes_sent
+                + self.dataplane.bytes_sent(info.channel_id, Side.CONNECTOR),
+                ring_pages=info.ring.send_pages,
+                ring_used=used[0] if used else 0,
+            )
+        )
+        to_connector = hvsock_pb2.ChannelDirection(
+            ring_pages=info.ring.recv_pages, ring_used=used[1] if used else 0
+        )
+        if info.acceptor is not None:
+            status.listener.CopyFrom(
+                _address(Address(info.acceptor.vm_id, info.acceptor.local.service_id))
+            )
+            status.listener_data_path = _path_pb(info.acceptor.data_path)
+            to_connector.bytes = info.acceptor.bytes_sent + self.dataplane.bytes_sent(
+                info.channel_id, Side.ACCEPTOR
+            )
+        else:
+            status.listener.CopyFrom(_address(info.connector.remote))
+        status.to_connector.CopyFrom(to_connector)
+        return status
+
+    def event_pb(self, event: Event) -> hvsock_pb2.WatchEventsResponse:
+        response = hvsock_pb2.WatchEventsResponse(time=self.wall(event.at))
+        kind, vm_id, channel_id, detail = _describe(event)
+        response.kind, response.vm_id, response.channel_id, response.detail = (
+            kind,
+            vm_id,
+            channel_id,
+            detail,
+        )
+        return response
+
+
+def _path_pb(label: str) -> hvsock_pb2.DataPath:
+    try:
+        return _DATA_PATH_TO_PB[EndPath(label)]
+    except ValueError:
+        return hvsock_pb2.DATA_PATH_UNSPECIFIED
+
+
+def _describe(event: Event) -> tuple[str, str, int, str]:
+    """(kind, vm id, channel id, detail) of a lifecycle event, for WatchEvents."""
+    if isinstance(event, ChannelStateChanged):
+        return (event.new.value, "", event.channel_id, event.reason)
+    if isinstance(event, ConnectionOffered):
+        return ("offer", event.partition, event.channel_id, f"{event.remote} -> {event.local}")
+    if isinstance(event, ConnectionEstablished):
+        return ("open", event.partition, event.channel_id, f"{event.side.value} {event.local}")
+    if isinstance(event, ConnectFailed):
+        return ("connect_failed", event.partition, event.channel_id, event.reason)
+    if isinstance(event, PeerFinReceived):
+        return ("fin", event.partition, event.channel_id, f"to the {event.side.value}")
+    if isinstance(event, ChannelRescinded):
+        return ("rescind", event.partition, event.channel_id, event.reason)
+    if isinstance(event, SessionEnded):
+        return ("session_ended", event.partition, 0, event.reason)
+    if isinstance(event, ChannelRemoved):
+        return ("removed", event.connector, event.channel_id, event.reason)
+    if isinstance(event, ConnectRefused):
+        return ("refused", event.connector, 0, f"{event.target}: {event.reason}")
+    if isinstance(event, PartitionChanged):
+        return (event.change, event.vm_id, 0, event.state.value if event.state else "")
+    if isinstance(event, PartitionStalled):
+        return ("stall", event.vm_id, 0, f"channels {list(event.channel_ids)}")
+    if isinstance(event, PartitionResumed):
+        return ("unstall", event.vm_id, 0, f"channels {list(event.channel_ids)}")
+    if isinstance(event, ListenerChanged):
+        return (event.change, event.vm_id, 0, f"{event.local} {event.reason}".strip())
+    if isinstance(event, ServiceChanged):
+        return (event.change, "", 0, f"{event.service_id} {event.element_name}")
+    return (type(event).__name__, "", 0, "")
+
+
+# -------------------------------------------------------------------------------------------
+# HostService
+# -------------------------------------------------------------------------------------------
+
+
+class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  # untyped gencode
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def GetInfo(
+        self, request: hvsock_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.GetInfoResponse:
+        return hvsock_pb2.GetInfoResponse(version=__version__, limits=limits_pb(self.host.core))
+
+    async def Attach(
+        self,
+        request_iterator: AsyncIterator[hvsock_pb2.AttachRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[hvsock_pb2.AttachResponse]:
+        host = self.host
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must be hello")
+        welcome, attachment = await self._hello(first.hello, context)
+        yield hvsock_pb2.AttachResponse(request_id=first.request_id, welcome=welcome)
+        reader = asyncio.create_task(self._read_requests(request_iterator, attachment))
+        reason = "attach stream ended"
+        try:
+            while True:
+                response = await attachment.responses.get()
+                if response is None:
+                    reason = attachment.ended or reason
+                    break
+                yield response
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            host.unregister(attachment, attachment.ended or reason)
+        if attachment.ended not in (None, "attach stream ended"):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, attachment.ended)
+
+    async def _hello(
+        self, hello: hvsock_pb2.Hello, context: grpc.aio.ServicerContext
+    ) -> tuple[hvsock_pb2.Welcome, Attachment]:
+        host = self.host
+        core = host.core
+        new_token = ""
+        try:
+            if hello.host:
+                if hello.vm_id:
+                    raise errors.InvalidArgument("hello: give either host or vm_id, not both")
+                session, _ = host.call(core.attach, core.host_vm_id, hello.token)
+            elif hello.vm_id:
+                session, _ = host.call(core.attach, hello.vm_id, hello.token)
+            else:
+                session, new_token, _ = host.call(
+                    core.attach_new,
+                    name=hello.name or None,
+                    personality=_PERSONALITY_FROM_PB.get(hello.personality, Personality.LINUX),
+                )
+                self._persist_new(session.vm_id, new_token)
+        except errors.HvError as err:
+            await abort(context, err)
+        attachment = host.register(session)
+        info = core.get_partition(session.vm_id)
+        welcome = hvsock_pb2.Welcome(
+            vm_id=session.vm_id,
+            name=info.name,
+            personality=_PERSONALITY_TO_PB[session.personality],
+            session=attachment.secret,
+            shm_probe=attachment.shm_probe.name if attachment.shm_probe else "",
+            limits=limits_pb(core),
+            host=session.is_host,
+            token=new_token,
+        )
+        log.info("attached %s (%s) from %s", session.vm_id, info.name, context.peer())
+        return welcome, attachment
+
+    def _persist_new(self, vm_id: str, token: str) -> None:
+        if self.host.store is None:
+            return
+        info = self.host.core.get_partition(vm_id)
+        self.host.store.put_partition(
+            PartitionRecord(
+                vm_id, info.name, info.personality.value, info.state.value, hash_token(token)
+            )
+        )
+
+    async def _read_requests(
+        self, request_iterator: AsyncIterator[hvsock_pb2.AttachRequest], attachment: Attachment
+    ) -> None:
+        try:
+            async for request in request_iterator:
+                if attachment.ended is not None:
+                    return
+                try:
+                    response = self._handle(request, attachment)
+                except errors.HvError as err:
+                    response = hvsock_pb2.AttachResponse(error=error_message(err))
+                if response is not None:
+                    response.request_id = request.request_id
+                    attachment.send(response)
+        finally:
+            attachment.end("attach stream ended")
+
+    def _handle(
+        self, request: hvsock_pb2.AttachRequest, attachment: Attachment
+    ) -> hvsock_pb2.AttachResponse | None:
+        """Answer one request; None when the answer comes later (connect, accept)."""
+        host, core, session = self.host, self.host.core, attachment.session
+        kind = request.WhichOneof("kind")
+        if kind == "listen":
+            listener, _ = host.call(
+                core.listen,
+                session,
+                request.listen.address.vm_id,
+                request.listen.address.service_id,
+                backlog=request.listen.backlog or None,
+            )
+            return hvsock_pb2.AttachResponse(
+                listening=hvsock_pb2.Listening(
+                    listener_id=listener.listener_id, address=_address(listener.local)
+                )
+            )
+        if kind == "unlisten":
+            host.call(core.unlisten, session, request.unlisten.listener_id)
+            return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
+        if kind == "connect":
+            connect = request.connect
+            if connect.connect_timeout_ms > core.config.max_connect_timeout_ms:
+                raise errors.InvalidArgument(
+                    f"connect_timeout_ms is at most {core.config.max_connect_timeout_ms}"
+                )
+            self._connect(request, attachment)
+            return None
+        if kind == "accept":
+            channel_id = request.accept.channel_id
+            attachment.pending_accepts[channel_id] = (
+                request.request_id,
+                request.accept.force_relay,
+            )
+            try:
+                host.call(core.accept, session, channel_id)
+            finally:
+                attachment.pending_accepts.pop(channel_id, None)
+            return None
+        if kind == "shutdown":
+            host.call(core.shutdown, session, request.shutdown.channel_id)
+            return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
+        if kind == "close":
+            host.call(core.close, session, request.close.channel_id)
+            return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
+        if kind == "prove_shared_memory":
+            if not attachment.shm_nonce or not secrets.compare_digest(
+                request.prove_shared_memory.nonce, attachment.shm_nonce
+            ):
+                raise errors.InvalidArgument("shared-memory proof does not match the probe")
+            attachment.shm_capable = True
+            host._drop_probe(attachment)
+            return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
+        if kind == "hello":
+            raise errors.InvalidState("already attached: hello is only the first request")
+        raise errors.InvalidArgument("empty request (no kind set)")
+
+    def _connect(self, request: hvsock_pb2.AttachRequest, attachment: Attachment) -> None:
+        """Start a connect; it is answered when ConnectionEstablished or ConnectFailed comes.
+
+        The channel id is known only once the core returns. Opening needs another request
+        (the acceptor's Accept), so no ConnectionEstablished can come from this call; a failure
+        can (e.g. the listener's partition refused synchronously), so check before recording.
+        """
+        connect = request.connect
+        host, core = self.host, self.host.core
+        channel_id, events = host.call(
+            core.connect,
+            attachment.session,
+            connect.remote.vm_id,
+            connect.remote.service_id,
+            timeout_ms=connect.connect_timeout_ms or None,
+            local_service_id=connect.local_service_id or None,
+            send_pages=connect.send_ring_pages or None,
+            recv_pages=connect.recv_ring_pages or None,
+        )
+        if not any(
+            isinstance(e, ConnectFailed | ChannelRemoved) and e.channel_id == channel_id
+            for e in events
+        ):
+            attachment.pending_connects[channel_id] = (request.request_id, connect.force_relay)
+
+    async def ChannelData(
+        self,
+        request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[hvsock_pb2.ChannelDataResponse]:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "open":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be open")
+        attachment = self.host.by_secret(first.open.session)
+        if attachment is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or ended session")
+            return
+        try:
+            relay = self.host.dataplane.claim_relay(first.open.channel_id, attachment.session)
+        except errors.HvError as err:
+            await abort(context, err)
+        async for response in relay.run(request_iterator, context):
+            yield response
+
+
+def limits_pb(core: HostCore) -> hvsock_pb2.Limits:
+    config = core.config
+    return hvsock_pb2.Limits(
+        max_socket_number=config.max_socket_number,
+        send_ring_page=config.send_ring_page,
+        recv_ring_page=config.recv_ring_page,
+        max_ring_page=config.max_ring_pages,
+        strict_registry=config.strict_registry,
+        allow_guest_to_guest=config.allow_guest_to_guest,
+        connect_timeout_ms=int(config.connect_timeout * 1000),
+        close_timeout_ms=int(config.close_timeout * 1000),
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# AdminService
+# -------------------------------------------------------------------------------------------
+
+
+class AdminServicer(hvsock_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]  # untyped gencode
+    """Every call checks the host token first; core errors map through ``status.abort``."""
+
+    def __init__(self, host: Host, host_token: str) -> None:
+        self.host = host
+        self._token_sha256 = hash_token(host_token)
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        token = dict(context.invocation_metadata() or ()).get(TOKEN_METADATA, "")
+        if (
+            not isinstance(token, str)
+            or not token
+            or not secrets.compare_digest(hash_token(token), self._token_sha256)
+        ):
+            await context.abort_with_status(
+                rich_status(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"the admin API needs the host token in {TOKEN_METADATA!r} metadata",
+                    None,
+                )
+            )
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+        await self._authorize(context)
+        try:
+            return fn()
+        except errors.HvError as err:
+            await abort(context, err)
+
+    async def CreatePartition(
+        self, request: hvsock_pb2.CreatePartitionRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.CreatePartitionResponse:
+        host = self.host
+
+        def create() -> hvsock_pb2.CreatePartitionResponse:
+            if request.personality not in _PERSONALITY_FROM_PB:
+                raise errors.InvalidArgument(f"unknown personality {request.personality}")
+            info, token, _ = host.call(
+                host.core.create_partition,
+                request.name,
+                vm_id=request.vm_id or None,
+                personality=_PERSONALITY_FROM_PB[request.personality],
+            )
+            if host.store is not None:
+                host.store.put_partition(
+                    PartitionRecord(
+                        info.vm_id,
+                        info.name,
+                        info.personality.value,
+                        info.state.value,
+                        hash_token(token),
+                    )
+                )
+            return hvsock_pb2.CreatePartitionResponse(
+                partition=host.partition_pb(info), token=token
+            )
+
+        return await self._run(context, create)
+
+    async def ListPartitions(
+        self, request: hvsock_pb2.ListPartitionsRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.ListPartitionsResponse:
+        host = self.host
+        return await self._run(
+            context,
+            lambda: hvsock_pb2.ListPartitionsResponse(
+                partitions=[host.partition_pb(p) for p in host.core.list_partitions()]
+            ),
+        )
+
+    async def GetPartition(
+        self, request: hvsock_pb2.GetPartitionRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.GetPartitionResponse:
+        host = self.host
+        return await self._run(
+            context,
+            lambda: hvsock_pb2.GetPartitionResponse(
+                partition=host.partition_pb(host.core.get_partition(request.vm_id))
+            ),
+        )
+
+    async def DeletePartition(
+        self, request: hvsock_pb2.DeletePartitionRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.DeletePartitionResponse:
+        host = self.host
+
+        def delete() -> hvsock_pb2.DeletePartitionResponse:
+            host.call(host.core.delete_partition, request.vm_id)
+            return hvsock_pb2.DeletePartitionResponse()
+
+        return await self._run(context, delete)
+
+    def _power(self, method: Callable[..., list[Event]], vm_id: str) -> hvsock_pb2.Partition:
+        self.host.call(method, vm_id)
+        return self.host.partition_pb(self.host.core.get_partition(vm_id))
+
+    async def PausePartition(
+        self, request: hvsock_pb2.PausePartitionRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.PausePartitionResponse:
+        core = self.host.core
+        return await self._run(
+            context,
+            lambda: hvsock_pb2.PausePartitionResponse(
+                partition=self._power(core.pause_partition, request.vm_id)
+            ),
+        )
+
+    async def ResumePartition(
+        self, request: hvsock_pb2.ResumePartitionRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.ResumePartitionResponse:
+        core = self.host.core
+
+        def resume() -> hvsock_pb2.ResumePartitionResponse:
+            # A stopped VM is started again; a paused one resumes.
+            info = core.get_partition(request.vm_id)
+            method = (
+                core.start_partition if info.state is PartitionState.OFF else core.resume_partition
+            )
+            return hvsock_pb2.ResumePartitionResponse(partition=self._power(method, request.vm_id))
+
+        return await self._run(context, resume)
+
+    async def StopPartition(
+        self, request: hvsock_pb2.StopPartitionRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.StopPartitionResponse:
+        core = self.host.core
+        return await self._run(
+            context,
+            lambda: hvsock_pb2.StopPartitionResponse(
+                partition=self._power(core.stop_partition, request.vm_id)
+            ),
+        )
+
+    async def RegisterService(
+        self, request: hvsock_pb2.RegisterServiceRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.RegisterServiceResponse:
+        host = self.host
+
+        def register() -> hvsock_pb2.RegisterServiceResponse:
+            registration, _ = host.call(
+                host.core.register_service, request.service_id, request.element_name
+            )
+            return hvsock_pb2.RegisterServiceResponse(
+                service=hvsock_pb2.Service(
+                    service_id=registration.service_id, element_name=registration.element_name
+                )
+            )
+
+        return await self._run(context, register)
+
+    async def ListServices(
+        self, request: hvsock_pb2.ListServicesRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.ListServicesResponse:
+        core = self.host.core
+        return await self._run(
+            context,
+            lambda: hvsock_pb2.ListServicesResponse(
+                services=[
+                    hvsock_pb2.Service(service_id=s.service_id, element_name=s.element_name)
+                    for s in core.list_services()
+                ]
+            ),
+        )
+
+    async def UnregisterService(
+        self, request: hvsock_pb2.UnregisterServiceRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.UnregisterServiceResponse:
+        host = self.host
+
+        def unregister() -> hvsock_pb2.UnregisterServiceResponse:
+            host.call(host.core.unregister_service, request.service_id)
+            return hvsock_pb2.UnregisterServiceResponse()
+
+        return await self._run(context, unregister)
+
+    async def ListChannels(
+        self, request: hvsock_pb2.ListChannelsRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.ListChannelsResponse:
+        host = self.host
+        return await self._run(
+            context,
+            lambda: hvsock_pb2.ListChannelsResponse(
+                channels=[
+                    host.channel_status_pb(c)
+                    for c in host.core.list_channels(request.vm_id or None)
+                ]
+            ),
+        )
+
+    async def WatchEvents(
+        self, request: hvsock_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[hvsock_pb2.WatchEventsResponse]:
+        await self._authorize(context)
+        host = self.host
+        queue = host.watch()
+        try:
+            if request.replay:
+                for event in host.core.events_since(0)[-request.replay :]:
+                    yield host.event_pb(event)
+            while True:
+                next_event = await queue.get()
+                if next_event is None:
+                    return
+                yield host.event_pb(next_event)
+        finally:
+            host.unwatch(queue)
+
+    async def RescindChannel(
+        self, request: hvsock_pb2.RescindChannelRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.RescindChannelResponse:
+        host = self.host
+
+        def rescind() -> hvsock_pb2.RescindChannelResponse:
+            host.call(
+                host.core.rescind, request.channel_id, reason=request.reason or "fault injected"
+            )
+            return hvsock_pb2.RescindChannelResponse()
+
+        return await self._run(context, rescind)
+
+    async def StallRing(
+        self, request: hvsock_pb2.StallRingRequest, context: grpc.aio.ServicerContext
+    ) -> hvsock_pb2.StallRingResponse:
+        host = self.host
+
+        def stall() -> hvsock_pb2.StallRingResponse:
+            if not 1 <= request.duration_ms <= 600_000:
+                raise errors.InvalidArgument("duration_ms must be between 1 and 600000")
+            host.core.get_channel(request.channel_id)  # NOT_FOUND for an unknown channel
+            directions = {
+                hvsock_pb2.StallRingRequest.DIRECTION_TO_LISTENER: (Side.CONNECTOR,),
+                hvsock_pb2.StallRingRequest.DIRECTION_TO_CONNECTOR: (Side.ACCEPTOR,),
+            }.get(request.direction, (Side.CONNECTOR, Side.ACCEPTOR))
+            for writer in directions:
+                host.dataplane.stall(
+                    request.channel_id, writer, duration=request.duration_ms / 1000
+                )
+            return hvsock_pb2.StallRingResponse()
+
+        return await self._run(context, stall)
+
+
+def new_core(config: Any, host_token: str) -> HostCore:
+    """A core with real randomness for ids and tokens."""
+    return HostCore(
+        config=config,
+        host_token=host_token,
+        token_factory=lambda: secrets.token_urlsafe(32),
+        guid_factory=lambda: str(uuid.uuid4()),
+        now=time.monotonic(),
+    )

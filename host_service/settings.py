@@ -1,0 +1,175 @@
+"""``hvsock-host`` command line: every flag also reads ``HVSOCK_<FLAG>`` from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _env_name(flag: str) -> str:
+    return "HVSOCK_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+class _Parser:
+    """argparse with environment defaults, so that both spellings share one definition."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.env_errors: list[str] = []
+
+    def option(
+        self,
+        flag: str,
+        *,
+        help: str,
+        default: Any = None,
+        type: Callable[[str], Any] = str,
+        metavar: str | None = None,
+    ) -> None:
+        env = _env_name(flag)
+        raw = os.environ.get(env)
+        if raw is not None:
+            try:
+                default = type(raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                self.env_errors.append(f"{env}={raw!r}: {exc}")
+        shown = "" if default is None else " (default %(default)s)"
+        self.parser.add_argument(
+            flag, default=default, type=type, metavar=metavar, help=f"{help}{shown}; env {env}"
+        )
+
+    def switch(self, flag: str, *, help: str) -> None:
+        env = _env_name(flag)
+        raw = os.environ.get(env)
+        default = False
+        if raw is not None:
+            try:
+                default = _parse_bool(raw)
+            except ValueError as exc:
+                self.env_errors.append(f"{env}: {exc}")
+        self.parser.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=default, help=f"{help}; env {env}"
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hvsock-host",
+        description="Emulated Hyper-V host for Hyper-V sockets (hv_sock, AF_HYPERV).",
+    )
+    p = _Parser(parser)
+    p.option(
+        "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help="gRPC address to serve on"
+    )
+    p.option("--unix", metavar="PATH", help="also serve gRPC on this Unix socket")
+    p.option(
+        "--state",
+        type=pathlib.Path,
+        metavar="FILE",
+        help="SQLite file that keeps partitions, tokens and registrations across restarts",
+    )
+    p.option(
+        "--host-token",
+        metavar="TOKEN",
+        help="the host partition's token (admin API and host attach); generated when unset",
+    )
+    p.option(
+        "--host-token-file",
+        type=pathlib.Path,
+        metavar="FILE",
+        help="where a generated host token is written, mode 0600 "
+        "(default ~/.config/hvsock/host-token)",
+    )
+    p.switch("--strict-registry", help="host listeners need a registered service id")
+    p.switch("--allow-guest-to-guest", help="let VMs connect to other VMs (never on Hyper-V)")
+    p.switch("--auto-create-vms", help="create a VM when one attaches without a VM id")
+    p.option(
+        "--max-socket-number",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="most channels one partition may hold",
+    )
+    p.option(
+        "--send-ring-page",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="default guest send ring, 4 KiB pages",
+    )
+    p.option(
+        "--recv-ring-page",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="default guest receive ring, 4 KiB pages",
+    )
+    p.option(
+        "--metrics-port",
+        type=_port,
+        metavar="N",
+        help="serve Prometheus metrics over HTTP on this port (0: any free port)",
+    )
+    p.option("--metrics-address", default="127.0.0.1", help="address for the metrics port")
+    p.option("--tls-cert", type=pathlib.Path, metavar="F", help="server certificate chain (PEM)")
+    p.option("--tls-key", type=pathlib.Path, metavar="F", help="server private key (PEM)")
+    p.option(
+        "--tls-ca",
+        type=pathlib.Path,
+        metavar="F",
+        help="CA bundle (PEM): require and verify client certificates (mutual TLS)",
+    )
+    p.option(
+        "--shm-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("/dev/shm"),
+        metavar="DIR",
+        help="where channel rings are created",
+    )
+    p.option("--log-level", default="INFO", help="logging level")
+    p.option("--log-format", default="text", help="text, or json for one JSON object per line")
+    args = parser.parse_args(argv)
+    if p.env_errors:
+        parser.error("bad environment: " + "; ".join(p.env_errors))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_ca is not None and args.tls_cert is None:
+        parser.error("--tls-ca needs --tls-cert and --tls-key")
+    if args.log_format not in ("text", "json"):
+        parser.error("--log-format must be text or json")
+    if args.host_token_file is None:
+        args.host_token_file = default_host_token_file()
+    return args
+
+
+def default_host_token_file() -> pathlib.Path:
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(config) / "hvsock" / "host-token"

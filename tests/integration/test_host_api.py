@@ -1,0 +1,166 @@
+"""The host service API end to end, with stub-only clients (as any language would use it)."""
+
+from __future__ import annotations
+
+import errno
+import pathlib
+import threading
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from hvsock.v1 import hvsock_pb2
+from ring import shm
+
+from .hostproc import HostProcess, run_host
+from .rawclient import RawPartition, RelayStream
+
+pytestmark = pytest.mark.integration
+
+SERVICE = "3049197c-facb-11e6-bd58-64006a7986d3"
+PARENT = "a42e7cda-d03f-480c-9cc2-a4de20abb878"
+WILDCARD = "00000000-0000-0000-0000-000000000000"
+
+
+@pytest.fixture
+def host(tmp_path: pathlib.Path) -> Iterator[HostProcess]:
+    with run_host(tmp_path) as process:
+        yield process
+
+
+def create_vm(
+    host: HostProcess, name: str, personality: int = hvsock_pb2.PERSONALITY_LINUX
+) -> hvsock_pb2.CreatePartitionResponse:
+    channel, admin = host.admin()
+    with channel:
+        return admin.CreatePartition(
+            hvsock_pb2.CreatePartitionRequest(name=name, personality=personality),
+            metadata=host.metadata,
+            timeout=10,
+        )
+
+
+def attach_vm(host: HostProcess, created: hvsock_pb2.CreatePartitionResponse) -> RawPartition:
+    return RawPartition(
+        host.target,
+        hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token),
+    )
+
+
+def attach_host(host: HostProcess) -> RawPartition:
+    return RawPartition(host.target, hvsock_pb2.Hello(host=True, token=host.token))
+
+
+def open_pair(
+    guest: RawPartition, root: RawPartition, *, relay: bool = False
+) -> tuple[hvsock_pb2.Channel, hvsock_pb2.Channel]:
+    """Host listens on SERVICE, the guest connects to (PARENT, SERVICE); both ends opened."""
+    listening = root.request(
+        listen=hvsock_pb2.Listen(address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE))
+    )
+    assert listening.WhichOneof("kind") == "listening", listening
+    connect_id = guest.send(
+        connect=hvsock_pb2.Connect(
+            remote=hvsock_pb2.Address(vm_id=PARENT, service_id=SERVICE), force_relay=relay
+        )
+    )
+    offer = root.event().offer
+    assert offer.listener_id == listening.listening.listener_id
+    accepted = root.request(
+        accept=hvsock_pb2.Accept(channel_id=offer.channel.channel_id, force_relay=relay)
+    )
+    assert accepted.WhichOneof("kind") == "opened", accepted
+    connected = guest.answer(connect_id)
+    assert connected.WhichOneof("kind") == "opened", connected
+    return connected.opened, accepted.opened
+
+
+def prove(partition: RawPartition, host: HostProcess) -> None:
+    nonce = (host.shm_dir / partition.welcome.shm_probe).read_bytes()
+    assert partition.request(
+        prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce)
+    ).HasField("ack")
+
+
+def test_guest_to_host_over_shared_memory(host: HostProcess) -> None:
+    vm = create_vm(host, "vm1")
+    guest, root = attach_vm(host, vm), attach_host(host)
+    prove(guest, host)
+    prove(root, host)
+    assert not (host.shm_dir / guest.welcome.shm_probe).exists()
+    g, h = open_pair(guest, root)
+    assert g.data_path == h.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY
+    assert g.local.vm_id == vm.partition.vm_id and g.remote.service_id == SERVICE
+    assert g.geometry.send_ring_pages == 2 and g.geometry.recv_ring_pages == 3
+    assert h.geometry.send_ring_pages == 3 and h.geometry.recv_ring_pages == 2
+    a = shm.Channel.attach(
+        g.shared_memory.name, end=g.shared_memory.end, directory=str(host.shm_dir)
+    )
+    b = shm.Channel.attach(
+        h.shared_memory.name, end=h.shared_memory.end, directory=str(host.shm_dir)
+    )
+    try:
+        assert host.segments() == []  # both ends mapped: the name is gone
+        a.sendall(b"hello host")
+        assert b.recv(100, timeout=5) == b"hello host"
+        b.sendall(b"hello guest")
+        assert a.recv(100, timeout=5) == b"hello guest"
+        # Rescind from the admin API wakes and ends both ends.
+        channel, admin = host.admin()
+        with channel:
+            admin.RescindChannel(
+                hvsock_pb2.RescindChannelRequest(channel_id=g.channel_id, reason="test"),
+                metadata=host.metadata,
+                timeout=10,
+            )
+        notice = guest.event().notice
+        assert notice.kind == hvsock_pb2.ChannelNotice.KIND_RESCINDED
+        assert a.recv(100, timeout=5) == b""
+        with pytest.raises(BrokenPipeError):
+            a.sendall(b"x")
+    finally:
+        a.close()
+        b.close()
+    guest.close()
+    root.close()
+
+
+def test_guest_to_host_over_relay(host: HostProcess) -> None:
+    vm = create_vm(host, "vm1")
+    guest, root = attach_vm(host, vm), attach_host(host)
+    g, h = open_pair(guest, root)  # nobody proved shared memory: relay
+    assert g.data_path == h.data_path == hvsock_pb2.DATA_PATH_GRPC_RELAY
+
+    payload = bytes(range(256)) * 40  # 10 KiB: more than the 2-page ring holds at once
+    to_host = RelayStream(guest, g.channel_id)
+    from_guest = RelayStream(root, h.channel_id)
+    from_guest.send_fin()
+    writer = threading.Thread(target=lambda: (to_host.send_all(payload), to_host.send_fin()))
+    writer.start()
+    assert from_guest.read_all() == payload
+    writer.join()
+    assert to_host.read_all() == b""  # the host sent FIN at once
+    assert to_host.limits[0] < len(payload) <= to_host.limits[-1]  # credit grew as space freed
+
+
+def test_admin_needs_the_host_token(host: HostProcess) -> None:
+    channel, admin = host.admin()
+    with channel, pytest.raises(grpc.RpcError) as info:
+        admin.ListPartitions(
+            hvsock_pb2.ListPartitionsRequest(), metadata=(("x-hvsock-token", "nope"),), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_windows_guest_connect_to_missing_service_is_refused_with_errno(host: HostProcess) -> None:
+    vm = create_vm(host, "win", hvsock_pb2.PERSONALITY_WINDOWS)
+    guest = attach_vm(host, vm)
+    answer = guest.request(
+        connect=hvsock_pb2.Connect(
+            remote=hvsock_pb2.Address(vm_id=PARENT, service_id=str(uuid.uuid4()))
+        )
+    )
+    assert answer.error.errno.errno == errno.ECONNREFUSED
+    assert answer.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
