@@ -71,8 +71,8 @@ def test_host_serves_health_and_stops_cleanly_on_ctrl_c(tmp_path: pathlib.Path) 
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=30) == 0
-    # No token was given: one was generated into a file only this user can read.
-    assert (tmp_path / "host-token").stat().st_mode & 0o777 == 0o600
         finally:
             if proc.poll() is None:  # a failed assertion must not leave the server behind
                 proc.kill()
+    # No token was given: one was generated into a file only this user can read.
+    assert (tmp_path / "host-token").stat().st_mode & 0o777 == 0o600
