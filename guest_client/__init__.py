@@ -1,1 +1,157 @@
-"""Hyper-V sockets for programs: the standard socket API over the emulated host."""
+"""Hyper-V sockets for programs: the standard socket API over the emulated Hyper-V host.
+
+    import guest_client as hv
+    with hv.attach() as vm:                       # HVSOCK_HOST, HVSOCK_VM_ID, HVSOCK_TOKEN
+        s = vm.socket(hv.AF_HYPERV, hv.SOCK_STREAM, hv.HV_PROTOCOL_RAW)
+        s.connect((hv.HV_GUID_PARENT, service_id))
+
+Addresses are ``(vm_id, service_id)`` string tuples (``(cid, port)`` for ``AF_VSOCK``);
+errors are ``OSError`` subclasses with the errno a real hv_sock caller sees.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+from socket import SHUT_RD, SHUT_RDWR, SHUT_WR, SOCK_STREAM
+
+import grpc
+
+from host_service.core import addresses as _addresses
+from hvsock.v1 import hvsock_pb2
+
+from ._partition import DEFAULT_TARGET, Partition
+from ._socket import (
+    AF_HYPERV,
+    AF_VSOCK,
+    HV_PROTOCOL_RAW,
+    HVSOCKET_ADDRESS_FLAG_PASSTHRU,
+    HVSOCKET_CONNECT_TIMEOUT,
+    HVSOCKET_CONNECT_TIMEOUT_MAX,
+    HVSOCKET_CONNECTED_SUSPEND,
+    VMADDR_CID_ANY,
+    VMADDR_CID_HOST,
+    VMADDR_PORT_ANY,
+    HvSocket,
+)
+
+__all__ = [
+    "AF_HYPERV",
+    "AF_VSOCK",
+    "HVSOCKET_ADDRESS_FLAG_PASSTHRU",
+    "HVSOCKET_CONNECTED_SUSPEND",
+    "HVSOCKET_CONNECT_TIMEOUT",
+    "HVSOCKET_CONNECT_TIMEOUT_MAX",
+    "HV_GUID_BROADCAST",
+    "HV_GUID_CHILDREN",
+    "HV_GUID_LOOPBACK",
+    "HV_GUID_PARENT",
+    "HV_GUID_SILOHOST",
+    "HV_GUID_VSOCK_TEMPLATE",
+    "HV_GUID_WILDCARD",
+    "HV_GUID_ZERO",
+    "HV_PROTOCOL_RAW",
+    "SHUT_RD",
+    "SHUT_RDWR",
+    "SHUT_WR",
+    "SOCK_STREAM",
+    "VMADDR_CID_ANY",
+    "VMADDR_CID_HOST",
+    "VMADDR_PORT_ANY",
+    "HvSocket",
+    "Partition",
+    "attach",
+    "attach_host",
+    "port_for_service_id",
+    "service_id_for_port",
+    "socket",
+]
+
+# CPython's socket module spells these in upper case; results are reported in lower case.
+HV_GUID_ZERO = _addresses.ZERO.upper()
+HV_GUID_WILDCARD = _addresses.WILDCARD.upper()
+HV_GUID_BROADCAST = _addresses.BROADCAST.upper()
+HV_GUID_CHILDREN = _addresses.CHILDREN.upper()
+HV_GUID_LOOPBACK = _addresses.LOOPBACK.upper()
+HV_GUID_PARENT = _addresses.PARENT.upper()
+HV_GUID_SILOHOST = _addresses.SILOHOST.upper()
+HV_GUID_VSOCK_TEMPLATE = _addresses.VSOCK_TEMPLATE.upper()
+
+service_id_for_port = _addresses.service_id_for_port
+port_for_service_id = _addresses.port_for_service_id
+
+
+def _credentials() -> grpc.ChannelCredentials | None:
+    """TLS to the host service when HVSOCK_TLS_CA is set (HVSOCK_TLS_CERT/KEY for mTLS)."""
+    ca = os.environ.get("HVSOCK_TLS_CA")
+    if not ca:
+        return None
+    cert, key = os.environ.get("HVSOCK_TLS_CERT"), os.environ.get("HVSOCK_TLS_KEY")
+    return grpc.ssl_channel_credentials(
+        pathlib.Path(ca).read_bytes(),
+        pathlib.Path(key).read_bytes() if key else None,
+        pathlib.Path(cert).read_bytes() if cert else None,
+    )
+
+
+def _target(target: str | None) -> str:
+    return target or os.environ.get("HVSOCK_HOST") or DEFAULT_TARGET
+
+
+def attach(
+    target: str | None = None,
+    *,
+    vm_id: str | None = None,
+    token: str | None = None,
+    name: str | None = None,
+    personality: str | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Partition:
+    """Attach a VM partition (``vm_id``/``token`` default to HVSOCK_VM_ID/HVSOCK_TOKEN; with
+    no VM id the host creates a VM when its policy allows)."""
+    vm_id = vm_id if vm_id is not None else os.environ.get("HVSOCK_VM_ID", "")
+    token = token if token is not None else os.environ.get("HVSOCK_TOKEN", "")
+    hello = hvsock_pb2.Hello(
+        vm_id=vm_id,
+        token=token,
+        name=name or "",
+        personality=hvsock_pb2.PERSONALITY_WINDOWS
+        if personality == "windows"
+        else hvsock_pb2.PERSONALITY_LINUX,
+        client="guest_client",
+    )
+    return Partition(_target(target), hello, credentials=credentials or _credentials())
+
+
+def attach_host(
+    target: str | None = None,
+    *,
+    token: str | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Partition:
+    """Attach the host (root) partition (``token`` defaults to HVSOCK_HOST_TOKEN)."""
+    token = token if token is not None else os.environ.get("HVSOCK_HOST_TOKEN", "")
+    hello = hvsock_pb2.Hello(host=True, token=token, client="guest_client")
+    return Partition(_target(target), hello, credentials=credentials or _credentials())
+
+
+_default: Partition | None = None
+_default_lock = threading.Lock()
+
+
+def socket(
+    family: int = AF_HYPERV, type: int = SOCK_STREAM, proto: int = HV_PROTOCOL_RAW
+) -> HvSocket:
+    """A socket on the process's default partition (attached from the environment on first
+    use: HVSOCK_HOST_TOKEN set and no HVSOCK_VM_ID means the host partition)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            if os.environ.get("HVSOCK_HOST_TOKEN") and not os.environ.get("HVSOCK_VM_ID"):
+                _default = attach_host()
+            else:
+                _default = attach()
+        partition = _default
+    result: HvSocket = partition.socket(family, type, proto)
+    return result

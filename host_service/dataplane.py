@@ -68,8 +68,13 @@ class _Stop:
 _FIN = _Fin()
 _STOP = _Stop()
 
-#: Hands a message (None: "this thread is done") to the event loop.
-_Post = Callable[[hvsock_pb2.ChannelDataResponse | None], None]
+#: Markers on the relay's event-loop queue, beside the frames to send.
+_READER_DONE = hvsock_pb2.ChannelDataResponse()
+_WRITER_DONE = hvsock_pb2.ChannelDataResponse()
+_PUMP_DONE = hvsock_pb2.ChannelDataResponse()
+
+#: Hands a frame or a marker to the event loop.
+_Post = Callable[[hvsock_pb2.ChannelDataResponse], None]
 
 
 class Relay:
@@ -86,6 +91,10 @@ class Relay:
         self.running.set()
         self._inbound: queue.SimpleQueue[bytes | _Fin | _Stop] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        # Set by the service: tell the core this end sent FIN / closed. Called on the event
+        # loop, only once the FIN is in the ring — never ahead of data still being written.
+        self.on_fin: Callable[[], None] = lambda: None
+        self.on_close: Callable[[], None] = lambda: None
 
     async def run(
         self,
@@ -93,14 +102,14 @@ class Relay:
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[hvsock_pb2.ChannelDataResponse]:
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue[hvsock_pb2.ChannelDataResponse | None] = asyncio.Queue()
+        out: asyncio.Queue[hvsock_pb2.ChannelDataResponse] = asyncio.Queue()
         in_flight = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
         # The first credit is granted before any frame is read, so the pump's checks never
         # see a limit the client has not been told.
         state = _WriterState(limit=self.end.tx.writable())
         yield hvsock_pb2.ChannelDataResponse(send_limit=state.limit)
 
-        def post(message: hvsock_pb2.ChannelDataResponse | None) -> None:
+        def post(message: hvsock_pb2.ChannelDataResponse) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
                 loop.call_soon_threadsafe(out.put_nowait, message)
 
@@ -115,16 +124,28 @@ class Relay:
         for thread in self._threads:
             thread.start()
         pump = asyncio.create_task(self._pump_requests(request_iterator, state))
-        ended = 0  # the reader and the writer each post None once when done
+        pump.add_done_callback(lambda _: out.put_nowait(_PUMP_DONE))
+        reader_done = writer_done = pump_done = closed = False
         try:
-            while ended < 2:
+            while not (reader_done and writer_done and pump_done):
                 message = await out.get()
-                if message is None:
-                    ended += 1
-                    continue
-                if message.data:
-                    in_flight.release()
-                yield message
+                if message is _READER_DONE:
+                    reader_done = True
+                elif message is _WRITER_DONE:
+                    writer_done = True
+                    if state.fin_written:
+                        self.on_fin()
+                elif message is _PUMP_DONE:
+                    pump_done = True
+                elif message is not None:
+                    if message.data:
+                        in_flight.release()
+                    yield message
+                if writer_done and pump_done and not closed and state.error is None:
+                    # The client's stream ended and all it sent is in the ring: this end is
+                    # closed (a half-closed client keeps its stream open until close()).
+                    closed = True
+                    self.on_close()
             if state.error is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, state.error)
         finally:
@@ -191,7 +212,7 @@ class Relay:
             log.warning("relay read on %s ended: %s", self.vm_id, exc)
             post(hvsock_pb2.ChannelDataResponse(fin=True))
         finally:
-            post(None)
+            post(_READER_DONE)
 
     def _write_ring(self, post: _Post, state: _WriterState) -> None:
         tx = self.end.tx
@@ -223,6 +244,7 @@ class Relay:
                 if isinstance(item, _Fin):
                     self.running.wait()
                     tx.fin(None)
+                    state.fin_written = True
                     return
                 pulled += len(item)
                 self.running.wait()
@@ -234,7 +256,7 @@ class Relay:
         except OSError as exc:  # rescinded (EPIPE) or corrupt
             log.debug("relay write on %s ended: %s", self.vm_id, exc)
         finally:
-            post(None)
+            post(_WRITER_DONE)
 
     def stop(self) -> None:
         """Wake and join the threads (the rings must already be rescinded)."""
@@ -248,7 +270,8 @@ class Relay:
 @dataclass
 class _WriterState:
     limit: int = 0
-    fin: bool = False
+    fin: bool = False  # the client sent FIN
+    fin_written: bool = False  # ... and it is in the ring
     error: str | None = None
 
 

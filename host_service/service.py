@@ -737,10 +737,23 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         if attachment is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or ended session")
             return
+        channel_id, session = first.open.channel_id, attachment.session
         try:
-            relay = self.host.dataplane.claim_relay(first.open.channel_id, attachment.session)
+            relay = self.host.dataplane.claim_relay(channel_id, session)
         except errors.HvError as err:
             await abort(context, err)
+        host = self.host
+
+        def tell_core(method: Callable[..., list[Event]]) -> Callable[[], None]:
+            def call() -> None:
+                # The channel may be gone already (rescinded meanwhile): nothing to record.
+                with contextlib.suppress(errors.HvError):
+                    host.call(method, session, channel_id, side=relay.side)
+
+            return call
+
+        relay.on_fin = tell_core(host.core.shutdown)
+        relay.on_close = tell_core(host.core.close)
         async for response in relay.run(request_iterator, context):
             yield response
 

@@ -1,0 +1,441 @@
+"""A partition's attachment to the host service: the attach stream and what arrives on it.
+
+Threads: requests are queued by any thread and written by gRPC's request-consumer thread; one
+reader thread (``hvsock-attach``) receives every answer and event and routes it:
+
+* answers wake the caller waiting on that request id (:class:`_Pending`);
+* an ``offer`` for a listener with backlog room is accepted at once (the kernel, not the
+  program, accepts on Linux and Windows); the opened channel is queued for ``accept()``;
+* notices (peer FIN, rescind, connect failure) go to the channel's :class:`ChannelEnd`.
+
+If the stream breaks (the host service stopped), every open channel is reset and the partition
+attaches again in the background with the same VM id and token, so new sockets work once the
+host is back; sockets open at that moment fail with ``ConnectionResetError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import pathlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+
+from . import _pipe, errors
+
+log = logging.getLogger("hvsock.client")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+#: How long the reader waits before attaching again after the host went away (doubles to 2 s).
+_REATTACH_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 1 << 20),
+]
+
+
+class _Pending:
+    """One request waiting for its answer."""
+
+    __slots__ = ("answer", "done", "on_answer")
+
+    def __init__(self, on_answer: Callable[[hvsock_pb2.AttachResponse], None] | None) -> None:
+        self.done = threading.Event()
+        self.answer: hvsock_pb2.AttachResponse | None = None
+        self.on_answer = on_answer
+
+
+class ChannelEnd:
+    """This partition's end of one open channel: its pipe and what the host said about it."""
+
+    def __init__(self, partition: Partition, channel: hvsock_pb2.Channel, pipe: _pipe.Pipe) -> None:
+        self.partition = partition
+        self.channel = channel
+        self.channel_id = channel.channel_id
+        self.pipe = pipe
+        self.rescinded = False
+        self.reset = False
+        self.closed = False
+
+    def on_notice(self, notice: hvsock_pb2.ChannelNotice) -> None:
+        if notice.kind == hvsock_pb2.ChannelNotice.KIND_RESCINDED:
+            self.rescinded = True
+            self.pipe.rescind()  # wakes every waiter; reads drain then EOF, sends fail
+
+    def connection_lost(self) -> None:
+        """The host went away: the channel is gone (ECONNRESET for the program)."""
+        self.reset = True
+        self.rescinded = True
+        self.pipe.rescind()
+
+    def shutdown_write(self) -> None:
+        """SHUT_WR: a FIN into the send ring (it always fits), and the host is told.
+
+        On the relay path the FIN travels in order behind the data on the ChannelData stream
+        and the host records it when it has written it into the ring; a separate Shutdown on
+        the attach stream could overtake data still in flight.
+        """
+        with contextlib.suppress(OSError):  # already rescinded: nothing to shut
+            self.pipe.tx.fin(0)
+        if self.pipe.path != "relay" and not self.reset:
+            self.partition.send_request(shutdown=hvsock_pb2.Shutdown(channel_id=self.channel_id))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.partition.forget(self)
+        if self.reset:
+            self.pipe.close()
+            return
+        with contextlib.suppress(OSError):
+            if not self.pipe.tx.fin_sent:
+                self.pipe.tx.fin(0)
+        if self.pipe.path == "relay":
+            # The relay stream carries the rest of the data, then FIN, then ends: the host
+            # closes this end once it has written all of it into the ring.
+            self.pipe.close()
+            return
+        with contextlib.suppress(OSError):
+            self.partition.send_request(close=hvsock_pb2.Close(channel_id=self.channel_id))
+        with contextlib.suppress(OSError):  # EBUSY: another thread still blocked in a call
+            self.pipe.close()
+
+
+class Listener:
+    """A listening address: the accepted channels waiting for ``accept()``."""
+
+    def __init__(self, partition: Partition, listening: hvsock_pb2.Listening, backlog: int) -> None:
+        self.partition = partition
+        self.listener_id = listening.listener_id
+        self.address = listening.address
+        self.backlog = max(backlog, 1)
+        self.ready: collections.deque[ChannelEnd] = collections.deque()
+        self.accepting = 0  # offers accepted whose opening has not arrived yet
+        self.changed = threading.Condition()
+        self.closed = False
+        self.reset = False
+        self.watchers: list[Callable[[], None]] = []
+
+    def has_room(self) -> bool:
+        return len(self.ready) + self.accepting < self.backlog
+
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+        for watcher in list(self.watchers):
+            watcher()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.partition.forget_listener(self)
+        if not self.reset:
+            self.partition.send_request(unlisten=hvsock_pb2.Unlisten(listener_id=self.listener_id))
+        while self.ready:
+            self.ready.popleft().close()
+        self.notify()
+
+
+class Partition:
+    """A VM or the host partition, attached to the host service."""
+
+    def __init__(
+        self,
+        target: str,
+        hello: hvsock_pb2.Hello,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        data_path: str | None = None,
+        shm_dir: str | None = None,
+    ) -> None:
+        self.target = target
+        self._hello = hello
+        self._credentials = credentials
+        self.data_path = data_path or os.environ.get("HVSOCK_DATA_PATH", "auto")
+        if self.data_path not in ("auto", "shm", "grpc"):
+            raise ValueError(f"HVSOCK_DATA_PATH must be auto, shm or grpc, not {self.data_path!r}")
+        self.shm_dir = shm_dir or os.environ.get("HVSOCK_SHM_DIR") or "/dev/shm"
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._channels: dict[int, ChannelEnd] = {}
+        self._listeners: dict[int, Listener] = {}
+        self._closed = False
+        self._generation = 0
+        self._attached = threading.Event()
+        self._attach_error: OSError | None = None
+        self._channel = self._open_channel()
+        self._attach()
+        if self._attach_error is not None:
+            self._channel.close()
+            raise self._attach_error
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    def _open_channel(self) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(self.target, self._credentials, options=_CHANNEL_OPTIONS)
+        return grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+
+    def _attach(self) -> None:
+        """Open the attach stream and read the welcome (called again after the host restarts)."""
+        self.stub = hvsock_pb2_grpc.HostServiceStub(self._channel)
+        requests: queue.SimpleQueue[hvsock_pb2.AttachRequest | None] = queue.SimpleQueue()
+        requests.put(hvsock_pb2.AttachRequest(hello=self._hello))
+        self._pending: dict[int, _Pending] = {}
+        self._requests = requests
+        call = self.stub.Attach(_drain(requests), wait_for_ready=True)
+        try:
+            first = next(call)
+        except grpc.RpcError as exc:
+            self._attach_error = errors.from_rpc_error(exc)
+            return
+        except StopIteration:
+            self._attach_error = ConnectionResetError(errno.ECONNRESET, "host closed the stream")
+            return
+        welcome = first.welcome
+        self.vm_id = welcome.vm_id
+        self.name = welcome.name
+        self.is_host = welcome.host
+        self.personality = hvsock_pb2.Personality.Name(welcome.personality)[12:].lower()
+        self.session = welcome.session
+        self.limits = welcome.limits
+        if welcome.token:  # a VM created on attach: keep its credentials to attach again
+            self._hello = hvsock_pb2.Hello(vm_id=welcome.vm_id, token=welcome.token)
+            self.token = welcome.token
+        elif not self._hello.host and self._hello.vm_id:
+            self.token = self._hello.token
+        self._call = call
+        self._attach_error = None
+        self._generation += 1
+        self.shm = False
+        reader = threading.Thread(
+            target=self._read, args=(call, self._generation), name="hvsock-attach", daemon=True
+        )
+        reader.start()
+        self._attached.set()
+        if welcome.shm_probe and self.data_path != "grpc":
+            self._prove_shared_memory(welcome.shm_probe)
+        if self.data_path == "shm" and not self.shm:
+            raise OSError(
+                errno.EOPNOTSUPP,
+                "HVSOCK_DATA_PATH=shm but this process cannot map the host's shared memory",
+            )
+
+    def _prove_shared_memory(self, probe: str) -> None:
+        try:
+            nonce = (pathlib.Path(self.shm_dir) / probe).read_bytes()
+        except OSError:
+            return  # a different /dev/shm (another machine or IPC namespace): relay
+        answer = self.request(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce))
+        self.shm = answer.WhichOneof("kind") == "ack"
+
+    def _read(self, call: Any, generation: int) -> None:
+        try:
+            for response in call:
+                self._route(response)
+        except grpc.RpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        else:
+            reason = "attach stream ended"
+        if self._closed or generation != self._generation:
+            return
+        log.info("partition %s lost the host (%s); attaching again", self.vm_id, reason)
+        self._connection_lost(reason)
+        self._reattach()
+
+    def _connection_lost(self, reason: str) -> None:
+        self._attached.clear()
+        with self._lock:
+            channels = list(self._channels.values())
+            listeners = list(self._listeners.values())
+            pending = list(self._pending.values())
+            self._channels.clear()
+            self._listeners.clear()
+            self._pending.clear()
+        for end in channels:
+            end.connection_lost()
+        for listener in listeners:
+            listener.reset = True
+            listener.notify()
+        lost = hvsock_pb2.AttachResponse(
+            error=hvsock_pb2.Error(
+                code=grpc.StatusCode.UNAVAILABLE.value[0],
+                message=f"lost the host service: {reason}",
+                errno=hvsock_pb2.ErrnoDetail(errno=errno.ECONNRESET, name="ECONNRESET"),
+            )
+        )
+        for waiter in pending:
+            waiter.answer = lost
+            waiter.done.set()
+
+    def _reattach(self) -> None:
+        self._requests.put(None)
+        delays = itertools.chain(_REATTACH_DELAYS, itertools.repeat(_REATTACH_DELAYS[-1]))
+        stop = threading.Event()
+        while not self._closed:
+            self._attach()
+            if self._attach_error is None:
+                log.info("partition %s attached again", self.vm_id)
+                return
+            stop.wait(next(delays))
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def send_request(
+        self,
+        on_answer: Callable[[hvsock_pb2.AttachResponse], None] | None = None,
+        **kind: Any,
+    ) -> _Pending:
+        if self._closed:
+            raise OSError(errno.EBADF, "partition is closed")
+        if not self._attached.is_set():
+            raise ConnectionResetError(errno.ECONNRESET, "the host service is not reachable")
+        request_id = next(self._ids)
+        pending = _Pending(on_answer)
+        with self._lock:
+            self._pending[request_id] = pending
+        self._requests.put(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
+        return pending
+
+    def request(self, timeout: float | None = None, **kind: Any) -> hvsock_pb2.AttachResponse:
+        """Send a request and wait for its answer; an in-stream error becomes an OSError."""
+        pending = self.send_request(**kind)
+        if not pending.done.wait(timeout):
+            raise TimeoutError(errno.ETIMEDOUT, "timed out waiting for the host service")
+        answer = pending.answer
+        assert answer is not None
+        if answer.WhichOneof("kind") == "error":
+            raise errors.from_error(answer.error)
+        return answer
+
+    def _route(self, response: hvsock_pb2.AttachResponse) -> None:
+        kind = response.WhichOneof("kind")
+        if response.request_id:
+            with self._lock:
+                pending = self._pending.pop(response.request_id, None)
+            if pending is None:
+                return
+            pending.answer = response
+            if pending.on_answer is not None:
+                pending.on_answer(response)
+            pending.done.set()
+        elif kind == "offer":
+            self._offered(response.offer)
+        elif kind == "notice":
+            with self._lock:
+                end = self._channels.get(response.notice.channel_id)
+            if end is not None:
+                end.on_notice(response.notice)
+        elif kind == "opened":  # an opening nobody waits for any more: close it
+            self.send_request(close=hvsock_pb2.Close(channel_id=response.opened.channel_id))
+
+    def _offered(self, offer: hvsock_pb2.Offer) -> None:
+        with self._lock:
+            listener = self._listeners.get(offer.listener_id)
+            room = listener is not None and not listener.closed and listener.has_room()
+            if room:
+                assert listener is not None
+                listener.accepting += 1
+        if not room or listener is None:
+            # Backlog full (or the listener is going away): a guest ignores the connection
+            # request, so the connector times out — as on Linux.
+            return
+
+        def opened(answer: hvsock_pb2.AttachResponse) -> None:
+            with self._lock:
+                listener.accepting -= 1
+            if answer.WhichOneof("kind") != "opened":
+                listener.notify()
+                return
+            end = self.open_end(answer.opened)
+            if listener.closed:
+                end.close()
+            else:
+                listener.ready.append(end)
+            listener.notify()
+
+        self.send_request(
+            on_answer=opened,
+            accept=hvsock_pb2.Accept(channel_id=offer.channel.channel_id, force_relay=not self.shm),
+        )
+
+    # -- channels and listeners ----------------------------------------------------------------
+
+    def open_end(self, channel: hvsock_pb2.Channel) -> ChannelEnd:
+        pipe: _pipe.Pipe
+        if channel.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY:
+            pipe = _pipe.ShmPipe(channel.shared_memory, self.shm_dir)
+        else:
+            pipe = _pipe.RelayPipe(self.stub, self.session, channel)
+        end = ChannelEnd(self, channel, pipe)
+        with self._lock:
+            self._channels[end.channel_id] = end
+        return end
+
+    def forget(self, end: ChannelEnd) -> None:
+        with self._lock:
+            self._channels.pop(end.channel_id, None)
+
+    def add_listener(self, listening: hvsock_pb2.Listening, backlog: int) -> Listener:
+        listener = Listener(self, listening, backlog)
+        with self._lock:
+            self._listeners[listener.listener_id] = listener
+        return listener
+
+    def forget_listener(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners.pop(listener.listener_id, None)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def socket(self, family: int = 34, type: int = 1, proto: int = 1) -> Any:
+        from ._socket import HvSocket
+
+        return HvSocket(self, family, type, proto)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            channels = list(self._channels.values())
+            listeners = list(self._listeners.values())
+        for end in channels:
+            end.connection_lost()
+        for listener in listeners:
+            listener.reset = True
+            listener.notify()
+        self._requests.put(None)
+        self._channel.close()
+
+    def __enter__(self) -> Partition:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "host" if getattr(self, "is_host", False) else "vm"
+        return f"<Partition {kind} {getattr(self, 'vm_id', '?')} at {self.target}>"
+
+
+def _drain(
+    requests: queue.SimpleQueue[hvsock_pb2.AttachRequest | None],
+) -> Iterator[hvsock_pb2.AttachRequest]:
+    while (request := requests.get()) is not None:
+        yield request

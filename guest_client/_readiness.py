@@ -1,0 +1,128 @@
+"""A file descriptor whose readiness mirrors an emulated socket, for select/poll/asyncio.
+
+It is one end of a private Unix socketpair. Readable is made true by queueing a byte into it
+and false by draining it; writable is made false by filling the other end's receive buffer
+and true by draining that. Two watcher threads (started only once ``fileno()`` is asked for)
+sleep on the rings and flip the bits when data or space arrives; the socket's own calls flip
+them back after they consume data or space, through :meth:`Readiness.update`.
+
+Invariant: the bits shown equal ``state()`` after every ``update()``; a watcher only ever
+waits for a transition to "ready", so a bit can lag by at most one watcher wake-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+from ._partition import ChannelEnd, Listener
+
+#: How often a watcher looks at the closed flag while nothing happens on its ring.
+_WATCH_SLICE = 0.25
+
+
+class Readiness:
+    def __init__(self) -> None:
+        self._user, self._ctl = socket.socketpair()
+        for sock in (self._user, self._ctl):
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the kernel's minimum
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        self._lock = threading.Lock()
+        self._readable = False
+        self._writable = True
+        self._state: Callable[[], tuple[bool, bool]] = lambda: (False, True)
+        self._closed = False
+        self._drained = threading.Event()
+        self._full = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def fileno(self) -> int:
+        return self._user.fileno()
+
+    # -- sources -----------------------------------------------------------------------------
+
+    def watch_end(self, end: ChannelEnd) -> None:
+        rx, tx = end.pipe.rx, end.pipe.tx
+
+        def state() -> tuple[bool, bool]:
+            if end.closed:
+                return True, True
+            try:
+                readable = rx.at_eof or rx.is_rescinded or end.reset or rx.readable() > 0
+                writable = tx.fin_sent or tx.is_rescinded or end.reset or tx.writable() > 0
+            except OSError:  # corrupt: let the next call raise it
+                return True, True
+            return readable, writable
+
+        self._state = state
+        self._start(lambda: rx.wait_readable(_WATCH_SLICE), self._drained)
+        self._start(lambda: tx.wait_writable(1, _WATCH_SLICE), self._full)
+        self.update()
+
+    def watch_listener(self, listener: Listener) -> None:
+        self._state = lambda: (bool(listener.ready) or listener.closed or listener.reset, False)
+        listener.watchers.append(self.update)
+        self.update()
+
+    def _start(self, wait: Callable[[], bool], rearm: threading.Event) -> None:
+        def run() -> None:
+            while not self._closed:
+                try:
+                    if not wait():
+                        continue
+                except OSError:
+                    pass
+                self.update()
+                # Wait until a socket call has consumed what made it ready, then wait again.
+                while not self._closed and not rearm.wait(_WATCH_SLICE):
+                    pass
+                rearm.clear()
+
+        thread = threading.Thread(target=run, name="hvsock-readiness", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    # -- bits --------------------------------------------------------------------------------
+
+    def update(self) -> None:
+        if self._closed:
+            return
+        readable, writable = self._state()
+        with self._lock:
+            if readable != self._readable:
+                if readable:
+                    self._ctl.send(b"r")
+                else:
+                    _drain(self._user)
+                self._readable = readable
+            if writable != self._writable:
+                if writable:
+                    _drain(self._ctl)
+                else:
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            self._user.send(b"\0" * 4096)
+                self._writable = writable
+        if not readable:
+            self._drained.set()
+        if not writable:
+            self._full.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._drained.set()
+        self._full.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        self._user.close()
+        self._ctl.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while sock.recv(65536):
+            pass
