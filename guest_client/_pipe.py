@@ -63,13 +63,14 @@ class ShmPipe:
 
 
 class MemoryPipe:
-    """One end of an in-process pair; both ends hold the same two rings, crossed."""
+    """One end of an in-process pair: its own ``Ring`` objects over memory shared with the
+    other end's (each ring has one reader object and one writer object, as across processes).
+    """
 
     path = "memory"
 
-    def __init__(self, rx: Ring, tx: Ring, memory: list[mmap.mmap]) -> None:
+    def __init__(self, rx: Ring, tx: Ring) -> None:
         self.rx, self.tx = rx, tx
-        self._memory = memory
 
     def rescind(self) -> None:
         self.rx.rescind()
@@ -83,10 +84,12 @@ class MemoryPipe:
 def memory_pair(
     send_pages: int = 2, recv_pages: int = 3, max_payload: int = 16384
 ) -> tuple[MemoryPipe, MemoryPipe]:
-    mem_a, a_to_b = _private_ring(send_pages, max_payload)
-    mem_b, b_to_a = _private_ring(recv_pages, max_payload)
-    memory = [mem_a, mem_b]
-    return MemoryPipe(b_to_a, a_to_b, memory), MemoryPipe(a_to_b, b_to_a, memory)
+    """Two crossed pipes; the first end writes ``send_pages`` rings and reads ``recv_pages``."""
+    mem_ab, a_to_b = _private_ring(send_pages, max_payload)
+    mem_ba, b_to_a = _private_ring(recv_pages, max_payload)
+    a = MemoryPipe(Ring(mem_ba, max_payload=max_payload), a_to_b)
+    b = MemoryPipe(Ring(mem_ab, max_payload=max_payload), b_to_a)
+    return a, b
 
 
 class RelayPipe:

@@ -31,6 +31,8 @@ VMADDR_CID_ANY = addresses.VMADDR_CID_ANY
 VMADDR_CID_HOST = addresses.VMADDR_CID_HOST
 VMADDR_PORT_ANY = 0xFFFFFFFF
 PAGE_SIZE = 4096
+#: Most bytes one recv returns: one packet's payload (MAX_PIPE_DATA_PAYLOAD).
+MAX_DELIVERY = 16384
 
 _UNSUPPORTED_FLAGS = _socket.MSG_PEEK | _socket.MSG_OOB
 _NEW, _BOUND, _LISTENING, _CONNECTING, _CONNECTED, _CLOSED = range(6)
@@ -332,6 +334,11 @@ class HvSocket:
             return 0
         if end.reset and not end.pipe.rx.readable():
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        # One delivery is at most one VMBus packet's payload (16 KiB), as with hv_sock, whose
+        # dequeue copies from a single packet per recvmsg.
+        if nbytes <= 0:
+            nbytes = memoryview(buffer).nbytes
+        nbytes = min(nbytes, MAX_DELIVERY)
         try:
             n = end.pipe.rx.read_into(buffer, nbytes, timeout)
         except TimeoutError:
