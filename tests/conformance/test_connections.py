@@ -42,7 +42,7 @@ def test_host_to_guest(host_env: Env) -> None:
     listener = host_env.track(listen(vm, hv.HV_GUID_WILDCARD, service))
     client = host_env.track(root.socket())
     client.connect((vm.vm_id, service))
-    server, peer = listener.accept()
+    server, _ = listener.accept()
     host_env.track(server)
     client.sendall(b"from the host")
     assert server.recv(100) == b"from the host"

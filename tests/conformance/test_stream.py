@@ -119,7 +119,7 @@ def test_writer_blocked_by_a_full_ring_resumes_when_the_peer_reads(any_env: Env)
 
 
 def test_nonblocking_recv_would_block_then_timeout(any_env: Env) -> None:
-    client, server = any_env.pair()
+    _client, server = any_env.pair()
     server.setblocking(False)
     with pytest.raises(BlockingIOError):
         server.recv(10)
