@@ -65,8 +65,7 @@ def run_host(
             "127.0.0.1:0",
             "--unix",
             str(sock),
-            "--host-token",
-            token,
+            f"--host-token={token}",  # the = form: a token may start with "-"
             "--shm-dir",
             str(shm_dir),
             "--log-level",
