@@ -65,7 +65,7 @@ async def open_connection(
         sock.setblocking(False)
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await loop.create_connection(lambda: protocol, sock=sock, **kwargs)  # type: ignore[arg-type]
+        transport, _ = await loop.create_connection(lambda: protocol, sock=sock, **kwargs)  # type: ignore[call-overload]  # duck-typed socket
     except BaseException:
         sock.close()
         raise
@@ -96,7 +96,10 @@ async def start_server(
             reader = asyncio.StreamReader(limit=limit, loop=loop)
             return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
-        return await loop.create_server(factory, sock=sock, backlog=backlog, **kwargs)  # type: ignore[arg-type]
+        server: asyncio.Server = await loop.create_server(  # type: ignore[call-overload]
+            factory, sock=sock, backlog=backlog, **kwargs
+        )  # (a duck-typed socket)
+        return server
     except BaseException:
         sock.close()
         raise
