@@ -19,6 +19,7 @@
 #define HVSOCK_RING_HVRING_H
 
 #include <errno.h>
+#include <sched.h>
 #include <limits.h>
 #include <stdint.h>
 #include <time.h>
@@ -58,6 +59,9 @@ static inline void hv_cpu_relax(void)
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
 #endif
 }
+
+/* Give the CPU to another runnable thread on it, if any (cheap when there is none). */
+static inline void hv_yield(void) { sched_yield(); }
 
 /* CLOCK_MONOTONIC in nanoseconds (vDSO, no syscall); the same clock as time.monotonic(). */
 static inline int64_t hv_now_ns(void)

@@ -57,6 +57,7 @@ cdef extern from "_hvring.h" nogil:
     uint32_t hv_fetch_or(uint32_t *p, uint32_t v)
     void hv_fence()
     void hv_cpu_relax()
+    void hv_yield()
     int64_t hv_now_ns()
     int hv_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns)
     int hv_futex_wake(uint32_t *addr, int n)
@@ -120,6 +121,8 @@ cdef enum:
     CORRUPT_PEER = 12
     CORRUPT_IDENTITY = 13
     MIN_SPIN_NS = 2000
+    SPIN_YIELD_AFTER_NS = 10000
+    SPIN_ACTIVE_FACTOR = 10
 
 
 # The 24-byte packet header (descriptor + pipe header), as laid out in the ring.

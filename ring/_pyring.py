@@ -92,6 +92,7 @@ W_DATA_SIZE = 98
 _HDR = struct.Struct("<HHHHQII")  # descriptor (type, offset8, len8, flags, trans_id) + pipe header
 _TRAILER = struct.Struct("<Q")
 _U32_MASK = 0xFFFFFFFF
+SPIN_ACTIVE_FACTOR = 10  # as in ring/_layout.pxd
 _MAX_SLEEP_NS = 10_000_000  # see the module docstring: bounds a wake-up missed for lack of fences
 _DEFAULT_SPIN_NS = int(os.environ.get("HVSOCK_RING_SPIN_NS", "100000"))
 
@@ -389,7 +390,7 @@ class Ring:
                 ctl[W_PENDING_SEND_SZ] = 0
         if self._spin_max_ns > 0:
             t = time.monotonic_ns() - t0
-            if st == ST_OK and t <= self._spin_max_ns:
+            if st == ST_OK and t <= self._spin_max_ns * SPIN_ACTIVE_FACTOR:
                 self._spin_ns = self._spin_max_ns
             else:
                 self._spin_ns = max(self._spin_ns // 2, MIN_SPIN_NS)

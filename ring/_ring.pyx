@@ -143,8 +143,14 @@ cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept
                 return ST_OK
             hv_cpu_relax()
             i += 1
-            if (i & 31) == 0 and hv_now_ns() >= spin_end:
-                break
+            if (i & 31) == 0:
+                t = hv_now_ns()
+                if t >= spin_end:
+                    break
+                if t - t0 > SPIN_YIELD_AFTER_NS:
+                    # Past the first microseconds, let a peer that shares our CPU run:
+                    # spinning on a CPU the peer needs only delays the event we wait for.
+                    hv_yield()
 
     # Phase 2: sleep on the sequence word. Arm (waiters++, interrupt_mask = 0), read the
     # sequence, re-check, and only then sleep: a signal after the read changes the word,
@@ -179,11 +185,14 @@ cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept
     if space:
         hv_store_relaxed(&ctl[W_PENDING_SEND_SZ], 0)
 
-    # Adapt: if spinning for the full budget would have caught this event, spin the full
-    # budget next time; otherwise halve it (an idle peer should not cost a core).
+    # Adapt: while the peer is active (this wait ended within SPIN_ACTIVE_FACTOR budgets,
+    # the sleep having cost us a futex round trip, which inside a VM can exceed the budget
+    # itself) spin the full budget next time; when it is idle, halve the budget so a quiet
+    # channel does not cost a core. Halving on every missed spin instead collapses both
+    # ends into futex ping-pong, each sleep making the other end's wait longer.
     if rg.spin_max_ns > 0:
         t = hv_now_ns() - t0
-        if st == ST_OK and t <= rg.spin_max_ns:
+        if st == ST_OK and t <= rg.spin_max_ns * SPIN_ACTIVE_FACTOR:
             rg.spin_ns = rg.spin_max_ns
         else:
             rg.spin_ns = rg.spin_ns // 2

@@ -7,6 +7,7 @@ shared memory (a test waits until the peer is registered as a futex sleeper) - n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -57,10 +58,8 @@ def line(proc: subprocess.Popen[str]) -> str:
 
 def finish(proc: subprocess.Popen[str], timeout: float = 120) -> None:
     assert proc.stdin is not None and proc.stdout is not None
-    try:
+    with contextlib.suppress(BrokenPipeError):
         proc.stdin.close()
-    except BrokenPipeError:
-        pass
     assert proc.wait(timeout) == 0
     proc.stdout.close()
 
