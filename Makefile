@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test build debug asan lint bench bench-ring e2e clean
+.PHONY: run test build debug asan lint bench bench-ring bench-scale e2e clean
 
 # Reinstall when the build inputs change (protos, Cython sources, build configuration).
 $(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h)
@@ -45,6 +45,10 @@ bench: bench-ring
 
 bench-ring: $(STAMP)
 	$(PY) bench/bench_ring.py $(if $(QUICK),--quick)
+
+# 10,240 connections at once through one host service (QUICK=1: 1,024).
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py $(if $(QUICK),--quick)
 
 e2e: $(STAMP)
 	HVSOCK_E2E=1 $(PY) -m pytest -m e2e $(PYTEST_ARGS)

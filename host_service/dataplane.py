@@ -85,6 +85,10 @@ class Relay:
         self.side = side
         self.vm_id = vm_id
         self.claimed = False
+        #: Why the client's frames broke the protocol (the stream then fails INVALID_ARGUMENT).
+        self.error: str | None = None
+        #: Set when the host rescinds the channel (the stream then fails UNAVAILABLE).
+        self.reset: str | None = None
         self.sent = 0  # client -> ring bytes written
         self.received = 0  # ring -> client bytes
         self.running = threading.Event()  # cleared while stalled
@@ -127,7 +131,8 @@ class Relay:
         pump.add_done_callback(lambda _: out.put_nowait(_PUMP_DONE))
         reader_done = writer_done = pump_done = closed = False
         try:
-            while not (reader_done and writer_done and pump_done):
+            # A rescinded channel ends the stream without waiting for the client's half-close.
+            while not (reader_done and writer_done and (pump_done or self.reset is not None)):
                 message = await out.get()
                 if message is _READER_DONE:
                     reader_done = True
@@ -146,8 +151,8 @@ class Relay:
                     # closed (a half-closed client keeps its stream open until close()).
                     closed = True
                     self.on_close()
-            if state.error is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, state.error)
+            # The servicer turns a protocol error or a rescind into the stream's status.
+            self.error = state.error
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -280,6 +285,8 @@ class _ChannelRings:
     broker: shm.Channel
     geometry: RingGeometry  # the connector's view
     relays: dict[Side, Relay] = field(default_factory=dict)
+    #: Ends on the shared-memory path: side -> VM id.
+    shm_ends: dict[Side, str] = field(default_factory=dict)
     stall_timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
@@ -313,6 +320,7 @@ class DataPlane:
             attached = shm.Channel.attach(rings.broker.name, end=end, directory=str(self.shm_dir))
             rings.relays[side] = Relay(attached, side, vm_id)
             return None
+        rings.shm_ends[side] = vm_id
         ring0 = PAGE_SIZE
         ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
         size = ring1 + connector_view.recv_pages * PAGE_SIZE
@@ -332,6 +340,10 @@ class DataPlane:
             relay = next((r for r in candidates if not r.claimed), None)
             if relay is None and candidates:
                 raise errors.InvalidState(f"channel {channel_id} already has a data stream")
+        if relay is None and rings is not None and session.vm_id in rings.shm_ends.values():
+            raise errors.InvalidState(
+                f"partition {session.vm_id}'s end of channel {channel_id} uses shared memory"
+            )
         if relay is None:
             raise errors.NotFound(
                 f"partition {session.vm_id} has no relayed end of channel {channel_id}"
@@ -339,9 +351,11 @@ class DataPlane:
         relay.claimed = True
         return relay
 
-    def rescind(self, channel_id: int) -> None:
+    def rescind(self, channel_id: int, reason: str = "rescinded") -> None:
         rings = self._channels.get(channel_id)
         if rings is not None:
+            for relay in rings.relays.values():
+                relay.reset = relay.reset or reason
             rings.broker.rescind()
 
     def remove(self, channel_id: int) -> None:

@@ -78,6 +78,8 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
         strict_registry=args.strict_registry,
         allow_guest_to_guest=args.allow_guest_to_guest,
         auto_create_on_attach=args.auto_create_vms,
+        connect_timeout=args.connect_timeout_ms / 1000,
+        close_timeout=args.close_timeout_ms / 1000,
     )
     core = new_core(config, token)
     store = StateStore(args.state) if args.state else None
@@ -93,7 +95,13 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
             )
         for service in store.services():
             core.register_service(service.service_id, service.element_name, 0.0)
-    return Host(core, dataplane=DataPlane(args.shm_dir), store=store, shm_dir=args.shm_dir)
+    return Host(
+        core,
+        dataplane=DataPlane(args.shm_dir),
+        store=store,
+        shm_dir=args.shm_dir,
+        max_queued_responses=args.max_queued_responses,
+    )
 
 
 def _read(path: pathlib.Path) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno as errno_module
 import itertools
 import logging
 import os
@@ -129,12 +130,21 @@ class Attachment:
     #: channel id -> (request id, force relay) of Accept requests being answered.
     pending_accepts: dict[int, tuple[int, bool]] = field(default_factory=dict)
     ended: str | None = None
+    #: Most answers queued for a client that does not read them.
+    max_queued: int = MAX_QUEUED_RESPONSES
+    #: The Attach handler serving this stream (cancelled when the client stops reading).
+    task: asyncio.Task[Any] | None = None
+    #: Called (soon, from the event loop) when the client stopped reading: detach it.
+    on_overflow: Callable[[Attachment], None] | None = None
 
     def send(self, response: hvsock_pb2.AttachResponse) -> None:
         if self.ended is not None:
             return
-        if self.responses.qsize() >= MAX_QUEUED_RESPONSES:
+        if self.responses.qsize() >= self.max_queued:
             self.end("the partition stopped reading its attach stream")
+            if self.on_overflow is not None:
+                # Not now: send() runs inside event dispatch, and detaching is a core call.
+                asyncio.get_running_loop().call_soon(self.on_overflow, self)
             return
         self.responses.put_nowait(response)
 
@@ -156,8 +166,10 @@ class Host:
         store: StateStore | None = None,
         shm_dir: pathlib.Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_queued_responses: int = MAX_QUEUED_RESPONSES,
     ) -> None:
         self.core = core
+        self.max_queued_responses = max_queued_responses
         self.dataplane = dataplane
         self.store = store
         self.shm_dir = shm_dir
@@ -283,7 +295,7 @@ class Host:
                     )
                 )
         elif isinstance(event, ChannelRescinded):
-            self.dataplane.rescind(event.channel_id)
+            self.dataplane.rescind(event.channel_id, event.reason)
             attachment = self._to(event.partition)
             if attachment is not None:
                 attachment.pending_accepts.pop(event.channel_id, None)
@@ -392,7 +404,12 @@ class Host:
     # -- attachments -----------------------------------------------------------------------
 
     def register(self, session: Session) -> Attachment:
-        attachment = Attachment(session=session, secret=secrets.token_urlsafe(24))
+        attachment = Attachment(
+            session=session,
+            secret=secrets.token_urlsafe(24),
+            max_queued=self.max_queued_responses,
+            on_overflow=self._overflowed,
+        )
         if self.shm_dir is not None:
             name = f"hvsock-probe-{os.getpid()}-{next(self._probe_ids)}-{secrets.token_hex(8)}"
             path = self.shm_dir / name
@@ -417,6 +434,14 @@ class Host:
             metrics.PARTITIONS_ATTACHED.dec()
             with contextlib.suppress(errors.HvError):
                 self.call(self.core.detach, attachment.session, reason=reason)
+
+    def _overflowed(self, attachment: Attachment) -> None:
+        """The client stopped reading: detach it now and stop its stream's handler, which
+        may be blocked handing a response to a transport nobody drains."""
+        log.warning("detaching %s: %s", attachment.session.vm_id, attachment.ended)
+        self.unregister(attachment, attachment.ended or "stopped reading")
+        if attachment.task is not None and not attachment.task.done():
+            attachment.task.cancel()
 
     @staticmethod
     def _drop_probe(attachment: Attachment) -> None:
@@ -554,12 +579,15 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         except StopAsyncIteration:
             return
         if first.WhichOneof("kind") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must be hello")
+            await abort(context, errors.InvalidArgument("the first request must be hello"))
         welcome, attachment = await self._hello(first.hello, context)
-        yield hvsock_pb2.AttachResponse(request_id=first.request_id, welcome=welcome)
-        reader = asyncio.create_task(self._read_requests(request_iterator, attachment))
+        attachment.task = asyncio.current_task()
+        reader: asyncio.Task[None] | None = None
         reason = "attach stream ended"
         try:
+            # Inside the try: a client that hangs up before reading welcome is detached too.
+            yield hvsock_pb2.AttachResponse(request_id=first.request_id, welcome=welcome)
+            reader = asyncio.create_task(self._read_requests(request_iterator, attachment))
             while True:
                 response = await attachment.responses.get()
                 if response is None:
@@ -567,9 +595,10 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     break
                 yield response
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
             host.unregister(attachment, attachment.ended or reason)
         if attachment.ended not in (None, "attach stream ended"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, attachment.ended)
@@ -732,11 +761,10 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         except StopAsyncIteration:
             return
         if first.WhichOneof("kind") != "open":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be open")
+            await abort(context, errors.InvalidArgument("the first frame must be open"))
         attachment = self.host.by_secret(first.open.session)
         if attachment is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or ended session")
-            return
+            await abort(context, errors.Unauthenticated("unknown or ended session"))
         channel_id, session = first.open.channel_id, attachment.session
         try:
             relay = self.host.dataplane.claim_relay(channel_id, session)
@@ -756,6 +784,22 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         relay.on_close = tell_core(host.core.close)
         async for response in relay.run(request_iterator, context):
             yield response
+        if relay.error is not None:
+            # A protocol violation closes the channel for both ends, as the core's machine
+            # does for a bad request (both ends get a rescind notice).
+            with contextlib.suppress(errors.HvError):
+                self.host.call(
+                    self.host.core.rescind, channel_id, reason=f"protocol error: {relay.error}"
+                )
+            await abort(context, errors.InvalidArgument(relay.error))
+        if relay.reset is not None:
+            await context.abort_with_status(
+                rich_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"channel {channel_id} was rescinded: {relay.reset}",
+                    errno_module.ECONNRESET,
+                )
+            )
 
 
 def limits_pb(core: HostCore) -> hvsock_pb2.Limits:

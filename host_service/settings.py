@@ -53,6 +53,7 @@ class _Parser:
         default: Any = None,
         type: Callable[[str], Any] = str,
         metavar: str | None = None,
+        hidden: bool = False,
     ) -> None:
         env = _env_name(flag)
         raw = os.environ.get(env)
@@ -63,7 +64,11 @@ class _Parser:
                 self.env_errors.append(f"{env}={raw!r}: {exc}")
         shown = "" if default is None else " (default %(default)s)"
         self.parser.add_argument(
-            flag, default=default, type=type, metavar=metavar, help=f"{help}{shown}; env {env}"
+            flag,
+            default=default,
+            type=type,
+            metavar=metavar,
+            help=argparse.SUPPRESS if hidden else f"{help}{shown}; env {env}",
         )
 
     def switch(self, flag: str, *, help: str) -> None:
@@ -133,6 +138,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="default guest receive ring, 4 KiB pages",
     )
     p.option(
+        "--connect-timeout-ms",
+        type=_positive_int,
+        default=2000,
+        metavar="MS",
+        help="connect timeout of Linux-personality partitions when a connect gives none",
+    )
+    p.option(
+        "--close-timeout-ms",
+        type=_positive_int,
+        default=8000,
+        metavar="MS",
+        help="how long a closing channel waits for the peer before the host rescinds it",
+    )
+    p.option(
+        "--max-queued-responses",
+        type=_positive_int,
+        default=65536,
+        metavar="N",
+        hidden=True,
+        help="answers queued for a partition that does not read them before it is detached",
+    )
+    p.option(
         "--metrics-port",
         type=_port,
         metavar="N",
@@ -163,6 +190,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_ca is not None and args.tls_cert is None:
         parser.error("--tls-ca needs --tls-cert and --tls-key")
+    if args.connect_timeout_ms > 300_000:
+        parser.error("--connect-timeout-ms is at most 300000")
     if args.log_format not in ("text", "json"):
         parser.error("--log-format must be text or json")
     if args.host_token_file is None:

@@ -1,0 +1,421 @@
+"""10,240 connections open at once through one host service: rate, memory per connection, teardown.
+
+    .venv/bin/python bench/bench_scale.py [--quick] [--connections N] [--out bench/results]
+
+Starts a real ``hvsock-host`` (Unix socket, private shared-memory directory, raised
+``--max-socket-number``), creates one VM, attaches it and the host partition with stub-only
+clients (one attach stream each, many requests in flight), proves shared memory for both, and:
+
+1. the host partition listens on a service; the VM fires N Connect requests at once; the host
+   partition accepts every offer as it arrives. connect+accept per second = N / (time from the
+   first Connect to the last ``opened`` on both sides);
+2. both ends of every channel map their rings (``ring.shm.Channel.attach``) and exchange one
+   message each way;
+3. with all N channels open and idle: host memory per connection = (growth of the host
+   process's private RSS, i.e. RssAnon + RssFile from /proc/PID/status) + (shared-memory pages
+   actually allocated: ``mincore`` over every segment, so pages nobody touched are not
+   counted), divided by N. The host's own view of the segments (Rss of its /dev/shm mappings in
+   /proc/PID/smaps) is reported beside it;
+4. both ends Close every channel; teardown time = until the host lists no channel, every ring
+   is unmapped and the shared-memory directory is empty.
+
+Writes bench/results/scale.json and prints a short table. A benchmark, not a test: it reports
+missed targets but exits 0 unless the run itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import itertools
+import json
+import mmap
+import multiprocessing as mp
+import os
+import pathlib
+import platform
+import queue
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc  # noqa: E402
+from ring import shm  # noqa: E402
+
+SERVICE = "00002a2a-facb-11e6-bd58-64006a7986d3"
+WILDCARD = "00000000-0000-0000-0000-000000000000"
+PARENT = "a42e7cda-d03f-480c-9cc2-a4de20abb878"
+TARGETS = {"connections": 10_240, "bytes_per_idle_connection": 28 * 1024, "connects_per_s": 2000}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def resident_pages(mm: mmap.mmap) -> int:
+    """Pages of a shared mapping that exist in the page cache (allocated shared memory)."""
+    pages = (len(mm) + PAGE - 1) // PAGE
+    vec = ctypes.create_string_buffer(pages)
+    anchor = ctypes.c_char.from_buffer(mm)
+    try:
+        if _libc.mincore(ctypes.addressof(anchor), len(mm), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+    finally:
+        del anchor
+    return sum(b & 1 for b in vec.raw)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def smaps_shm_rss(pid: int, shm_dir: pathlib.Path) -> int:
+    total, inside = 0, False
+    for line in pathlib.Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0] if line else ""
+        if "-" in first and not first.endswith(":"):
+            inside = str(shm_dir) in line
+        elif inside and first == "Rss:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+class Partition:
+    """One attach stream with many requests in flight (stubs only)."""
+
+    def __init__(self, target: str, hello: hvsock_pb2.Hello) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = hvsock_pb2_grpc.HostServiceStub(self.channel)
+        self._requests: queue.SimpleQueue[hvsock_pb2.AttachRequest | None] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._requests.put(hvsock_pb2.AttachRequest(hello=hello))
+        self.call = self.stub.Attach(self._iter())
+        self.welcome = next(self.call).welcome
+        self.inbox: queue.SimpleQueue[hvsock_pb2.AttachResponse | None] = queue.SimpleQueue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _iter(self) -> Iterator[hvsock_pb2.AttachRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for response in self.call:
+                self.inbox.put(response)
+        self.inbox.put(None)
+
+    def send(self, **kind: Any) -> int:
+        request_id = next(self._ids)
+        self._requests.put(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
+        return request_id
+
+    def get(self, timeout: float = 60) -> hvsock_pb2.AttachResponse:
+        response = self.inbox.get(timeout=timeout)
+        if response is None:
+            raise RuntimeError("attach stream ended")
+        return response
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+def start_host(
+    shm_dir: pathlib.Path, sock: pathlib.Path, token: str, n: int
+) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [
+            str(pathlib.Path(sys.executable).parent / "hvsock-host"),
+            "--listen",
+            "127.0.0.1:0",
+            "--unix",
+            str(sock),
+            "--host-token",
+            token,
+            "--shm-dir",
+            str(shm_dir),
+            "--max-socket-number",
+            str(n + 16),
+            "--log-level",
+            "INFO",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HVSOCK_SHM_DIR": str(shm_dir)},
+    )
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "serving on" in line:
+            break
+    else:
+        raise RuntimeError(f"hvsock-host exited with {proc.wait()}: {''.join(lines)}")
+    threading.Thread(target=lambda: [None for _ in proc.stderr or ()], daemon=True).start()
+    return proc
+
+
+CTX = mp.get_context("spawn")
+
+
+def acceptor_ends(pipe: Connection, shm_dir: str) -> None:
+    """The acceptor's side of every channel: map it, answer the ping, hold it until told."""
+    ends = [shm.Channel.attach(name, end=end, directory=shm_dir) for name, end in pipe.recv()]
+    for end in ends:
+        if end.recv(16, timeout=30) != b"ping":
+            raise RuntimeError("bad ping")
+        end.sendall(b"pong")
+    pipe.recv()
+    for end in ends:
+        end.close()
+
+
+def prove(partition: Partition, shm_dir: pathlib.Path) -> None:
+    nonce = (shm_dir / partition.welcome.shm_probe).read_bytes()
+    partition.send(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce))
+    assert partition.get().HasField("ack")
+
+
+def run(n: int) -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the host inherits it too
+    shm_dir = pathlib.Path("/dev/shm") / f"hvsock-bench-{secrets.token_hex(6)}"
+    shm_dir.mkdir(mode=0o700)
+    work = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"hvsock-bench-{secrets.token_hex(4)}"
+    work.mkdir()
+    token = secrets.token_urlsafe(16)
+    proc = start_host(shm_dir, work / "host.sock", token, n)
+    target = f"unix:{work / 'host.sock'}"
+    meta = (("x-hvsock-token", token),)
+    admin_channel = grpc.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 256 << 20)]
+    )
+    admin = hvsock_pb2_grpc.AdminServiceStub(admin_channel)
+    ends: list[shm.Channel] = []
+    try:
+        vm = admin.CreatePartition(
+            hvsock_pb2.CreatePartitionRequest(name="bench-vm"), metadata=meta, timeout=10
+        )
+        guest = Partition(target, hvsock_pb2.Hello(vm_id=vm.partition.vm_id, token=vm.token))
+        root = Partition(target, hvsock_pb2.Hello(host=True, token=token))
+        prove(guest, shm_dir)
+        prove(root, shm_dir)
+        root.send(
+            listen=hvsock_pb2.Listen(
+                address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE), backlog=n
+            )
+        )
+        assert root.get().HasField("listening")
+        before = proc_status(proc.pid)
+
+        # 1. N connects in flight at once; the host partition accepts each offer as it comes.
+        guest_opened: dict[int, hvsock_pb2.Channel] = {}
+        root_opened: dict[int, hvsock_pb2.Channel] = {}
+        failures: list[str] = []
+
+        def accept_all() -> None:
+            while len(root_opened) < n and not failures:
+                response = root.get()
+                kind = response.WhichOneof("kind")
+                if kind == "offer":
+                    root.send(
+                        accept=hvsock_pb2.Accept(channel_id=response.offer.channel.channel_id)
+                    )
+                elif kind == "opened":
+                    root_opened[response.opened.channel_id] = response.opened
+                else:
+                    failures.append(str(response))
+
+        acceptor = threading.Thread(target=accept_all)
+        started = time.perf_counter()
+        acceptor.start()
+        remote = hvsock_pb2.Address(vm_id=PARENT, service_id=SERVICE)
+        for _ in range(n):
+            guest.send(connect=hvsock_pb2.Connect(remote=remote, connect_timeout_ms=300_000))
+        while len(guest_opened) < n and not failures:
+            response = guest.get()
+            if response.WhichOneof("kind") == "opened":
+                guest_opened[response.opened.channel_id] = response.opened
+            else:
+                failures.append(str(response))
+        acceptor.join()
+        opened_s = time.perf_counter() - started
+        if failures:
+            raise RuntimeError(f"{len(failures)} connects failed, first: {failures[0]}")
+        listed = admin.ListChannels(hvsock_pb2.ListChannelsRequest(), metadata=meta, timeout=60)
+        open_at_once = sum(c.state == hvsock_pb2.CHANNEL_STATE_OPEN for c in listed.channels)
+
+        # 2. Map both ends of every channel and exchange one message each way. The acceptor
+        # ends live in another process (Python's mmap keeps a dup of the fd per mapping, and
+        # 2 x N mappings in one process would pass the open-file limit).
+        started = time.perf_counter()
+        parent_pipe, child_pipe = CTX.Pipe()
+        peer = CTX.Process(target=acceptor_ends, args=(child_pipe, str(shm_dir)))
+        peer.start()
+        order = list(guest_opened)
+        names = [
+            (root_opened[c].shared_memory.name, root_opened[c].shared_memory.end) for c in order
+        ]
+        for channel_id in order:
+            g = guest_opened[channel_id]
+            ends.append(
+                shm.Channel.attach(
+                    g.shared_memory.name, end=g.shared_memory.end, directory=str(shm_dir)
+                )
+            )
+        parent_pipe.send(names)
+        for end in ends:
+            end.sendall(b"ping")
+        for end in ends:
+            if end.recv(16, timeout=30) != b"pong":
+                raise RuntimeError("bad echo")
+        exchange_s = time.perf_counter() - started
+        segments_left_open = len(list(shm_dir.iterdir()))
+
+        # 3. Memory with every connection open and idle.
+        time.sleep(0.5)  # let the host settle (allocator, lazily freed event objects)
+        after = proc_status(proc.pid)
+        private = lambda s: s.get("RssAnon", 0) + s.get("RssFile", 0)  # noqa: E731
+        rss_growth = after["VmRSS"] - before["VmRSS"]
+        private_growth = private(after) - private(before)
+        shm_bytes = sum(resident_pages(c._mm) for c in ends) * PAGE  # one mapping per segment
+        host_shm_rss = smaps_shm_rss(proc.pid, shm_dir)
+        per_connection = (private_growth + shm_bytes) / n
+
+        # 4. Tear everything down: both ends close; wait until nothing is left.
+        started = time.perf_counter()
+        for channel_id in guest_opened:
+            guest.send(close=hvsock_pb2.Close(channel_id=channel_id))
+            root.send(close=hvsock_pb2.Close(channel_id=channel_id))
+        acks = 0
+        for partition in (guest, root):
+            seen = 0
+            while seen < n:
+                response = partition.get()
+                if response.request_id:
+                    seen += 1
+                    acks += response.HasField("ack")
+        for end in ends:
+            end.close()
+        ends.clear()
+        parent_pipe.send("close")
+        peer.join(60)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            left = admin.ListChannels(hvsock_pb2.ListChannelsRequest(), metadata=meta, timeout=60)
+            if not left.channels and not any(shm_dir.iterdir()):
+                break
+            time.sleep(0.01)
+        teardown_s = time.perf_counter() - started
+        channels_left = len(left.channels)
+        segments_left = len(list(shm_dir.iterdir()))
+        guest.close()
+        root.close()
+    finally:
+        for end in ends:
+            with contextlib.suppress(Exception):
+                end.close()
+        admin_channel.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(shm_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    rate = n / opened_s
+    return {
+        "connections": n,
+        "open_at_once": open_at_once,
+        "connect_accept_s": round(opened_s, 3),
+        "connect_accept_per_s": round(rate, 1),
+        "map_and_exchange_s": round(exchange_s, 3),
+        "segments_linked_while_open": segments_left_open,
+        "host_rss_growth_bytes": rss_growth,
+        "host_private_rss_growth_bytes": private_growth,
+        "shm_allocated_bytes": shm_bytes,
+        "host_shm_mapping_rss_bytes": host_shm_rss,
+        "bytes_per_idle_connection": round(per_connection),
+        "close_acks": acks,
+        "teardown_s": round(teardown_s, 3),
+        "channels_left": channels_left,
+        "segments_left": segments_left,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="1,024 connections")
+    parser.add_argument("--connections", type=int, default=None)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    n = args.connections or (1024 if args.quick else TARGETS["connections"])
+    result = run(n)
+    met = {
+        "all_open_at_once": result["open_at_once"] == n,
+        "bytes_per_idle_connection": result["bytes_per_idle_connection"]
+        <= TARGETS["bytes_per_idle_connection"],
+        "connects_per_s": result["connect_accept_per_s"] >= TARGETS["connects_per_s"],
+        "nothing_left": result["channels_left"] == 0 and result["segments_left"] == 0,
+    }
+    report = {
+        "benchmark": "scale",
+        "quick": n != TARGETS["connections"],
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "page": PAGE},
+        "result": result,
+        "targets": TARGETS,
+        "met": met,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = [
+        (
+            "connections open at once",
+            f"{result['open_at_once']:,} / {n:,}",
+            met["all_open_at_once"],
+        ),
+        (
+            "connect+accept per second",
+            f"{result['connect_accept_per_s']:,.0f}",
+            met["connects_per_s"],
+        ),
+        (
+            "host bytes per idle connection",
+            f"{result['bytes_per_idle_connection']:,} (RSS "
+            f"{result['host_private_rss_growth_bytes'] // n:,} + shm "
+            f"{result['shm_allocated_bytes'] // n:,})",
+            met["bytes_per_idle_connection"],
+        ),
+        ("teardown of all (s)", f"{result['teardown_s']:.2f}", met["nothing_left"]),
+    ]
+    for name, value, ok in rows:
+        print(f"{name:<32} {value:<40} {'ok' if ok else 'MISSED'}")
+    print(f"wrote {args.out / 'scale.json'}")
+
+
+if __name__ == "__main__":
+    main()
