@@ -172,16 +172,51 @@ def test_hello_failures_have_precise_statuses(host: HostProcess) -> None:
     vm_id = vm.partition.vm_id
     unknown = str(uuid.uuid4())
     cases = [
-        (hello(vm_id=unknown, token="t"), grpc.StatusCode.NOT_FOUND, f"no partition with VM id {unknown}", errno.ENOENT),
+        (
+            hello(vm_id=unknown, token="t"),
+            grpc.StatusCode.NOT_FOUND,
+            f"no partition with VM id {unknown}",
+            errno.ENOENT,
+        ),
         (hello(vm_id=vm_id), grpc.StatusCode.UNAUTHENTICATED, "a token is required", errno.EACCES),
-        (hello(vm_id=vm_id, token="wrong"), grpc.StatusCode.UNAUTHENTICATED, f"wrong token for partition {vm_id}", errno.EACCES),
-        (hello(host=True, token="wrong"), grpc.StatusCode.UNAUTHENTICATED, "wrong token", errno.EACCES),
+        (
+            hello(vm_id=vm_id, token="wrong"),
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"wrong token for partition {vm_id}",
+            errno.EACCES,
+        ),
+        (
+            hello(host=True, token="wrong"),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "wrong token",
+            errno.EACCES,
+        ),
         (hello(host=True), grpc.StatusCode.UNAUTHENTICATED, "a token is required", errno.EACCES),
-        (hello(host=True, vm_id=vm_id, token=vm.token), grpc.StatusCode.INVALID_ARGUMENT, "either host or vm_id", errno.EINVAL),
-        (hello(name="auto"), grpc.StatusCode.PERMISSION_DENIED, "auto_create_on_attach", errno.EACCES),
-        (hvsock_pb2.AttachRequest(listen=hvsock_pb2.Listen()), grpc.StatusCode.INVALID_ARGUMENT, "the first request must be hello", errno.EINVAL),
-        (hvsock_pb2.AttachRequest(), grpc.StatusCode.INVALID_ARGUMENT, "the first request must be hello", errno.EINVAL),
-    ]  # fmt: skip
+        (
+            hello(host=True, vm_id=vm_id, token=vm.token),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "either host or vm_id",
+            errno.EINVAL,
+        ),
+        (
+            hello(name="auto"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "auto_create_on_attach",
+            errno.EACCES,
+        ),
+        (
+            hvsock_pb2.AttachRequest(listen=hvsock_pb2.Listen()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the first request must be hello",
+            errno.EINVAL,
+        ),
+        (
+            hvsock_pb2.AttachRequest(),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the first request must be hello",
+            errno.EINVAL,
+        ),
+    ]
     for request, code, message, number in cases:
         error = attach_error(host, request)
         assert error.code() == code, (request, error)
@@ -254,20 +289,104 @@ def test_attach_stream_requests_in_wrong_state_or_with_bad_fields(host: HostProc
         return answer.error
 
     cases: list[tuple[RawPartition, dict[str, Any], grpc.StatusCode, str, int]] = [
-        (guest, {"listen": hvsock_pb2.Listen(address=addr(vm_id="bad", service_id=SERVICE))}, grpc.StatusCode.INVALID_ARGUMENT, "VM id", errno.EINVAL),
-        (guest, {"listen": hvsock_pb2.Listen(address=addr(vm_id=WILDCARD, service_id="bad"))}, grpc.StatusCode.INVALID_ARGUMENT, "service id", errno.EINVAL),
-        (guest, {"listen": hvsock_pb2.Listen(address=addr(vm_id=other.partition.vm_id, service_id=SERVICE))}, grpc.StatusCode.INVALID_ARGUMENT, "a VM listens on WILDCARD, PARENT or LOOPBACK", errno.EINVAL),
-        (guest, {"connect": hvsock_pb2.Connect(remote=addr(vm_id="{nope}", service_id=SERVICE))}, grpc.StatusCode.INVALID_ARGUMENT, "VM id", errno.EINVAL),
-        (guest, {"connect": hvsock_pb2.Connect(remote=addr(vm_id=PARENT, service_id=SERVICE), connect_timeout_ms=300_001)}, grpc.StatusCode.INVALID_ARGUMENT, "connect_timeout_ms is at most 300000", errno.EINVAL),
-        (guest, {"connect": hvsock_pb2.Connect(remote=addr(vm_id=other.partition.vm_id, service_id=SERVICE))}, grpc.StatusCode.PERMISSION_DENIED, "", errno.ENETUNREACH),
-        (guest, {"unlisten": hvsock_pb2.Unlisten(listener_id=424242)}, grpc.StatusCode.NOT_FOUND, "424242", errno.ENOENT),
-        (guest, {"accept": hvsock_pb2.Accept(channel_id=424242)}, grpc.StatusCode.NOT_FOUND, "424242", errno.ENOENT),
-        (guest, {"shutdown": hvsock_pb2.Shutdown(channel_id=424242)}, grpc.StatusCode.NOT_FOUND, "424242", errno.ENOENT),
-        (guest, {"close": hvsock_pb2.Close(channel_id=424242)}, grpc.StatusCode.NOT_FOUND, "424242", errno.ENOENT),
-        (guest, {"hello": hvsock_pb2.Hello(vm_id=vm_id, token=vm.token)}, grpc.StatusCode.FAILED_PRECONDITION, "hello is only the first request", errno.EINVAL),
-        (guest, {"prove_shared_memory": hvsock_pb2.ProveSharedMemory(nonce=b"guess")}, grpc.StatusCode.INVALID_ARGUMENT, "does not match", errno.EINVAL),
+        (
+            guest,
+            {"listen": hvsock_pb2.Listen(address=addr(vm_id="bad", service_id=SERVICE))},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "VM id",
+            errno.EINVAL,
+        ),
+        (
+            guest,
+            {"listen": hvsock_pb2.Listen(address=addr(vm_id=WILDCARD, service_id="bad"))},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "service id",
+            errno.EINVAL,
+        ),
+        (
+            guest,
+            {
+                "listen": hvsock_pb2.Listen(
+                    address=addr(vm_id=other.partition.vm_id, service_id=SERVICE)
+                )
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "a VM listens on WILDCARD, PARENT or LOOPBACK",
+            errno.EINVAL,
+        ),
+        (
+            guest,
+            {"connect": hvsock_pb2.Connect(remote=addr(vm_id="{nope}", service_id=SERVICE))},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "VM id",
+            errno.EINVAL,
+        ),
+        (
+            guest,
+            {
+                "connect": hvsock_pb2.Connect(
+                    remote=addr(vm_id=PARENT, service_id=SERVICE), connect_timeout_ms=300_001
+                )
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "connect_timeout_ms is at most 300000",
+            errno.EINVAL,
+        ),
+        (
+            guest,
+            {
+                "connect": hvsock_pb2.Connect(
+                    remote=addr(vm_id=other.partition.vm_id, service_id=SERVICE)
+                )
+            },
+            grpc.StatusCode.PERMISSION_DENIED,
+            "",
+            errno.ENETUNREACH,
+        ),
+        (
+            guest,
+            {"unlisten": hvsock_pb2.Unlisten(listener_id=424242)},
+            grpc.StatusCode.NOT_FOUND,
+            "424242",
+            errno.ENOENT,
+        ),
+        (
+            guest,
+            {"accept": hvsock_pb2.Accept(channel_id=424242)},
+            grpc.StatusCode.NOT_FOUND,
+            "424242",
+            errno.ENOENT,
+        ),
+        (
+            guest,
+            {"shutdown": hvsock_pb2.Shutdown(channel_id=424242)},
+            grpc.StatusCode.NOT_FOUND,
+            "424242",
+            errno.ENOENT,
+        ),
+        (
+            guest,
+            {"close": hvsock_pb2.Close(channel_id=424242)},
+            grpc.StatusCode.NOT_FOUND,
+            "424242",
+            errno.ENOENT,
+        ),
+        (
+            guest,
+            {"hello": hvsock_pb2.Hello(vm_id=vm_id, token=vm.token)},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "hello is only the first request",
+            errno.EINVAL,
+        ),
+        (
+            guest,
+            {"prove_shared_memory": hvsock_pb2.ProveSharedMemory(nonce=b"guess")},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "does not match",
+            errno.EINVAL,
+        ),
         (guest, {}, grpc.StatusCode.INVALID_ARGUMENT, "empty request", errno.EINVAL),
-    ]  # fmt: skip
+    ]
     for partition, kind, code, message, number in cases:
         got = error(partition, **kind)
         assert (got.code, got.errno.errno) == (code.value[0], number), (kind, got)
@@ -368,10 +487,22 @@ def test_channel_data_open_errors(host: HostProcess) -> None:
     guest, root = attach_vm(host, vm), attach_host(host)
     g, _h = open_pair(guest, root)
     cases = [
-        ((hvsock_pb2.ChannelDataRequest(data=b"x"),), grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be open"),
-        ((hvsock_pb2.ChannelDataRequest(open=hvsock_pb2.ChannelDataOpen(session="forged", channel_id=g.channel_id)),), grpc.StatusCode.UNAUTHENTICATED, "unknown or ended session"),
+        (
+            (hvsock_pb2.ChannelDataRequest(data=b"x"),),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the first frame must be open",
+        ),
+        (
+            (
+                hvsock_pb2.ChannelDataRequest(
+                    open=hvsock_pb2.ChannelDataOpen(session="forged", channel_id=g.channel_id)
+                ),
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "unknown or ended session",
+        ),
         ((open_frame(guest, 424242),), grpc.StatusCode.NOT_FOUND, "424242"),
-    ]  # fmt: skip
+    ]
     for frames, code, message in cases:
         error = data_error(guest, *frames)
         assert error.code() == code, error
@@ -472,26 +603,121 @@ def test_admin_bad_input(host: HostProcess) -> None:
     unknown = str(uuid.uuid4())
     vm = create_vm(host, "vm1")
     cases = [
-        ("GetPartition", hvsock_pb2.GetPartitionRequest(vm_id="nope"), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("GetPartition", hvsock_pb2.GetPartitionRequest(vm_id=unknown), grpc.StatusCode.NOT_FOUND, errno.ENOENT),
-        ("DeletePartition", hvsock_pb2.DeletePartitionRequest(vm_id=unknown), grpc.StatusCode.NOT_FOUND, errno.ENOENT),
-        ("DeletePartition", hvsock_pb2.DeletePartitionRequest(vm_id=PARENT), grpc.StatusCode.FAILED_PRECONDITION, errno.EINVAL),
-        ("PausePartition", hvsock_pb2.PausePartitionRequest(vm_id=""), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("ResumePartition", hvsock_pb2.ResumePartitionRequest(vm_id=vm.partition.vm_id), grpc.StatusCode.FAILED_PRECONDITION, errno.EINVAL),
-        ("StopPartition", hvsock_pb2.StopPartitionRequest(vm_id=unknown), grpc.StatusCode.NOT_FOUND, errno.ENOENT),
-        ("CreatePartition", hvsock_pb2.CreatePartitionRequest(name=""), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("CreatePartition", hvsock_pb2.CreatePartitionRequest(name="x", vm_id="bad"), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("CreatePartition", hvsock_pb2.CreatePartitionRequest(name="x", vm_id=PARENT), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("CreatePartition", hvsock_pb2.CreatePartitionRequest(name="x", vm_id=vm.partition.vm_id), grpc.StatusCode.ALREADY_EXISTS, errno.EEXIST),
-        ("CreatePartition", hvsock_pb2.CreatePartitionRequest(name="x", personality=7), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("RegisterService", hvsock_pb2.RegisterServiceRequest(service_id="bad", element_name="x"), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("UnregisterService", hvsock_pb2.UnregisterServiceRequest(service_id=SERVICE), grpc.StatusCode.NOT_FOUND, errno.ENOENT),
-        ("ListChannels", hvsock_pb2.ListChannelsRequest(vm_id="bad"), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("RescindChannel", hvsock_pb2.RescindChannelRequest(channel_id=424242), grpc.StatusCode.NOT_FOUND, errno.ENOENT),
-        ("StallRing", hvsock_pb2.StallRingRequest(channel_id=424242, duration_ms=10), grpc.StatusCode.NOT_FOUND, errno.ENOENT),
-        ("StallRing", hvsock_pb2.StallRingRequest(channel_id=1, duration_ms=0), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-        ("StallRing", hvsock_pb2.StallRingRequest(channel_id=1, duration_ms=600_001), grpc.StatusCode.INVALID_ARGUMENT, errno.EINVAL),
-    ]  # fmt: skip
+        (
+            "GetPartition",
+            hvsock_pb2.GetPartitionRequest(vm_id="nope"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "GetPartition",
+            hvsock_pb2.GetPartitionRequest(vm_id=unknown),
+            grpc.StatusCode.NOT_FOUND,
+            errno.ENOENT,
+        ),
+        (
+            "DeletePartition",
+            hvsock_pb2.DeletePartitionRequest(vm_id=unknown),
+            grpc.StatusCode.NOT_FOUND,
+            errno.ENOENT,
+        ),
+        (
+            "DeletePartition",
+            hvsock_pb2.DeletePartitionRequest(vm_id=PARENT),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            errno.EINVAL,
+        ),
+        (
+            "PausePartition",
+            hvsock_pb2.PausePartitionRequest(vm_id=""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "ResumePartition",
+            hvsock_pb2.ResumePartitionRequest(vm_id=vm.partition.vm_id),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            errno.EINVAL,
+        ),
+        (
+            "StopPartition",
+            hvsock_pb2.StopPartitionRequest(vm_id=unknown),
+            grpc.StatusCode.NOT_FOUND,
+            errno.ENOENT,
+        ),
+        (
+            "CreatePartition",
+            hvsock_pb2.CreatePartitionRequest(name=""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "CreatePartition",
+            hvsock_pb2.CreatePartitionRequest(name="x", vm_id="bad"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "CreatePartition",
+            hvsock_pb2.CreatePartitionRequest(name="x", vm_id=PARENT),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "CreatePartition",
+            hvsock_pb2.CreatePartitionRequest(name="x", vm_id=vm.partition.vm_id),
+            grpc.StatusCode.ALREADY_EXISTS,
+            errno.EEXIST,
+        ),
+        (
+            "CreatePartition",
+            hvsock_pb2.CreatePartitionRequest(name="x", personality=7),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "RegisterService",
+            hvsock_pb2.RegisterServiceRequest(service_id="bad", element_name="x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "UnregisterService",
+            hvsock_pb2.UnregisterServiceRequest(service_id=SERVICE),
+            grpc.StatusCode.NOT_FOUND,
+            errno.ENOENT,
+        ),
+        (
+            "ListChannels",
+            hvsock_pb2.ListChannelsRequest(vm_id="bad"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "RescindChannel",
+            hvsock_pb2.RescindChannelRequest(channel_id=424242),
+            grpc.StatusCode.NOT_FOUND,
+            errno.ENOENT,
+        ),
+        (
+            "StallRing",
+            hvsock_pb2.StallRingRequest(channel_id=424242, duration_ms=10),
+            grpc.StatusCode.NOT_FOUND,
+            errno.ENOENT,
+        ),
+        (
+            "StallRing",
+            hvsock_pb2.StallRingRequest(channel_id=1, duration_ms=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+        (
+            "StallRing",
+            hvsock_pb2.StallRingRequest(channel_id=1, duration_ms=600_001),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            errno.EINVAL,
+        ),
+    ]
     for method, request, code, number in cases:
         with pytest.raises(grpc.RpcError) as info:
             admin_call(host, method, request)
