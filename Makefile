@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test build debug asan lint bench bench-ring bench-scale e2e clean
+.PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e demo e2e clean
 
 # Reinstall when the build inputs change (protos, Cython sources, build configuration).
 $(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h)
@@ -41,7 +41,7 @@ asan: $(STAMP)
 	  $(PY) -m pytest -p no:cacheprovider tests/unit/ring tests/property/test_ring_stateful.py $(PYTEST_ARGS); \
 	  status=$$?; $(PY) -m pip install --quiet -e . --no-build-isolation --no-deps; exit $$status
 
-bench: bench-ring
+bench: bench-ring bench-e2e
 
 bench-ring: $(STAMP)
 	$(PY) bench/bench_ring.py $(if $(QUICK),--quick)
@@ -49,6 +49,14 @@ bench-ring: $(STAMP)
 # 10,240 connections at once through one host service (QUICK=1: 1,024).
 bench-scale: $(STAMP)
 	$(PY) bench/bench_scale.py $(if $(QUICK),--quick)
+
+# hv sockets end to end (both data paths) vs TCP, Unix sockets and a raw gRPC stream.
+bench-e2e: $(STAMP)
+	$(PY) bench/bench_e2e.py $(if $(QUICK),--quick)
+
+# A private host service, two VMs in their own processes (shared memory, gRPC relay), echoes.
+demo: $(STAMP)
+	$(PY) -m guest_client.demo $(if $(BYTES),--bytes $(BYTES))
 
 e2e: $(STAMP)
 	HVSOCK_E2E=1 $(PY) -m pytest -m e2e $(PYTEST_ARGS)

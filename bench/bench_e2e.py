@@ -1,0 +1,635 @@
+"""hv sockets end to end, through the socket API, next to TCP, Unix sockets and raw gRPC.
+
+    .venv/bin/python bench/bench_e2e.py [--quick] [--out bench/results]
+
+Starts its own ``hvsock-host`` (a child process, private Unix socket and shared-memory
+directory), creates one VM, and runs two worker processes (spawned, so no GIL is shared): the
+*guest* worker attaches the VM partition and is the writer / client, the *host* worker attaches
+the host partition and is the reader / server. Both attach once per data path and keep their
+partitions for the whole run.
+
+- Throughput, hvbench style: one connection, the writer sends fixed-size messages (1 KiB ..
+  256 KiB) for a fixed time with ``sendall``, then ``shutdown(SHUT_WR)``; the reader reads
+  into one 256 KiB buffer with ``recv_into`` and times first byte to EOF. Transports:
+  ``shm`` (shared-memory path, 64-page rings asked for with SO_SNDBUF/SO_RCVBUF),
+  ``shm-default`` (the host's default rings, 2/3 pages), ``relay`` (gRPC relay, 64-page
+  rings), TCP loopback, Unix sockets, and ``grpc-raw``: one grpcio client-streaming call to a
+  tiny bytes-in service defined here (generic handler, no protobuf), one message per send,
+  over a Unix socket like the partitions' channel to the host.
+- 64-byte round trip (p50/p99) on shm, relay (default rings), TCP (TCP_NODELAY), Unix.
+- connect + accept + close cycles per second (the client waits for the server's close).
+
+Writes bench/results/e2e.json (every figure, every ratio, the targets and whether each was
+met) and bench/results/e2e.png, and prints a short table. It never fails on a missed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from multiprocessing.connection import Connection
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import grpc
+
+import guest_client as hv
+from guest_client.demo import local_host
+from hvsock.v1 import hvsock_pb2
+
+SIZES = [1024, 4096, 16384, 65536, 262144]
+THROUGHPUT_KINDS = ["shm", "shm-default", "relay", "tcp", "unix", "grpc-raw"]
+RTT_KINDS = ["shm", "relay", "tcp", "unix"]
+CONNECT_KINDS = ["shm", "relay", "tcp", "unix"]
+HV_KINDS = {  # kind -> (data path, ring bytes asked for with SO_SNDBUF/SO_RCVBUF or 0)
+    "shm": ("shm", 63 * 4096),  # pages = bytes // 4096 + 1 = 64
+    "shm-default": ("shm", 0),
+    "relay": ("grpc", 63 * 4096),
+    "relay-default": ("grpc", 0),
+}
+RTT_HV_KIND = {"shm": "shm-default", "relay": "relay-default"}  # round trips: default rings
+READ_BUF = 256 * 1024
+RTT_MSG = 64
+IO_TIMEOUT = 30.0
+GRPC_METHOD = "/hvbench.Sink/Push"
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 << 20),
+    ("grpc.max_send_message_length", 8 << 20),
+]
+
+
+# ---- the worker processes -------------------------------------------------------------------
+
+
+class Worker:
+    """State of one worker process: its partitions, listeners and the raw gRPC sink."""
+
+    def __init__(self, role: str, cfg: dict[str, Any]) -> None:
+        self.role = role  # "guest" (VM, writer/client) or "host" (reader/server)
+        self.cfg = cfg
+        self.partitions: dict[str, Any] = {}
+        self.listeners: dict[int, Any] = {}
+        self.ids = 0
+        self.port = 20000 if role == "host" else 30000
+        self.grpc_server: grpc.Server | None = None
+        self.grpc_results: queue.SimpleQueue[tuple[int, float, float]] = queue.SimpleQueue()
+        self.grpc_channel: grpc.Channel | None = None
+        self.cycle_thread: threading.Thread | None = None
+        self.cycles = 0
+
+    # -- transports -----------------------------------------------------------------------
+
+    def partition(self, data_path: str) -> Any:
+        """The partition on ``data_path``; a partition is attached once at a time, so the
+        one on the other path (if any) is closed first."""
+        if data_path not in self.partitions:
+            for other in self.partitions.values():
+                other.close()
+            self.partitions.clear()
+            if self.role == "host":
+                hello = hvsock_pb2.Hello(host=True, token=self.cfg["host_token"])
+            else:
+                hello = hvsock_pb2.Hello(vm_id=self.cfg["vm_id"], token=self.cfg["vm_token"])
+            self.partitions[data_path] = hv.Partition(
+                self.cfg["target"], hello, data_path=data_path, shm_dir=self.cfg["shm_dir"]
+            )
+        return self.partitions[data_path]
+
+    def listen(self, kind: str) -> tuple[int, Any]:
+        """A listener for ``kind``; returns (listener id, address for the client)."""
+        self.ids += 1
+        if kind in HV_KINDS:
+            self.port += 1
+            service = hv.service_id_for_port(self.port)
+            sock = self.partition(HV_KINDS[kind][0]).socket()
+            sock.bind((hv.HV_GUID_WILDCARD, service))
+            address: Any = (hv.HV_GUID_PARENT, service)
+        elif kind == "tcp":
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            address = sock.getsockname()
+        elif kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = os.path.join(self.cfg["workdir"], f"bench-{self.ids}.sock")
+            sock.bind(address)
+        else:
+            raise ValueError(kind)
+        sock.listen(128)
+        sock.settimeout(IO_TIMEOUT)
+        self.listeners[self.ids] = sock
+        return self.ids, address
+
+    def close_listener(self, lid: int) -> None:
+        sock = self.listeners.pop(lid)
+        sock.close()
+        if isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                os.unlink(sock.getsockname())
+
+    def connect(self, kind: str, address: Any) -> Any:
+        if kind in HV_KINDS:
+            data_path, ring = HV_KINDS[kind]
+            sock = self.partition(data_path).socket()
+            if ring:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ring)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ring)
+            sock.settimeout(IO_TIMEOUT)
+            sock.connect(tuple(address))
+            return sock
+        family = socket.AF_INET if kind == "tcp" else socket.AF_UNIX
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(IO_TIMEOUT)
+        sock.connect(tuple(address) if kind == "tcp" else address)
+        return sock
+
+    # -- raw gRPC: a client-streaming bytes sink --------------------------------------------
+
+    def grpc_start(self) -> str:
+        if self.grpc_server is None:
+
+            def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+                total, first = 0, 0.0
+                for message in requests:
+                    if not total:
+                        first = time.perf_counter()
+                    total += len(message)
+                self.grpc_results.put((total, first, time.perf_counter()))
+                return b""
+
+            handler = grpc.method_handlers_generic_handler(
+                "hvbench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)}
+            )
+            self.grpc_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS
+            )
+            self.grpc_server.add_generic_rpc_handlers((handler,))
+            self.grpc_address = f"unix:{os.path.join(self.cfg['workdir'], 'grpc-raw.sock')}"
+            self.grpc_server.add_insecure_port(self.grpc_address)
+            self.grpc_server.start()
+        return self.grpc_address
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def cmd_attach(self, kind: str) -> None:
+        if kind in HV_KINDS:
+            self.partition(HV_KINDS[kind][0])
+
+    def cmd_listen(self, kind: str) -> tuple[int, Any]:
+        if kind == "grpc-raw":
+            return 0, self.grpc_start()
+        return self.listen(kind)
+
+    def cmd_sink(self, kind: str, lid: int) -> dict[str, Any]:
+        """Accept one connection, read to EOF; bytes and first-byte-to-EOF seconds."""
+        if kind == "grpc-raw":
+            total, first, end = self.grpc_results.get(timeout=IO_TIMEOUT + 60)
+            return {"bytes": total, "seconds": end - first}
+        listener = self.listeners[lid]
+        conn, _ = listener.accept()
+        conn.settimeout(IO_TIMEOUT)
+        buf = bytearray(READ_BUF)
+        total = 0
+        n = conn.recv_into(buf)
+        first = time.perf_counter()
+        while n:
+            total += n
+            n = conn.recv_into(buf)
+        end = time.perf_counter()
+        conn.close()
+        self.close_listener(lid)
+        return {"bytes": total, "seconds": end - first}
+
+    def cmd_source(self, kind: str, address: Any, size: int, seconds: float) -> dict[str, Any]:
+        """Send ``size``-byte messages for ``seconds``, then end the stream."""
+        message = b"\xa5" * size
+        sends = 0
+        if kind == "grpc-raw":
+            if self.grpc_channel is None:
+                self.grpc_channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            call = self.grpc_channel.stream_unary(GRPC_METHOD)
+
+            def messages() -> Iterator[bytes]:
+                nonlocal sends
+                deadline = time.perf_counter() + seconds
+                while time.perf_counter() < deadline:
+                    sends += 1
+                    yield message
+
+            call(messages(), timeout=seconds + IO_TIMEOUT)
+            return {"sends": sends}
+        sock = self.connect(kind, address)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            sock.sendall(message)
+            sends += 1
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)  # the reader's close
+        sock.close()
+        return {"sends": sends}
+
+    def cmd_echo(self, lid: int) -> None:
+        """Accept one connection and echo ``RTT_MSG``-byte messages until EOF."""
+        listener = self.listeners[lid]
+        conn, _ = listener.accept()
+        conn.settimeout(IO_TIMEOUT)
+        if isinstance(conn, socket.socket) and conn.family == socket.AF_INET:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray(RTT_MSG)
+        view = memoryview(buf)
+        while True:
+            got = 0
+            while got < RTT_MSG:
+                n = conn.recv_into(view[got:])
+                if not n:
+                    conn.close()
+                    self.close_listener(lid)
+                    return
+                got += n
+            conn.sendall(buf)
+
+    def cmd_ping(self, kind: str, address: Any, count: int, warmup: int) -> dict[str, Any]:
+        sock = self.connect(kind, address)
+        if kind == "tcp":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        message = b"\x5a" * RTT_MSG
+        buf = bytearray(RTT_MSG)
+        view = memoryview(buf)
+        samples = []
+        for i in range(warmup + count):
+            start = time.perf_counter()
+            sock.sendall(message)
+            got = 0
+            while got < RTT_MSG:
+                n = sock.recv_into(view[got:])
+                if not n:
+                    raise ConnectionResetError("echo server closed")
+                got += n
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)
+        sock.close()
+        samples.sort()
+        return {
+            "count": count,
+            "p50_us": samples[len(samples) // 2] * 1e6,
+            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
+            "mean_us": statistics.fmean(samples) * 1e6,
+            "min_us": samples[0] * 1e6,
+        }
+
+    def cmd_cycle_server(self, lid: int) -> None:
+        """Accept and close in a thread until the listener is closed (cmd_cycle_stop)."""
+        listener = self.listeners[lid]
+        self.cycles = 0
+
+        def loop() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except (OSError, ValueError):
+                    return
+                conn.close()
+                self.cycles += 1
+
+        self.cycle_thread = threading.Thread(target=loop, daemon=True)
+        self.cycle_thread.start()
+
+    def cmd_cycle_stop(self, lid: int) -> int:
+        listener = self.listeners[lid]
+        if isinstance(listener, socket.socket):  # close() alone does not wake accept()
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+        self.close_listener(lid)
+        if self.cycle_thread is not None:
+            self.cycle_thread.join(IO_TIMEOUT)
+        return self.cycles
+
+    def cmd_cycle_client(self, kind: str, address: Any, seconds: float) -> dict[str, Any]:
+        """connect, wait for the server's close (EOF), close; as many times as fit."""
+        cycles = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            sock = self.connect(kind, address)
+            sock.recv(1)
+            sock.close()
+            cycles += 1
+        elapsed = time.perf_counter() - start
+        return {"cycles": cycles, "seconds": elapsed, "per_s": cycles / elapsed}
+
+    def cmd_close(self) -> None:
+        for lid in list(self.listeners):
+            self.close_listener(lid)
+        for partition in self.partitions.values():
+            partition.close()
+        if self.grpc_channel is not None:
+            self.grpc_channel.close()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(None)
+
+
+def worker_main(conn: Connection, role: str, cfg: dict[str, Any]) -> None:
+    worker = Worker(role, cfg)
+    while True:
+        try:
+            name, kwargs = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", getattr(worker, f"cmd_{name}")(**kwargs)))
+        except Exception as exc:  # reported to the parent, which records it
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        if name == "close":
+            return
+
+
+# ---- the parent: drives the workers ------------------------------------------------------------
+
+
+class Remote:
+    def __init__(self, role: str, cfg: dict[str, Any]) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, role, cfg), daemon=True)
+        self.proc.start()
+        child.close()
+        self.role = role
+
+    def start(self, name: str, **kwargs: Any) -> None:
+        self.conn.send((name, kwargs))
+
+    def result(self, timeout: float = 120.0) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.role} worker did not answer in {timeout} s")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"{self.role}: {value}")
+        return value
+
+    def call(self, name: str, timeout: float = 120.0, **kwargs: Any) -> Any:
+        self.start(name, **kwargs)
+        return self.result(timeout)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call("close", timeout=20)
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def _mbps(figure: dict[str, Any]) -> float:
+    return float(figure["bytes"]) / figure["seconds"] / 1e6 if figure["seconds"] else 0.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    seconds = 0.3 if args.quick else 1.5
+    rtt_count = 1000 if args.quick else 5000
+    cycle_seconds = 0.5 if args.quick else 2.0
+    results: dict[str, Any] = {
+        "meta": {
+            "quick": args.quick,
+            "seconds_per_point": seconds,
+            "rtt_count": rtt_count,
+            "connect_seconds": cycle_seconds,
+            "sizes": SIZES,
+            "read_buffer": READ_BUF,
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "kinds": {
+                k: {"data_path": v[0], "ring_bytes_asked": v[1]} for k, v in HV_KINDS.items()
+            },
+        },
+        "throughput": {},
+        "rtt": {},
+        "connect": {},
+        "errors": [],
+        "wall": {},  # seconds each point took, set-up and teardown included
+    }
+    with local_host(prefix="hvsock-e2e", log_level="INFO") as host:
+        vm_id, vm_token = host.create_vm("bench-vm")
+        cfg = {
+            "target": host.target,
+            "host_token": host.token,
+            "vm_id": vm_id,
+            "vm_token": vm_token,
+            "shm_dir": str(host.shm_dir),
+            "workdir": str(host.workdir),
+        }
+        guest, server = Remote("guest", cfg), Remote("host", cfg)
+        try:
+
+            def attach(kind: str) -> None:
+                for remote in (server, guest):
+                    remote.call("attach", kind=kind)
+
+            def pair(
+                kind: str, server_cmd: str, client_cmd: str, **client_kwargs: Any
+            ) -> tuple[Any, Any]:
+                attach(kind)
+                lid, address = server.call("listen", kind=kind)
+                extra = {"kind": kind} if server_cmd == "sink" else {}
+                server.start(server_cmd, lid=lid, **extra)
+                client_error = None
+                try:
+                    client = guest.call(client_cmd, kind=kind, address=address, **client_kwargs)
+                except Exception as exc:
+                    client, client_error = None, exc
+                served = server.result()
+                if client_error is not None:
+                    raise client_error
+                return served, client
+
+            def record(where: str, what: Callable[[], Any]) -> Any:
+                began = time.perf_counter()
+                try:
+                    return what()
+                except (RuntimeError, OSError) as exc:
+                    results["errors"].append(f"{where}: {exc}")
+                    print(f"  ! {where}: {exc}", flush=True)
+                    return None
+                finally:
+                    results["wall"][where] = time.perf_counter() - began
+
+            for kind in THROUGHPUT_KINDS:
+                row = results["throughput"][kind] = {}
+                for size in SIZES:
+                    got = record(
+                        f"throughput {kind} {size}",
+                        lambda kind=kind, size=size: pair(
+                            kind, "sink", "source", size=size, seconds=seconds
+                        ),
+                    )
+                    if got is None:
+                        continue
+                    served, sent = got
+                    served["MBps"] = _mbps(served)
+                    served["sends"] = sent["sends"]
+                    row[str(size)] = served
+                print(
+                    f"  throughput {kind:<12}"
+                    + " ".join(f"{row.get(str(s), {}).get('MBps', 0):8.0f}" for s in SIZES),
+                    flush=True,
+                )
+            for kind in RTT_KINDS:
+                hv_kind = RTT_HV_KIND.get(kind, kind)
+                got = record(
+                    f"rtt {kind}",
+                    lambda hv_kind=hv_kind: pair(
+                        hv_kind, "echo", "ping", count=rtt_count, warmup=min(200, rtt_count // 5)
+                    ),
+                )
+                if got is not None:
+                    results["rtt"][kind] = got[1]
+                    print(f"  rtt {kind:<6} p50 {got[1]['p50_us']:7.1f} us", flush=True)
+            for kind in CONNECT_KINDS:
+                hv_kind = RTT_HV_KIND.get(kind, kind)
+
+                def cycles(hv_kind: str = hv_kind) -> dict[str, Any]:
+                    attach(hv_kind)
+                    lid, address = server.call("listen", kind=hv_kind)
+                    server.call("cycle_server", lid=lid)
+                    try:
+                        figure: dict[str, Any] = guest.call(
+                            "cycle_client", kind=hv_kind, address=address, seconds=cycle_seconds
+                        )
+                    finally:
+                        accepted = server.call("cycle_stop", lid=lid)
+                    figure["accepted"] = accepted
+                    return figure
+
+                got = record(f"connect {kind}", cycles)
+                if got is not None:
+                    results["connect"][kind] = got
+                    print(f"  connect {kind:<6} {got['per_s']:7.0f} cycles/s", flush=True)
+        finally:
+            guest.stop()
+            server.stop()
+    results["ratios"], results["targets"] = ratios(results)
+    return results
+
+
+def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    tput, rtt, conn = results["throughput"], results["rtt"], results["connect"]
+
+    def mb(kind: str, size: int) -> float | None:
+        figure = tput.get(kind, {}).get(str(size))
+        return figure["MBps"] if figure else None
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    r: dict[str, Any] = {}
+    for size in SIZES:
+        r[f"shm/tcp@{size}"] = div(mb("shm", size), mb("tcp", size))
+        r[f"shm/unix@{size}"] = div(mb("shm", size), mb("unix", size))
+        r[f"shm-default/tcp@{size}"] = div(mb("shm-default", size), mb("tcp", size))
+        r[f"relay/grpc-raw@{size}"] = div(mb("relay", size), mb("grpc-raw", size))
+    r["relay@1024/relay@65536"] = div(mb("relay", 1024), mb("relay", 65536))
+    r["grpc-raw@1024/grpc-raw@65536"] = div(mb("grpc-raw", 1024), mb("grpc-raw", 65536))
+    p50 = {k: v["p50_us"] for k, v in rtt.items()}
+    r["rtt_p50 shm/tcp"] = div(p50.get("shm"), p50.get("tcp"))
+    r["rtt_p50 relay/tcp"] = div(p50.get("relay"), p50.get("tcp"))
+    r["rtt_p50 shm/unix"] = div(p50.get("shm"), p50.get("unix"))
+    targets: dict[str, Any] = {}
+
+    def target(name: str, value: float | None, op: str, bound: float) -> None:
+        met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        targets[name] = {"value": value, "op": op, "target": bound, "met": met}
+
+    target("shm/tcp@16384", r.get("shm/tcp@16384"), ">=", 1.0)
+    target("shm/tcp@65536", r.get("shm/tcp@65536"), ">=", 1.0)
+    target("rtt_p50 shm/tcp", r.get("rtt_p50 shm/tcp"), "<=", 1.0)
+    for size in SIZES:
+        target(f"relay/grpc-raw@{size}", r.get(f"relay/grpc-raw@{size}"), ">=", 0.5)
+    target("relay@1024/relay@65536", r.get("relay@1024/relay@65536"), ">=", 0.5)
+    for kind in CONNECT_KINDS:
+        target(f"connect/s {kind}", conn.get(kind, {}).get("per_s"), ">=", 1000.0)
+    return r, targets
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, row in results["throughput"].items():
+        sizes = [s for s in SIZES if str(s) in row]
+        ax.plot(sizes, [row[str(s)]["MBps"] for s in sizes], marker="o", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(SIZES, [f"{s // 1024} KiB" for s in SIZES])
+    ax.set_xlabel("send size (one connection, sendall)")
+    ax.set_ylabel("MB/s (reader, first byte to EOF)")
+    mode = "quick" if results["meta"]["quick"] else "full"
+    ax.set_title(f"hv sockets end to end vs TCP / Unix / raw gRPC ({mode})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["throughput MB/s  " + "".join(f"{s // 1024:>7} KiB" for s in SIZES)]
+    for kind, row in results["throughput"].items():
+        cells = "".join(
+            f"{row[str(s)]['MBps']:>11.0f}" if str(s) in row else f"{'-':>11}" for s in SIZES
+        )
+        lines.append(f"  {kind:<15}{cells}")
+    lines.append("64 B round trip    p50 us    p99 us")
+    for kind, figure in results["rtt"].items():
+        lines.append(f"  {kind:<15}{figure['p50_us']:>9.1f}{figure['p99_us']:>10.1f}")
+    lines.append("connect+accept+close /s")
+    for kind, figure in results["connect"].items():
+        lines.append(f"  {kind:<15}{figure['per_s']:>9.0f}")
+    lines.append("targets")
+    for name, t in results["targets"].items():
+        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        lines.append(f"  {name:<26}{value:>9} {t['op']} {t['target']:<7} {verdict}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short points (under a minute)")
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    )
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
+    results = run(args)
+    results["meta"]["wall_seconds"] = time.perf_counter() - started
+    with open(os.path.join(args.out, "e2e.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot(results, os.path.join(args.out, "e2e.png"))
+    print(table(results))
+    print(f"wrote {args.out}/e2e.json and e2e.png in {results['meta']['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
