@@ -228,7 +228,7 @@ class Partition:
         )
         reader.start()
         self._attached.set()
-        if welcome.shm_probe and self.data_path != "grpc":
+        if welcome.shm_probe:
             self._prove_shared_memory(welcome.shm_probe)
         if self.data_path == "shm" and not self.shm:
             raise OSError(
@@ -237,12 +237,15 @@ class Partition:
             )
 
     def _prove_shared_memory(self, probe: str) -> None:
-        try:
-            nonce = (pathlib.Path(self.shm_dir) / probe).read_bytes()
-        except OSError:
-            return  # a different /dev/shm (another machine or IPC namespace): relay
-        answer = self.request(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce))
-        self.shm = answer.WhichOneof("kind") == "ack"
+        """Answer the host's probe, so that it can remove it; an empty nonce declines."""
+        nonce = b""
+        if self.data_path != "grpc":
+            try:
+                nonce = (pathlib.Path(self.shm_dir) / probe).read_bytes()
+            except OSError:
+                pass  # a different /dev/shm (another machine or IPC namespace): relay
+        self.request(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce))
+        self.shm = bool(nonce)
 
     def _read(self, call: Any, generation: int) -> None:
         try:
@@ -293,6 +296,10 @@ class Partition:
                 log.info("partition %s attached again", self.vm_id)
                 return
             stop.wait(next(delays))
+
+    def wait_attached(self, timeout: float | None = None) -> bool:
+        """Wait until the partition is attached (again, after the host restarted)."""
+        return self._attached.wait(timeout)
 
     # -- requests ------------------------------------------------------------------------------
 

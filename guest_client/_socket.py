@@ -346,6 +346,8 @@ class HvSocket:
         finally:
             if self._readiness is not None:
                 self._readiness.update()
+        if n == 0 and end.reset and nbytes:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         return n
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:

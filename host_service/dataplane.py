@@ -221,8 +221,9 @@ class Relay:
 
     def _write_ring(self, post: _Post, state: _WriterState) -> None:
         tx = self.end.tx
-        # Wait for at least this much space before granting more credit to a blocked client.
-        grant_step = min(PAGE_SIZE, tx.max_payload)
+        # Wait for this much space before granting more credit to a blocked client: a quarter
+        # of the ring, so the next grant is on its way while the peer drains the rest.
+        grant_step = max(min(tx.data_size // 4, tx.max_payload), 64)
 
         def grant() -> None:
             limit = self.sent + tx.writable()

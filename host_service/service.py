@@ -715,6 +715,10 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             host.call(core.close, session, request.close.channel_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "prove_shared_memory":
+            if not request.prove_shared_memory.nonce:
+                # The client cannot (or will not) map our /dev/shm: the probe is not needed.
+                host._drop_probe(attachment)
+                return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
             if not attachment.shm_nonce or not secrets.compare_digest(
                 request.prove_shared_memory.nonce, attachment.shm_nonce
             ):

@@ -49,13 +49,23 @@ class HostProcess:
 
 @contextlib.contextmanager
 def run_host(
-    tmp_path: pathlib.Path, *extra: str, env: dict[str, str] | None = None
+    tmp_path: pathlib.Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    like: HostProcess | None = None,
 ) -> Iterator[HostProcess]:
-    shm_dir = pathlib.Path("/dev/shm") / f"hvsock-test-{secrets.token_hex(6)}"
-    shm_dir.mkdir(mode=0o700)
-    sock = tmp_path / f"host-{secrets.token_hex(4)}.sock"
-    token = secrets.token_urlsafe(16)
-    state = tmp_path / "state.sqlite"
+    """Start a host; ``like`` reuses another (stopped) host's socket, token and shm dir, so
+    clients can find it again as after a restart."""
+    if like is not None:
+        shm_dir, token, state = like.shm_dir, like.token, like.state
+        sock = pathlib.Path(like.target.removeprefix("unix:"))
+        sock.unlink(missing_ok=True)
+    else:
+        shm_dir = pathlib.Path("/dev/shm") / f"hvsock-test-{secrets.token_hex(6)}"
+        shm_dir.mkdir(mode=0o700)
+        sock = tmp_path / f"host-{secrets.token_hex(4)}.sock"
+        token = secrets.token_urlsafe(16)
+        state = tmp_path / "state.sqlite"
     full_env = {**os.environ, "HVSOCK_SHM_DIR": str(shm_dir), **(env or {})}
     drain: threading.Thread | None = None
     proc = subprocess.Popen(
@@ -100,4 +110,5 @@ def run_host(
         if drain is not None:
             drain.join()
         proc.stderr.close()
-        shutil.rmtree(shm_dir, ignore_errors=True)
+        if like is None:
+            shutil.rmtree(shm_dir, ignore_errors=True)
