@@ -51,16 +51,23 @@ from guest_client.demo import local_host
 from hvsock.v1 import hvsock_pb2
 
 SIZES = [1024, 4096, 16384, 65536, 262144]
-THROUGHPUT_KINDS = ["shm", "shm-default", "relay", "tcp", "unix", "grpc-raw"]
+THROUGHPUT_KINDS = ["shm", "shm-default", "relay", "relay-vm", "tcp", "unix", "grpc-raw"]
 RTT_KINDS = ["shm", "relay", "tcp", "unix"]
 CONNECT_KINDS = ["shm", "relay", "tcp", "unix"]
-HV_KINDS = {  # kind -> (data path, ring bytes asked for with SO_SNDBUF/SO_RCVBUF or 0)
-    "shm": ("shm", 63 * 4096),  # pages = bytes // 4096 + 1 = 64
-    "shm-default": ("shm", 0),
-    "relay": ("grpc", 63 * 4096),
-    "relay-default": ("grpc", 0),
+# kind -> (guest's data path, host partition's data path, ring bytes asked for with
+# SO_SNDBUF/SO_RCVBUF before connect, 0 for the host's default rings). "relay" relays both
+# ends (two gRPC hops: VM -> host service -> host partition); "relay-vm" relays only the VM's
+# end and the host partition maps the ring (one hop: the usual deployment, and the like of a
+# single raw gRPC stream).
+HV_KINDS = {
+    "shm": ("shm", "shm", 63 * 4096),  # pages = bytes // 4096 + 1 = 64
+    "shm-default": ("shm", "shm", 0),
+    "relay": ("grpc", "grpc", 63 * 4096),
+    "relay-default": ("grpc", "grpc", 0),
+    "relay-vm": ("grpc", "shm", 63 * 4096),
 }
 RTT_HV_KIND = {"shm": "shm-default", "relay": "relay-default"}  # round trips: default rings
+CONNECT_THREADS = 4
 READ_BUF = 256 * 1024
 RTT_MSG = 64
 IO_TIMEOUT = 30.0
@@ -90,6 +97,9 @@ class Worker:
         self.cycle_thread: threading.Thread | None = None
         self.cycles = 0
 
+    def data_path(self, kind: str) -> str:
+        return HV_KINDS[kind][0 if self.role == "guest" else 1]
+
     # -- transports -----------------------------------------------------------------------
 
     def partition(self, data_path: str) -> Any:
@@ -114,7 +124,7 @@ class Worker:
         if kind in HV_KINDS:
             self.port += 1
             service = hv.service_id_for_port(self.port)
-            sock = self.partition(HV_KINDS[kind][0]).socket()
+            sock = self.partition(self.data_path(kind)).socket()
             sock.bind((hv.HV_GUID_WILDCARD, service))
             address: Any = (hv.HV_GUID_PARENT, service)
         elif kind == "tcp":
@@ -142,8 +152,8 @@ class Worker:
 
     def connect(self, kind: str, address: Any) -> Any:
         if kind in HV_KINDS:
-            data_path, ring = HV_KINDS[kind]
-            sock = self.partition(data_path).socket()
+            ring = HV_KINDS[kind][2]
+            sock = self.partition(self.data_path(kind)).socket()
             if ring:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ring)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ring)
@@ -186,7 +196,7 @@ class Worker:
 
     def cmd_attach(self, kind: str) -> None:
         if kind in HV_KINDS:
-            self.partition(HV_KINDS[kind][0])
+            self.partition(self.data_path(kind))
 
     def cmd_listen(self, kind: str) -> tuple[int, Any]:
         if kind == "grpc-raw":
@@ -319,17 +329,30 @@ class Worker:
             self.cycle_thread.join(IO_TIMEOUT)
         return self.cycles
 
-    def cmd_cycle_client(self, kind: str, address: Any, seconds: float) -> dict[str, Any]:
-        """connect, wait for the server's close (EOF), close; as many times as fit."""
-        cycles = 0
+    def cmd_cycle_client(
+        self, kind: str, address: Any, seconds: float, wait_eof: bool = True, threads: int = 1
+    ) -> dict[str, Any]:
+        """connect, wait for the server's close (EOF) when ``wait_eof``, close; as many times
+        as fit in ``seconds``, on ``threads`` connecting threads at once."""
+        counts = [0] * threads
         start = time.perf_counter()
         deadline = start + seconds
-        while time.perf_counter() < deadline:
-            sock = self.connect(kind, address)
-            sock.recv(1)
-            sock.close()
-            cycles += 1
+
+        def loop(i: int) -> None:
+            while time.perf_counter() < deadline:
+                sock = self.connect(kind, address)
+                if wait_eof:
+                    sock.recv(1)
+                sock.close()
+                counts[i] += 1
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
         elapsed = time.perf_counter() - start
+        cycles = sum(counts)
         return {"cycles": cycles, "seconds": elapsed, "per_s": cycles / elapsed}
 
     def cmd_close(self) -> None:
@@ -394,6 +417,16 @@ class Remote:
             self.proc.join()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _mbps(figure: dict[str, Any]) -> float:
     return float(figure["bytes"]) / figure["seconds"] / 1e6 if figure["seconds"] else 0.0
 
@@ -415,8 +448,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # 1/5/15-minute load averages at the start (the machine may be shared: compare)
+            "loadavg_start": os.getloadavg(),
             "kinds": {
-                k: {"data_path": v[0], "ring_bytes_asked": v[1]} for k, v in HV_KINDS.items()
+                k: {"guest_data_path": v[0], "host_data_path": v[1], "ring_bytes_asked": v[2]}
+                for k, v in HV_KINDS.items()
             },
         },
         "throughput": {},
@@ -424,6 +460,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "connect": {},
         "errors": [],
         "wall": {},  # seconds each point took, set-up and teardown included
+        "cpu_seconds": {},  # ... and the CPU each process used meanwhile
+        "connect_concurrent": {},  # connect cycles with CONNECT_THREADS connecting threads
     }
     with local_host(prefix="hvsock-e2e", log_level="INFO") as host:
         vm_id, vm_token = host.create_vm("bench-vm")
@@ -459,8 +497,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     raise client_error
                 return served, client
 
+            pids = {"host-service": host.proc.pid, "guest": guest.proc.pid, "host": server.proc.pid}
+
             def record(where: str, what: Callable[[], Any]) -> Any:
-                began = time.perf_counter()
+                """Run one point; its wall time and each process's CPU seconds are kept."""
+                began, cpu = time.perf_counter(), {k: cpu_seconds(p) for k, p in pids.items()}
                 try:
                     return what()
                 except (RuntimeError, OSError) as exc:
@@ -469,6 +510,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     return None
                 finally:
                     results["wall"][where] = time.perf_counter() - began
+                    results["cpu_seconds"][where] = {
+                        k: cpu_seconds(p) - cpu[k] for k, p in pids.items()
+                    }
 
             for kind in THROUGHPUT_KINDS:
                 row = results["throughput"][kind] = {}
@@ -484,6 +528,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     served, sent = got
                     served["MBps"] = _mbps(served)
                     served["sends"] = sent["sends"]
+                    cpu = results["cpu_seconds"][f"throughput {kind} {size}"]
+                    served["cpu_s_per_GB"] = {
+                        k: v / (served["bytes"] / 1e9) for k, v in cpu.items() if served["bytes"]
+                    }
                     row[str(size)] = served
                 print(
                     f"  throughput {kind:<12}"
@@ -504,13 +552,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for kind in CONNECT_KINDS:
                 hv_kind = RTT_HV_KIND.get(kind, kind)
 
-                def cycles(hv_kind: str = hv_kind) -> dict[str, Any]:
+                def cycles(hv_kind: str = hv_kind, threads: int = 1) -> dict[str, Any]:
                     attach(hv_kind)
                     lid, address = server.call("listen", kind=hv_kind)
                     server.call("cycle_server", lid=lid)
                     try:
                         figure: dict[str, Any] = guest.call(
-                            "cycle_client", kind=hv_kind, address=address, seconds=cycle_seconds
+                            "cycle_client",
+                            kind=hv_kind,
+                            address=address,
+                            seconds=cycle_seconds,
+                            threads=threads,
                         )
                     finally:
                         accepted = server.call("cycle_stop", lid=lid)
@@ -519,8 +571,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 got = record(f"connect {kind}", cycles)
                 if got is not None:
+                    cpu = results["cpu_seconds"][f"connect {kind}"]
+                    got["cpu_us_per_cycle"] = {
+                        k: v / got["cycles"] * 1e6 for k, v in cpu.items() if got["cycles"]
+                    }
                     results["connect"][kind] = got
                     print(f"  connect {kind:<6} {got['per_s']:7.0f} cycles/s", flush=True)
+                where = f"connect {kind} x{CONNECT_THREADS}"
+                got = record(where, lambda h=hv_kind: cycles(h, CONNECT_THREADS))
+                if got is not None:
+                    results["connect_concurrent"][kind] = got
+                    print(f"  {where:<16} {got['per_s']:7.0f} cycles/s", flush=True)
         finally:
             guest.stop()
             server.stop()
@@ -544,7 +605,9 @@ def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
         r[f"shm/unix@{size}"] = div(mb("shm", size), mb("unix", size))
         r[f"shm-default/tcp@{size}"] = div(mb("shm-default", size), mb("tcp", size))
         r[f"relay/grpc-raw@{size}"] = div(mb("relay", size), mb("grpc-raw", size))
+        r[f"relay-vm/grpc-raw@{size}"] = div(mb("relay-vm", size), mb("grpc-raw", size))
     r["relay@1024/relay@65536"] = div(mb("relay", 1024), mb("relay", 65536))
+    r["relay-vm@1024/relay-vm@65536"] = div(mb("relay-vm", 1024), mb("relay-vm", 65536))
     r["grpc-raw@1024/grpc-raw@65536"] = div(mb("grpc-raw", 1024), mb("grpc-raw", 65536))
     p50 = {k: v["p50_us"] for k, v in rtt.items()}
     r["rtt_p50 shm/tcp"] = div(p50.get("shm"), p50.get("tcp"))
@@ -561,7 +624,10 @@ def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     target("rtt_p50 shm/tcp", r.get("rtt_p50 shm/tcp"), "<=", 1.0)
     for size in SIZES:
         target(f"relay/grpc-raw@{size}", r.get(f"relay/grpc-raw@{size}"), ">=", 0.5)
+    for size in SIZES:
+        target(f"relay-vm/grpc-raw@{size}", r.get(f"relay-vm/grpc-raw@{size}"), ">=", 0.5)
     target("relay@1024/relay@65536", r.get("relay@1024/relay@65536"), ">=", 0.5)
+    target("relay-vm@1024/relay-vm@65536", r.get("relay-vm@1024/relay-vm@65536"), ">=", 0.5)
     for kind in CONNECT_KINDS:
         target(f"connect/s {kind}", conn.get(kind, {}).get("per_s"), ">=", 1000.0)
     return r, targets
@@ -601,14 +667,15 @@ def table(results: dict[str, Any]) -> str:
     lines.append("64 B round trip    p50 us    p99 us")
     for kind, figure in results["rtt"].items():
         lines.append(f"  {kind:<15}{figure['p50_us']:>9.1f}{figure['p99_us']:>10.1f}")
-    lines.append("connect+accept+close /s")
+    lines.append(f"connect+accept+close /s   serial  x{CONNECT_THREADS} threads")
     for kind, figure in results["connect"].items():
-        lines.append(f"  {kind:<15}{figure['per_s']:>9.0f}")
+        concurrent = results["connect_concurrent"].get(kind, {}).get("per_s", 0.0)
+        lines.append(f"  {kind:<15}{figure['per_s']:>9.0f}{concurrent:>11.0f}")
     lines.append("targets")
     for name, t in results["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
         verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-        lines.append(f"  {name:<26}{value:>9} {t['op']} {t['target']:<7} {verdict}")
+        lines.append(f"  {name:<30}{value:>9} {t['op']} {t['target']:<7} {verdict}")
     return "\n".join(lines)
 
 
@@ -623,6 +690,7 @@ def main() -> int:
     started = time.perf_counter()
     results = run(args)
     results["meta"]["wall_seconds"] = time.perf_counter() - started
+    results["meta"]["loadavg_end"] = os.getloadavg()
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(results, os.path.join(args.out, "e2e.png"))
