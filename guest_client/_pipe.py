@@ -15,8 +15,10 @@ ordering, partial reads and rescind behave identically on every path:
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
+import queue
 import threading
 from collections.abc import Iterator
 from typing import Protocol
@@ -95,10 +97,17 @@ def memory_pair(
 class RelayPipe:
     """A channel end relayed over ``ChannelData``.
 
-    Threads: gRPC's request-consumer thread runs :meth:`_outbound` (it blocks on the private
-    tx ring and on credit), and one reader thread runs :meth:`_inbound` (it blocks writing into
-    the private rx ring when the program does not read, which stops it reading the stream, so
-    gRPC flow control carries the back-pressure to the host and from there to the peer's ring).
+    Credit flows both ways, so no thread ever waits on something queued behind what it waits
+    for: the host grants ``send_limit`` from its ring's free space, this end grants
+    ``receive_limit`` from its private receive ring's free space. Threads (all daemons):
+
+    * ``tx``: reads what the socket wrote (up to 64 KiB, within the send credit) and queues it
+      as frames, then FIN; the request stream ends only when the socket is closed;
+    * gRPC's request consumer: writes the queued frames;
+    * ``inbound``: reads the response stream; never blocks (credit updates take effect at
+      once, data goes to a queue bounded by the receive credit);
+    * ``rx``: moves received data into the private receive ring (blocking while the program
+      does not read) and grants more receive credit as the program frees space.
     """
 
     path = "relay"
@@ -112,78 +121,151 @@ class RelayPipe:
         geometry = channel.geometry
         self._rx_memory, self.rx = _private_ring(geometry.recv_ring_pages, geometry.max_payload)
         self._tx_memory, self.tx = _private_ring(geometry.send_ring_pages, geometry.max_payload)
-        self._opening = hvsock_pb2.ChannelDataRequest(
-            open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel.channel_id)
+        self._requests: queue.SimpleQueue[hvsock_pb2.ChannelDataRequest | None] = (
+            queue.SimpleQueue()
         )
-        self._credit = threading.Condition()
-        self._limit = 0
+        self._requests.put(
+            hvsock_pb2.ChannelDataRequest(
+                open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel.channel_id)
+            )
+        )
+        self._lock = threading.Condition()  # guards everything below
+        self._send_limit = 0
         self._sent = 0
+        self._incoming: collections.deque[bytes | None] = collections.deque()  # None = FIN
+        self._moved = 0  # bytes moved into the receive ring
+        self._received = 0  # bytes taken off the stream
+        self._granted = 0  # receive credit given to the host
         self._stopped = False
         self._closed = False
-        self._call = stub.ChannelData(self._outbound())
-        self._reader = threading.Thread(target=self._inbound, name="hvsock-relay", daemon=True)
-        self._reader.start()
+        self._call = stub.ChannelData(_drain_requests(self._requests))
+        self._threads = [
+            threading.Thread(target=target, name=f"hvsock-relay-{name}", daemon=True)
+            for name, target in (("tx", self._tx), ("in", self._inbound), ("rx", self._rx))
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _outbound(self) -> Iterator[hvsock_pb2.ChannelDataRequest]:
-        yield self._opening
+    # -- socket -> host ----------------------------------------------------------------------
+
+    def _tx(self) -> None:
         buffer = bytearray(MAX_FRAME)
         try:
             while True:
-                with self._credit:
-                    self._credit.wait_for(lambda: self._stopped or self._limit > self._sent)
+                with self._lock:
+                    self._lock.wait_for(lambda: self._stopped or self._send_limit > self._sent)
                     if self._stopped:
                         return
-                    room = min(self._limit - self._sent, MAX_FRAME)
+                    room = min(self._send_limit - self._sent, MAX_FRAME)
                 n = self.tx.read_into(buffer, room, None)
                 if n == 0:  # the socket wrote FIN (or the channel was rescinded)
                     if not self.tx.is_rescinded:
-                        yield hvsock_pb2.ChannelDataRequest(fin=True)
+                        self._requests.put(hvsock_pb2.ChannelDataRequest(fin=True))
                     # Ending the request stream means close() to the host: a half-closed
                     # socket keeps it open until the program closes the socket.
-                    with self._credit:
-                        self._credit.wait_for(lambda: self._stopped or self._closed)
+                    with self._lock:
+                        self._lock.wait_for(lambda: self._stopped or self._closed)
                     return
-                self._sent += n
-                yield hvsock_pb2.ChannelDataRequest(data=bytes(buffer[:n]))
+                with self._lock:
+                    self._sent += n
+                self._requests.put(hvsock_pb2.ChannelDataRequest(data=bytes(buffer[:n])))
         except OSError as exc:  # closed under us at teardown
-            log.debug("relay outbound ended: %s", exc)
+            log.debug("relay tx ended: %s", exc)
+        finally:
+            self._requests.put(None)
+
+    # -- host -> socket ----------------------------------------------------------------------
 
     def _inbound(self) -> None:
         try:
             for frame in self._call:
-                if frame.send_limit:
-                    with self._credit:
-                        self._limit = max(self._limit, frame.send_limit)
-                        self._credit.notify_all()
-                if frame.data:
-                    self.rx.write_all(frame.data, None)
-                if frame.fin:
-                    self.rx.fin(None)
+                with self._lock:
+                    if frame.send_limit:
+                        self._send_limit = max(self._send_limit, frame.send_limit)
+                    if frame.data:
+                        self._incoming.append(frame.data)
+                        self._received += len(frame.data)
+                    if frame.fin:
+                        self._incoming.append(None)
+                    self._lock.notify_all()
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.debug("relay stream ended: %s", exc)
-        except OSError as exc:  # rescinded or closed locally
-            log.debug("relay inbound ended: %s", exc)
-            self._call.cancel()
         # The stream is over (channel closed, rescinded, or the host went away): what is
         # buffered stays readable, then EOF; sends fail.
-        self.rescind()
+        with self._lock:
+            self._incoming.append(None)
+            self._lock.notify_all()
+        self.tx.rescind()
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+
+    def _rx(self) -> None:
+        rx = self.rx
+        # Wait for this much free space before granting more: a quarter of the ring.
+        step = max(min(rx.data_size // 4, rx.max_payload), 64)
+
+        def grant() -> None:
+            limit = self._moved + rx.writable()
+            if limit > self._granted:
+                self._granted = limit
+                self._requests.put(hvsock_pb2.ChannelDataRequest(receive_limit=limit))
+
+        try:
+            grant()
+            while True:
+                with self._lock:
+                    # Wait for data while the host may still send some.
+                    self._lock.wait_for(
+                        lambda: bool(self._incoming) or self._received >= self._granted
+                    )
+                    item = self._incoming.popleft() if self._incoming else b""
+                if item is None:
+                    rx.fin(None)
+                    return
+                if not item:
+                    # All granted credit is used and moved: wait for the program to read.
+                    rx.wait_writable(step, None)
+                    if rx.is_rescinded:
+                        return
+                    grant()
+                    continue
+                rx.write_all(item, None)
+                self._moved += len(item)
+                with self._lock:
+                    caught_up = not self._incoming
+                if caught_up:
+                    grant()
+        except OSError as exc:  # rescinded or closed locally
+            log.debug("relay rx ended: %s", exc)
+            self._call.cancel()
+
+    # -- lifetime ----------------------------------------------------------------------------
 
     def rescind(self) -> None:
-        self.rx.rescind()
+        """Sends fail from now on. The receive side is left to the stream: data the host
+        drained from the rescinded ring may still be on its way, and EOF follows it."""
         self.tx.rescind()
-        with self._credit:
+        with self._lock:
             self._stopped = True
-            self._credit.notify_all()
+            self._lock.notify_all()
 
     def close(self) -> None:
         """Stop reading; what was written (and the FIN) still drains to the host.
 
-        The outbound pump ends after the FIN, which ends the request stream; the host then
-        closes this end and ends the response stream, which ends the reader thread. The
-        private rings are freed when both threads are done with them (garbage collection).
+        The tx thread ends the request stream after the FIN, and the host closes this end
+        once all of it is in the ring, then ends the response stream, which ends the other
+        threads. The private rings are freed with the last reference (garbage collection).
         """
         self.rx.rescind()
-        with self._credit:
+        with self._lock:
             self._closed = True
-            self._credit.notify_all()
+            self._lock.notify_all()
+
+
+def _drain_requests(
+    requests: queue.SimpleQueue[hvsock_pb2.ChannelDataRequest | None],
+) -> Iterator[hvsock_pb2.ChannelDataRequest]:
+    while (request := requests.get()) is not None:
+        yield request

@@ -93,6 +93,11 @@ class Relay:
         self.received = 0  # ring -> client bytes
         self.running = threading.Event()  # cleared while stalled
         self.running.set()
+        # The client's receive credit: total bytes it is ready to take (None until it says;
+        # meanwhile MAX_FRAMES_IN_FLIGHT bounds what is sent). Guarded by _receive_credit.
+        self._receive_limit: int | None = None
+        self._receive_credit = threading.Condition()
+        self._stopping = False
         self._inbound: queue.SimpleQueue[bytes | _Fin | _Stop] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         # Set by the service: tell the core this end sent FIN / closed. Called on the event
@@ -158,6 +163,8 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
             self._inbound.put(_STOP)
+            # This stream owns the relay's threads and mapping from the moment it was claimed.
+            threading.Thread(target=self.stop, name="hvsock-reclaim", daemon=True).start()
 
     async def _pump_requests(
         self, request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest], state: _WriterState
@@ -189,6 +196,10 @@ class Relay:
                 elif kind == "fin":
                     state.fin = True
                     self._inbound.put(_FIN)
+                elif kind == "receive_limit":
+                    with self._receive_credit:
+                        self._receive_limit = max(self._receive_limit or 0, request.receive_limit)
+                        self._receive_credit.notify_all()
                 else:
                     state.error = "open may only be the first frame"
                     self._inbound.put(_STOP)
@@ -205,8 +216,16 @@ class Relay:
         try:
             while True:
                 in_flight.acquire()
+                with self._receive_credit:
+                    # Never send beyond what the client can take: its data frames must not
+                    # queue up in front of the credit (send_limit) frames it is waiting for.
+                    self._receive_credit.wait_for(self._may_send)
+                    if self._stopping:
+                        return
+                    limit = self._receive_limit
+                    room = MAX_FRAME if limit is None else min(MAX_FRAME, limit - self.received)
                 self.running.wait()
-                n = rx.read_into(buffer, 0, None)
+                n = rx.read_into(buffer, room, None)
                 if n == 0:
                     post(hvsock_pb2.ChannelDataResponse(fin=True))
                     return
@@ -264,8 +283,22 @@ class Relay:
         finally:
             post(_WRITER_DONE)
 
+    def halt_writer(self) -> None:
+        """End the writer thread (the ring is rescinded); the reader still drains."""
+        self._inbound.put(_STOP)
+
+    def _may_send(self) -> bool:
+        limit = self._receive_limit
+        return self._stopping or limit is None or limit > self.received
+
     def stop(self) -> None:
-        """Wake and join the threads (the rings must already be rescinded)."""
+        """Wake and join the threads, then unmap (the rings must already be rescinded, or the
+        stream over). Idempotent: the stream and the channel's removal may both call it."""
+        with self._receive_credit:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._receive_credit.notify_all()
         self.running.set()
         self._inbound.put(_STOP)
         for thread in self._threads:
@@ -369,8 +402,13 @@ class DataPlane:
             timer.cancel()
 
         def finish() -> None:
+            # A claimed relay is reclaimed by its stream once that has drained what is left
+            # in the ring to the client (a rescinded ring drains, then EOF).
             for relay in rings.relays.values():
-                relay.stop()
+                if relay.claimed:
+                    relay.halt_writer()  # nothing more can go into a rescinded ring
+                else:
+                    relay.stop()
             rings.broker.close()
 
         # Joining relay threads may take a moment; never on the event loop.

@@ -712,7 +712,10 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             host.call(core.shutdown, session, request.shutdown.channel_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "close":
-            host.call(core.close, session, request.close.channel_id)
+            # close() never fails on a socket whose channel the host already tore down (or
+            # that its relay stream already closed): closing is idempotent.
+            with contextlib.suppress(errors.NotFound):
+                host.call(core.close, session, request.close.channel_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "prove_shared_memory":
             if not request.prove_shared_memory.nonce:

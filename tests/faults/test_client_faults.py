@@ -1,0 +1,248 @@
+"""Faults seen from programs: a peer killed mid-transfer, the host service stopped and
+restarted, and a stress run with many connections on each data path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import guest_client as hv
+from hvsock.v1 import hvsock_pb2
+
+from ..integration.hostproc import HostProcess, run_host
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SERVICE = hv.service_id_for_port(7000)
+DATA_PATHS = ["shm", "grpc"]
+
+# A VM program that connects to the host and streams data until it is killed.
+_STREAMER = """
+import sys, guest_client as hv
+vm = hv.attach()
+s = vm.socket()
+s.connect((hv.HV_GUID_PARENT, sys.argv[1]))
+print("connected", flush=True)
+block = b"k" * 65536
+while True:
+    s.sendall(block)
+"""
+
+
+def create_vm(host: HostProcess, name: str = "vm") -> hvsock_pb2.CreatePartitionResponse:
+    channel, admin = host.admin()
+    with channel:
+        return admin.CreatePartition(
+            hvsock_pb2.CreatePartitionRequest(name=name), metadata=host.metadata, timeout=10
+        )
+
+
+def channels(host: HostProcess) -> list[hvsock_pb2.ChannelStatus]:
+    channel, admin = host.admin()
+    with channel:
+        reply = admin.ListChannels(
+            hvsock_pb2.ListChannelsRequest(), metadata=host.metadata, timeout=10
+        )
+    return list(reply.channels)
+
+
+def partition(host: HostProcess, hello: hvsock_pb2.Hello, data_path: str) -> hv.Partition:
+    return hv.Partition(host.target, hello, data_path=data_path, shm_dir=str(host.shm_dir))
+
+
+def eventually(condition: object, within: float) -> float:
+    """Poll a condition until it holds; returns how long it took (fails after ``within``)."""
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() - started < within, "condition not reached in time"
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def host(tmp_path: pathlib.Path) -> Iterator[HostProcess]:
+    with run_host(tmp_path, "--state", str(tmp_path / "state.sqlite")) as process:
+        yield process
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_peer_killed_mid_transfer(host: HostProcess, data_path: str) -> None:
+    vm = create_vm(host)
+    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), data_path)
+    listener = root.socket()
+    listener.bind((hv.HV_GUID_WILDCARD, SERVICE))
+    listener.listen()
+    env = {
+        **os.environ,
+        "HVSOCK_HOST": host.target,
+        "HVSOCK_VM_ID": vm.partition.vm_id,
+        "HVSOCK_TOKEN": vm.token,
+        "HVSOCK_DATA_PATH": data_path,
+        "HVSOCK_SHM_DIR": str(host.shm_dir),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STREAMER, SERVICE], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "connected\n"
+        conn, _ = listener.accept()
+        received = 0
+        while received < 1 << 20:
+            received += len(conn.recv(65536))
+        os.kill(child.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            while conn.recv(65536):  # what was in flight may still arrive, then the end
+                pass
+            raise ConnectionResetError  # EOF is the other accepted outcome
+        assert time.monotonic() - killed < 1.0
+        eventually(lambda: not channels(host), within=1.0)
+        assert host.segments() == []
+        conn.close()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()  # type: ignore[union-attr]
+        listener.close()
+        root.close()
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_host_stopped_then_restarted(
+    host: HostProcess, tmp_path: pathlib.Path, data_path: str
+) -> None:
+    vm_created = create_vm(host)
+    hello = hvsock_pb2.Hello(vm_id=vm_created.partition.vm_id, token=vm_created.token)
+    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), data_path)
+    vm = partition(host, hello, data_path)
+    listener = root.socket()
+    listener.bind((hv.HV_GUID_WILDCARD, SERVICE))
+    listener.listen()
+    client = vm.socket()
+    client.connect((hv.HV_GUID_PARENT, SERVICE))
+    conn, _ = listener.accept()
+    outcome: list[BaseException | bytes] = []
+
+    def blocked_recv() -> None:
+        try:
+            outcome.append(client.recv(100))
+        except OSError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=blocked_recv)
+    reader.start()
+    host.proc.kill()  # the harshest stop: no graceful rescind
+    host.proc.wait()
+    stopped = time.monotonic()
+    reader.join(timeout=5)
+    assert not reader.is_alive() and time.monotonic() - stopped < 1.0
+    assert isinstance(outcome[0], ConnectionResetError)
+    with pytest.raises(ConnectionResetError):
+        client.sendall(b"x")
+
+    with run_host(tmp_path, "--state", str(host.state), like=host) as again:
+        assert vm.wait_attached(10) and root.wait_attached(10)
+        assert vm.vm_id == vm_created.partition.vm_id  # the VM id survived the restart
+        listener2 = root.socket()
+        listener2.bind((hv.HV_GUID_WILDCARD, SERVICE))
+        listener2.listen()
+        fresh = vm.socket()
+        fresh.connect((hv.HV_GUID_PARENT, SERVICE))
+        server, _ = listener2.accept()
+        fresh.sendall(b"back again")
+        assert server.recv(100) == b"back again"
+        for sock in (fresh, server, listener2, client, conn, listener):
+            sock.close()
+        vm.close()
+        root.close()
+        assert again.segments() == []
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_stress_32_connections_256_mib_echoed(host: HostProcess, data_path: str) -> None:
+    vm_created = create_vm(host)
+    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), data_path)
+    vm = partition(
+        host,
+        hvsock_pb2.Hello(vm_id=vm_created.partition.vm_id, token=vm_created.token),
+        data_path,
+    )
+    listener = root.socket()
+    listener.bind((hv.HV_GUID_WILDCARD, SERVICE))
+    listener.listen(64)
+    connections = 32
+    per_connection = int(os.environ.get("HVSOCK_STRESS_BYTES", 256 << 20)) // connections
+    errors: list[BaseException] = []
+
+    def echo_server() -> None:
+        for _ in range(connections):
+            conn, _ = listener.accept()
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: hv.HvSocket) -> None:
+        try:
+            buffer = bytearray(65536)
+            while n := conn.recv_into(buffer):
+                conn.sendall(memoryview(buffer)[:n])
+            conn.shutdown(hv.SHUT_WR)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    def client(seed: int) -> None:
+        try:
+            rng = random.Random(seed)
+            sock = vm.socket()
+            # Bulk transfer: the largest rings a connection may ask for (64 pages each way).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 63 * 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 63 * 4096)
+            sock.connect((hv.HV_GUID_PARENT, SERVICE))
+            sent, received = hashlib.sha256(), hashlib.sha256()
+
+            def reader() -> None:
+                buffer = bytearray(65536)
+                while n := sock.recv_into(buffer):
+                    received.update(memoryview(buffer)[:n])
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            left = per_connection
+            block = rng.randbytes(65536)
+            while left:
+                size = min(rng.randint(1, 65536), left)
+                chunk = block[:size]
+                sent.update(chunk)
+                sock.sendall(chunk)
+                left -= size
+            sock.shutdown(hv.SHUT_WR)
+            thread.join()
+            sock.close()
+            assert sent.digest() == received.digest(), f"connection {seed} corrupted"
+        except BaseException as exc:
+            errors.append(exc)
+
+    server = threading.Thread(target=echo_server)
+    server.start()
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=600)
+    server.join(timeout=60)
+    assert not errors, errors[:3]
+    listener.close()
+    vm.close()
+    root.close()
+    eventually(lambda: not channels(host), within=15.0)
