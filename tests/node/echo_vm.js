@@ -237,11 +237,7 @@ function main() {
       const notice = response.notice;
       const echo = echoes.get(notice.channel_id);
       if (echo === undefined) return;
-      if (notice.kind === 'KIND_PEER_CLOSED') {
-        echo.peerClosedNow(false);
-      } else if (notice.kind === 'KIND_CLOSED') {
-        echo.peerClosedNow(true);
-      } else if (notice.kind === 'KIND_RESCINDED' && !echo.finSent) {
+      if (notice.kind === 'KIND_RESCINDED' && !echo.finSent) {
         fail(`channel ${notice.channel_id} rescinded: ${notice.reason}`);
       } else if (notice.kind === 'KIND_RESCINDED') {
         // The host rescinds a channel once an end has closed it: the peer is done.
