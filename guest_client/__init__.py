@@ -130,8 +130,12 @@ def attach_host(
     token: str | None = None,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> Partition:
-    """Attach the host (root) partition (``token`` defaults to HVSOCK_HOST_TOKEN)."""
-    token = token if token is not None else os.environ.get("HVSOCK_HOST_TOKEN", "")
+    """Attach the host (root) partition (``token`` defaults to HVSOCK_HOST_TOKEN, then to the
+    file a local ``hvsock-host`` wrote its generated token to)."""
+    if token is None:
+        from .cli import find_token
+
+        token = find_token(None) or ""
     hello = hvsock_pb2.Hello(host=True, token=token, client="guest_client")
     return Partition(_target(target), hello, credentials=credentials or _credentials())
 
