@@ -138,6 +138,7 @@ class RelayPipe:
         self._granted = 0  # receive credit given to the host
         self._stopped = False
         self._closed = False
+        self._done = 0  # of the tx and rx threads
         self._call = stub.ChannelData(_drain_requests(self._requests))
         self._threads = [
             threading.Thread(target=target, name=f"hvsock-relay-{name}", daemon=True)
@@ -172,7 +173,7 @@ class RelayPipe:
         except OSError as exc:  # closed under us at teardown
             log.debug("relay tx ended: %s", exc)
         finally:
-            self._requests.put(None)
+            self._side_done()
 
     # -- host -> socket ----------------------------------------------------------------------
 
@@ -218,8 +219,12 @@ class RelayPipe:
                 with self._lock:
                     # Wait for data while the host may still send some.
                     self._lock.wait_for(
-                        lambda: bool(self._incoming) or self._received >= self._granted
+                        lambda: bool(self._incoming)
+                        or self._received >= self._granted
+                        or self._closed
                     )
+                    if self._closed:
+                        return
                     item = self._incoming.popleft() if self._incoming else b""
                 if item is None:
                     rx.fin(None)
@@ -239,7 +244,18 @@ class RelayPipe:
                     grant()
         except OSError as exc:  # rescinded or closed locally
             log.debug("relay rx ended: %s", exc)
-            self._call.cancel()
+        finally:
+            self._side_done()
+
+    def _side_done(self) -> None:
+        """The tx thread and the rx thread each call this once when done. The request stream
+        (which carries receive credit as well as data) ends only when both are: ending it
+        earlier would strand the host with data it may not send for want of credit."""
+        with self._lock:
+            self._done += 1
+            last = self._done == 2
+        if last:
+            self._requests.put(None)
 
     # -- lifetime ----------------------------------------------------------------------------
 
