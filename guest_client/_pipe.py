@@ -16,10 +16,12 @@ ordering, partial reads and rescind behave identically on every path:
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import mmap
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -27,6 +29,7 @@ import grpc
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from ring import PAGE_SIZE, Channel, Ring
+from ring.shm import stall_bit
 
 log = logging.getLogger("hvsock.client")
 
@@ -43,6 +46,25 @@ class Pipe(Protocol):
 
     def close(self) -> None: ...
 
+    def hold(self, receiving: bool, timeout: float | None) -> float | None:
+        """Wait while the host stalls this end's sends (or receives); return what is left of
+        ``timeout``. TimeoutError when it runs out, BlockingIOError when it is 0."""
+        ...
+
+    def wait_unstalled(self, receiving: bool, timeout: float | None) -> bool:
+        """Wait until this end's sends (or receives) are not stalled; False on timeout."""
+        ...
+
+
+class _NeverStalled:
+    """Pipes the host stalls by itself (the relay) or never (in-process pairs)."""
+
+    def hold(self, receiving: bool, timeout: float | None) -> float | None:
+        return timeout
+
+    def wait_unstalled(self, receiving: bool, timeout: float | None) -> bool:
+        return True
+
 
 def _private_ring(pages: int, max_payload: int) -> tuple[mmap.mmap, Ring]:
     # Anonymous mmap: page-aligned (the ring needs 8-byte alignment) and never in /dev/shm.
@@ -51,11 +73,33 @@ def _private_ring(pages: int, max_payload: int) -> tuple[mmap.mmap, Ring]:
 
 
 class ShmPipe:
+    """Both ends map the rings, so the host cannot stall them by not moving bytes: it sets the
+    segment header's stalled word (pause, StallRing) and this end checks it before each send
+    and receive — one atomic load while nothing is stalled. A call already blocked inside the
+    ring when a stall starts completes normally; the stall applies from the next call."""
+
     path = "shm"
 
     def __init__(self, segment: hvsock_pb2.SharedMemorySegment, directory: str | None) -> None:
         self.channel = Channel.attach(segment.name, end=segment.end, directory=directory)
         self.rx, self.tx = self.channel.rx, self.channel.tx
+        self._bits = (stall_bit(segment.end, False), stall_bit(segment.end, True))
+
+    def hold(self, receiving: bool, timeout: float | None) -> float | None:
+        bits = self._bits[receiving]
+        if not self.channel.stalled & bits:
+            return timeout
+        if timeout == 0:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        start = time.monotonic()
+        if not self.channel.wait_unstalled(bits, timeout):
+            raise TimeoutError("timed out")
+        if timeout is None:
+            return None
+        return max(timeout - (time.monotonic() - start), 1e-6)
+
+    def wait_unstalled(self, receiving: bool, timeout: float | None) -> bool:
+        return self.channel.wait_unstalled(self._bits[receiving], timeout)
 
     def rescind(self) -> None:
         self.channel.rescind()
@@ -64,7 +108,7 @@ class ShmPipe:
         self.channel.close()
 
 
-class MemoryPipe:
+class MemoryPipe(_NeverStalled):
     """One end of an in-process pair: its own ``Ring`` objects over memory shared with the
     other end's (each ring has one reader object and one writer object, as across processes).
     """
@@ -94,7 +138,7 @@ def memory_pair(
     return a, b
 
 
-class RelayPipe:
+class RelayPipe(_NeverStalled):
     """A channel end relayed over ``ChannelData``.
 
     Credit flows both ways, so no thread ever waits on something queued behind what it waits

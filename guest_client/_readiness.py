@@ -45,21 +45,39 @@ class Readiness:
     # -- sources -----------------------------------------------------------------------------
 
     def watch_end(self, end: ChannelEnd) -> None:
-        rx, tx = end.pipe.rx, end.pipe.tx
+        pipe = end.pipe
+        rx, tx = pipe.rx, pipe.tx
 
         def state() -> tuple[bool, bool]:
             if end.closed:
                 return True, True
             try:
-                readable = rx.at_eof or rx.is_rescinded or end.reset or rx.readable() > 0
-                writable = tx.fin_sent or tx.is_rescinded or end.reset or tx.writable() > 0
+                # Data or space behind a host stall is not ready: the call would wait.
+                readable = (
+                    rx.at_eof
+                    or rx.is_rescinded
+                    or end.reset
+                    or (rx.readable() > 0 and pipe.wait_unstalled(True, 0))
+                )
+                writable = (
+                    tx.fin_sent
+                    or tx.is_rescinded
+                    or end.reset
+                    or (tx.writable() > 0 and pipe.wait_unstalled(False, 0))
+                )
             except OSError:  # corrupt: let the next call raise it
                 return True, True
             return readable, writable
 
         self._state = state
-        self._start(lambda: rx.wait_readable(_WATCH_SLICE), self._drained)
-        self._start(lambda: tx.wait_writable(1, _WATCH_SLICE), self._full)
+        self._start(
+            lambda: pipe.wait_unstalled(True, _WATCH_SLICE) and rx.wait_readable(_WATCH_SLICE),
+            self._drained,
+        )
+        self._start(
+            lambda: pipe.wait_unstalled(False, _WATCH_SLICE) and tx.wait_writable(1, _WATCH_SLICE),
+            self._full,
+        )
         self.update()
 
     def watch_listener(self, listener: Listener) -> None:

@@ -304,6 +304,7 @@ class HvSocket:
         if end.reset:
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         try:
+            timeout = end.pipe.hold(False, timeout)  # the host may stall this end
             n = end.pipe.tx.write(data, timeout)
         except TimeoutError:
             raise TimeoutError("timed out") from None
@@ -320,6 +321,7 @@ class HvSocket:
         if end.reset:
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         try:
+            timeout = end.pipe.hold(False, timeout)
             end.pipe.tx.write_all(data, timeout)
         except TimeoutError:
             raise TimeoutError("timed out") from None
@@ -340,6 +342,7 @@ class HvSocket:
             nbytes = memoryview(buffer).nbytes
         nbytes = min(nbytes, MAX_DELIVERY)
         try:
+            timeout = end.pipe.hold(True, timeout)
             n = end.pipe.rx.read_into(buffer, nbytes, timeout)
         except TimeoutError:
             raise TimeoutError("timed out") from None

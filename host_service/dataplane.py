@@ -91,8 +91,12 @@ class Relay:
         self.reset: str | None = None
         self.sent = 0  # client -> ring bytes written
         self.received = 0  # ring -> client bytes
-        self.running = threading.Event()  # cleared while stalled
-        self.running.set()
+        # Cleared while the host stalls this end: the client's frames stop going into the ring
+        # (its sends), and the ring's data stops going to the client (its receives).
+        self.send_running = threading.Event()
+        self.send_running.set()
+        self.recv_running = threading.Event()
+        self.recv_running.set()
         # The client's receive credit: total bytes it is ready to take (None until it says;
         # meanwhile MAX_FRAMES_IN_FLIGHT bounds what is sent). Guarded by _receive_credit.
         self._receive_limit: int | None = None
@@ -224,7 +228,10 @@ class Relay:
                         return
                     limit = self._receive_limit
                     room = MAX_FRAME if limit is None else min(MAX_FRAME, limit - self.received)
-                self.running.wait()
+                # Wait for data outside the read, so a stall that starts meanwhile holds it.
+                self.recv_running.wait()
+                rx.wait_readable(None)
+                self.recv_running.wait()
                 n = rx.read_into(buffer, room, None)
                 if n == 0:
                     post(hvsock_pb2.ChannelDataResponse(fin=True))
@@ -267,12 +274,12 @@ class Relay:
                 if isinstance(item, _Stop):
                     return
                 if isinstance(item, _Fin):
-                    self.running.wait()
+                    self.send_running.wait()
                     tx.fin(None)
                     state.fin_written = True
                     return
                 pulled += len(item)
-                self.running.wait()
+                self.send_running.wait()
                 tx.write_all(item, None)
                 self.sent += len(item)
                 metrics.BYTES.labels("from_client").inc(len(item))
@@ -299,7 +306,8 @@ class Relay:
                 return
             self._stopping = True
             self._receive_credit.notify_all()
-        self.running.set()
+        self.send_running.set()
+        self.recv_running.set()
         self._inbound.put(_STOP)
         for thread in self._threads:
             thread.join()
@@ -322,6 +330,11 @@ class _ChannelRings:
     #: Ends on the shared-memory path: side -> VM id.
     shm_ends: dict[Side, str] = field(default_factory=dict)
     stall_timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    #: Paused VMs: their ends of this channel are stalled both ways.
+    paused: set[str] = field(default_factory=set)
+    #: Stalls in force per ring (StallRing): ring r stalls end r's sends and the peer's receives.
+    ring_stalls: list[int] = field(default_factory=lambda: [0, 0])
+    stalled_mask: int = 0
 
 
 class DataPlane:
@@ -353,8 +366,10 @@ class DataPlane:
         if path is EndPath.RELAY:
             attached = shm.Channel.attach(rings.broker.name, end=end, directory=str(self.shm_dir))
             rings.relays[side] = Relay(attached, side, vm_id)
+            self._apply_stalls(rings)
             return None
         rings.shm_ends[side] = vm_id
+        self._apply_stalls(rings)
         ring0 = PAGE_SIZE
         ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
         size = ring1 + connector_view.recv_pages * PAGE_SIZE
@@ -428,23 +443,84 @@ class DataPlane:
         relay = rings.relays.get(side) if rings is not None else None
         return relay.sent if relay is not None else 0
 
+    # -- stalls --------------------------------------------------------------------------
+    #
+    # A stall holds one end's sends and/or receives. Relayed ends stop being pumped; ends on
+    # the shared-memory path move bytes themselves, so the host sets the segment header's
+    # stalled word (``ring.shm.OFF_STALLED``) and the client waits on it before each call (a
+    # call already blocked inside the ring completes; the stall applies from the next one).
+    # Pauses (per VM) and StallRing holds (counted per ring) add up; an operation moves again
+    # once nothing holds it.
+
+    def pause(self, channel_id: int, vm_id: str) -> None:
+        """The VM is paused: its ends of the channel stall both ways until :meth:`resume`."""
+        rings = self._channels.get(channel_id)
+        if rings is not None:
+            rings.paused.add(vm_id)
+            self._apply_stalls(rings)
+
+    def resume(self, channel_id: int, vm_id: str) -> None:
+        rings = self._channels.get(channel_id)
+        if rings is not None:
+            rings.paused.discard(vm_id)
+            self._apply_stalls(rings)
+
     def stall(self, channel_id: int, writer: Side | None, duration: float | None = None) -> None:
-        """Stop relaying (both directions, or what ``writer`` writes) until unstalled."""
+        """Stall the ring ``writer`` writes (both rings for None): its writer's sends and its
+        reader's receives; for ``duration`` seconds, or until :meth:`unstall`."""
         rings = self._channels.get(channel_id)
         if rings is None:
             return
-        for side, relay in rings.relays.items():
-            if writer is None or side is writer or side is writer.peer:
-                relay.running.clear()
+        ring_ids = (0, 1) if writer is None else (_END_OF_SIDE[writer],)
+        for ring_id in ring_ids:
+            rings.ring_stalls[ring_id] += 1
+        self._apply_stalls(rings)
         if duration is not None:
             loop = asyncio.get_running_loop()
-            rings.stall_timers.append(loop.call_later(duration, self.unstall, channel_id))
+            rings.stall_timers.append(
+                loop.call_later(duration, self._release, channel_id, rings, ring_ids)
+            )
 
     def unstall(self, channel_id: int) -> None:
+        """End every StallRing hold on the channel (pauses stay)."""
         rings = self._channels.get(channel_id)
         if rings is not None:
-            for relay in rings.relays.values():
-                relay.running.set()
+            for timer in rings.stall_timers:
+                timer.cancel()
+            rings.stall_timers.clear()
+            rings.ring_stalls[:] = [0, 0]
+            self._apply_stalls(rings)
+
+    def _release(self, channel_id: int, rings: _ChannelRings, ring_ids: tuple[int, ...]) -> None:
+        if self._channels.get(channel_id) is not rings:
+            return  # removed meanwhile
+        for ring_id in ring_ids:
+            rings.ring_stalls[ring_id] = max(rings.ring_stalls[ring_id] - 1, 0)
+        self._apply_stalls(rings)
+
+    def _apply_stalls(self, rings: _ChannelRings) -> None:
+        mask = 0
+        for side, end in _END_OF_SIDE.items():
+            relay = rings.relays.get(side)
+            vm_id = relay.vm_id if relay is not None else rings.shm_ends.get(side)
+            if vm_id is not None and vm_id in rings.paused:
+                mask |= shm.stall_bit(end, False) | shm.stall_bit(end, True)
+        for ring_id in (0, 1):
+            if rings.ring_stalls[ring_id]:
+                mask |= shm.stall_bit(ring_id, False) | shm.stall_bit(1 - ring_id, True)
+        for side, relay in rings.relays.items():
+            end = _END_OF_SIDE[side]
+            for bit, event in (
+                (shm.stall_bit(end, False), relay.send_running),
+                (shm.stall_bit(end, True), relay.recv_running),
+            ):
+                if mask & bit:
+                    event.clear()
+                else:
+                    event.set()
+        if mask != rings.stalled_mask and not rings.broker.closed:
+            rings.stalled_mask = mask
+            rings.broker.set_stalled(mask)
 
     def close_all(self) -> None:
         for channel_id in list(self._channels):

@@ -329,10 +329,10 @@ class Host:
                 attachment.end(event.reason)
         elif isinstance(event, PartitionStalled):
             for channel_id in event.channel_ids:
-                self.dataplane.stall(channel_id, None)
+                self.dataplane.pause(channel_id, event.vm_id)
         elif isinstance(event, PartitionResumed):
             for channel_id in event.channel_ids:
-                self.dataplane.unstall(channel_id)
+                self.dataplane.resume(channel_id, event.vm_id)
         elif isinstance(event, PartitionChanged):
             self._persist_partition(event)
         elif isinstance(event, ServiceChanged):

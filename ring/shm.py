@@ -11,6 +11,9 @@ Channel header (u32 words unless noted)::
     0x00 u64 magic b"HVSOCKCH"   0x08 version   0x0C ring0_pages   0x10 ring1_pages
     0x14 mapped_mask  bit e set once end e has mapped the segment (futex word, for wait_peer)
     0x18 creator_pid
+    0x1C stalled      set by the broker (the host service) while it stalls an end: bit 2e set:
+                      end e's sends wait, bit 2e+1: its receives wait (see :func:`stall_bit`);
+                      bit 31 is set by rescind so a waiter never sleeps through it (futex word)
 
 Lifetime. The segment is created with ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600, under an
 unguessable name (``hvsock-<creator pid>-<128 random bits>``); the name is all another
@@ -39,6 +42,8 @@ import re
 import secrets
 import stat
 import struct
+import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -51,7 +56,7 @@ from ._constants import (
     PAGE_SIZE,
 )
 from ._errors import CORRUPT_IDENTITY, RingCorruptError
-from ._impl import Ring, atomic_fetch_or, atomic_load, futex_wait, futex_wake
+from ._impl import Ring, atomic_fetch_or, atomic_load, atomic_store, futex_wait, futex_wake
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -68,7 +73,17 @@ OFF_RING0_PAGES = 0x0C
 OFF_RING1_PAGES = 0x10
 OFF_MAPPED_MASK = 0x14
 OFF_CREATOR_PID = 0x18
+OFF_STALLED = 0x1C
 BOTH_ENDS = 0b11
+#: In the stalled word: the channel was rescinded (stall waiters give up and let the ring call
+#: report it).
+STALL_RESCINDED = 1 << 31
+
+
+def stall_bit(end: int, receiving: bool) -> int:
+    """The stalled-word bit that holds end ``end``'s sends (or receives)."""
+    return 1 << (2 * end + int(receiving))
+
 
 _NAME_RE = re.compile(r"hvsock-(\d+)-[0-9a-f]{32}")
 _HEADER = struct.Struct("<8sIIIII")  # magic, version, ring0_pages, ring1_pages, mapped, pid
@@ -100,6 +115,8 @@ class Channel:
     _slices: list[memoryview]
     _rings: tuple[Ring, Ring]
     _closed: bool
+    _stall_waiters: int
+    _stall_lock: threading.Lock
     _finalizer: weakref.finalize[[str], Channel] | None  # creator only: unlink on GC
 
     def __init__(self) -> None:
@@ -138,6 +155,8 @@ class Channel:
             raise
         self._rings = (rings[0], rings[1])
         self._closed = False
+        self._stall_waiters = 0
+        self._stall_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _unlink_quietly, path) if creator else None
         return self
 
@@ -308,6 +327,41 @@ class Channel:
             if not futex_wait(self._mm, OFF_MAPPED_MASK, mask, timeout):
                 return atomic_load(self._mm, OFF_MAPPED_MASK) & BOTH_ENDS == BOTH_ENDS
 
+    # -- stalls (the host's pause / StallRing on the shared-memory path) ----------------------
+
+    @property
+    def stalled(self) -> int:
+        """The stalled word: which ends' sends/receives the broker holds (:func:`stall_bit`)."""
+        self._check_open()
+        return atomic_load(self._mm, OFF_STALLED)
+
+    def set_stalled(self, mask: int) -> None:
+        """Broker: hold the operations in ``mask`` (0 releases all) and wake every waiter."""
+        self._check_open()
+        rescinded = atomic_load(self._mm, OFF_STALLED) & STALL_RESCINDED
+        atomic_store(self._mm, OFF_STALLED, (mask & ~STALL_RESCINDED) | rescinded)
+        futex_wake(self._mm, OFF_STALLED)
+
+    def wait_unstalled(self, bits: int, timeout: float | None = None) -> bool:
+        """Sleep while any of ``bits`` is set in the stalled word (shared futex), until the
+        channel is rescinded; False on timeout."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._stall_lock:
+            self._stall_waiters += 1  # close() refuses to unmap under a sleeper (EBUSY)
+        try:
+            while True:
+                word = atomic_load(self._mm, OFF_STALLED)
+                if not word & bits or word & STALL_RESCINDED or self.is_rescinded:
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                futex_wait(self._mm, OFF_STALLED, word, remaining)
+        finally:
+            with self._stall_lock:
+                self._stall_waiters -= 1
+
     def _check_open(self) -> None:
         if self._closed:
             raise OSError(errno.EBADF, "channel is closed")
@@ -334,6 +388,8 @@ class Channel:
         """Rescind both directions: wakes every waiter; writes fail, reads drain then EOF."""
         for r in self.rings:
             r.rescind()
+        atomic_fetch_or(self._mm, OFF_STALLED, STALL_RESCINDED)
+        futex_wake(self._mm, OFF_STALLED)  # stall waiters too
 
     # -- teardown ------------------------------------------------------------------------
 
@@ -351,6 +407,8 @@ class Channel:
         Raises OSError(EBUSY) if a call is blocked in one of the rings (rescind first)."""
         if self._closed:
             return
+        if self._stall_waiters:
+            raise OSError(errno.EBUSY, "a call is waiting on the stalled word; rescind first")
         self._unmap(self._rings)
         self._closed = True
         if self._finalizer is not None:
