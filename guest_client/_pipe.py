@@ -262,11 +262,7 @@ class RelayPipe(_NeverStalled):
             while True:
                 with self._lock:
                     # Wait for data while the host may still send some.
-                    self._lock.wait_for(
-                        lambda: bool(self._incoming)
-                        or self._received >= self._granted
-                        or self._closed
-                    )
+                    self._lock.wait_for(self._rx_has_work)
                     if self._closed:
                         return
                     item = self._incoming.popleft() if self._incoming else b""
@@ -290,6 +286,9 @@ class RelayPipe(_NeverStalled):
             log.debug("relay rx ended: %s", exc)
         finally:
             self._side_done()
+
+    def _rx_has_work(self) -> bool:
+        return bool(self._incoming) or self._received >= self._granted or self._closed
 
     def _side_done(self) -> None:
         """The tx thread and the rx thread each call this once when done. The request stream
