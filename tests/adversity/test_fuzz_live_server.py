@@ -1,0 +1,434 @@
+"""Thousands of random and malformed requests at one live ``hvsock-host``; it must survive.
+
+Every kind of attach request (on fresh streams and on two live partitions), every admin call
+(with, without and with a wrong token) and random ChannelData frames, with GUID-ish strings,
+extreme integers, real and made-up ids. Client mistakes must come back as precise status
+codes (never UNKNOWN or INTERNAL), nothing may hang, and afterwards the server still serves a
+normal connection with no channel or shared-memory segment left behind.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+
+from ..integration.hostproc import HostProcess, run_host
+from ..integration.rawclient import RawPartition
+from ..integration.test_host_api import attach_host, attach_vm, create_vm
+from ..integration.test_host_badinput import assert_healthy
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+#: Codes that mean the server failed, not the client.
+BAD_CODES = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED}
+BAD_NUMBERS = {code.value[0] for code in BAD_CODES}
+MAX_EXAMPLES = 3000
+#: How long a server may take to answer anything here.
+ANSWER_TIMEOUT = 5.0
+
+WELL_KNOWN = [
+    "00000000-0000-0000-0000-000000000000",
+    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+    "90db8b89-0d35-4f79-8ce9-49ea0ac8b7cd",
+    "e0e16197-dd56-4a10-9195-5ee7a155a838",
+    "a42e7cda-d03f-480c-9cc2-a4de20abb878",
+    "6bd9d0b4-22e1-4b8b-a6cf-f42d3da1d8d0",
+    "3049197c-facb-11e6-bd58-64006a7986d3",
+    "00000001-facb-11e6-bd58-64006a7986d3",
+]
+
+# -- field strategies ---------------------------------------------------------------------------
+
+guidish = st.one_of(
+    st.sampled_from(WELL_KNOWN),
+    st.uuids().map(str),
+    st.uuids().map(lambda u: "{" + str(u).upper() + "}"),
+    st.uuids().map(lambda u: u.hex),
+    st.text(alphabet="0123456789abcdefABCDEF-{}x ", max_size=40),
+    st.text(max_size=40),
+    st.just(""),
+)
+u64 = st.one_of(
+    st.integers(0, 64),
+    st.integers(0, 2**64 - 1),
+    st.sampled_from([2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]),
+)
+u32 = st.one_of(
+    st.integers(0, 80),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([2**31 - 1, 2**31, 2**32 - 1]),
+)
+enum_int = st.one_of(st.integers(0, 4), st.integers(-(2**31), 2**31 - 1))
+#: Small connect timeouts mostly, so pending connects do not pile up for minutes.
+connect_timeout = st.one_of(st.integers(0, 50), u32)
+address = st.builds(hvsock_pb2.Address, vm_id=guidish, service_id=guidish)
+#: None: use the id field as drawn; an int: replace it with a real id the host handed out.
+known = st.one_of(st.none(), st.integers(0, 1000))
+
+hello = st.builds(
+    hvsock_pb2.Hello,
+    vm_id=guidish,
+    token=st.one_of(st.text(max_size=30), st.just("")),
+    host=st.booleans(),
+    name=st.text(max_size=30),
+    personality=enum_int,
+    client=st.text(max_size=20),
+)
+attach_kind = st.one_of(
+    st.tuples(st.just("hello"), hello),
+    st.tuples(st.just("listen"), st.builds(hvsock_pb2.Listen, address=address, backlog=u32)),
+    st.tuples(st.just("unlisten"), st.builds(hvsock_pb2.Unlisten, listener_id=u64)),
+    st.tuples(
+        st.just("connect"),
+        st.builds(
+            hvsock_pb2.Connect,
+            remote=address,
+            local_service_id=guidish,
+            connect_timeout_ms=connect_timeout,
+            send_ring_pages=u32,
+            recv_ring_pages=u32,
+            force_relay=st.booleans(),
+        ),
+    ),
+    st.tuples(
+        st.just("accept"),
+        st.builds(hvsock_pb2.Accept, channel_id=u64, force_relay=st.booleans()),
+    ),
+    st.tuples(st.just("shutdown"), st.builds(hvsock_pb2.Shutdown, channel_id=u64)),
+    st.tuples(st.just("close"), st.builds(hvsock_pb2.Close, channel_id=u64)),
+    st.tuples(
+        st.just("prove_shared_memory"),
+        st.builds(hvsock_pb2.ProveSharedMemory, nonce=st.binary(max_size=40)),
+    ),
+    st.tuples(st.just(None), st.none()),  # no kind at all
+)
+attach_request = st.tuples(attach_kind, u64, known)
+
+vm_target = st.one_of(guidish, st.integers(0, 1000))  # int: a VM this test created
+admin_request = st.one_of(
+    st.tuples(
+        st.just("CreatePartition"),
+        st.builds(
+            hvsock_pb2.CreatePartitionRequest,
+            name=st.text(max_size=30),
+            vm_id=st.one_of(st.just(""), guidish),
+            personality=enum_int,
+        ),
+    ),
+    st.tuples(st.just("ListPartitions"), st.just(hvsock_pb2.ListPartitionsRequest())),
+    *(
+        st.tuples(st.just(name), vm_target.map(lambda v, cls=cls: (cls, v)))
+        for name, cls in [
+            ("GetPartition", hvsock_pb2.GetPartitionRequest),
+            ("DeletePartition", hvsock_pb2.DeletePartitionRequest),
+            ("PausePartition", hvsock_pb2.PausePartitionRequest),
+            ("ResumePartition", hvsock_pb2.ResumePartitionRequest),
+            ("StopPartition", hvsock_pb2.StopPartitionRequest),
+        ]
+    ),
+    st.tuples(
+        st.just("RegisterService"),
+        st.builds(
+            hvsock_pb2.RegisterServiceRequest, service_id=guidish, element_name=st.text(max_size=30)
+        ),
+    ),
+    st.tuples(st.just("ListServices"), st.just(hvsock_pb2.ListServicesRequest())),
+    st.tuples(
+        st.just("UnregisterService"),
+        st.builds(hvsock_pb2.UnregisterServiceRequest, service_id=guidish),
+    ),
+    st.tuples(st.just("ListChannels"), st.builds(hvsock_pb2.ListChannelsRequest, vm_id=guidish)),
+    st.tuples(
+        st.just("RescindChannel"),
+        st.builds(hvsock_pb2.RescindChannelRequest, channel_id=u64, reason=st.text(max_size=20)),
+    ),
+    st.tuples(
+        st.just("StallRing"),
+        st.builds(
+            hvsock_pb2.StallRingRequest,
+            channel_id=u64,
+            direction=enum_int,
+            duration_ms=st.one_of(st.integers(0, 200), u32),
+        ),
+    ),
+    st.tuples(st.just("GetInfo"), st.just(hvsock_pb2.GetInfoRequest())),
+)
+token_choice = st.sampled_from(["good", "good", "good", "none", "wrong"])
+
+channel_frame = st.one_of(
+    st.builds(
+        hvsock_pb2.ChannelDataRequest,
+        open=st.builds(hvsock_pb2.ChannelDataOpen, session=st.text(max_size=40), channel_id=u64),
+    ),
+    st.builds(
+        hvsock_pb2.ChannelDataRequest,
+        data=st.one_of(st.binary(max_size=200), st.integers(65530, 65600).map(bytes)),
+    ),
+    st.builds(hvsock_pb2.ChannelDataRequest, fin=st.booleans()),
+    st.builds(hvsock_pb2.ChannelDataRequest, receive_limit=u64),
+    st.just(hvsock_pb2.ChannelDataRequest()),
+)
+#: (use a live session, real channel id pick, frames)
+channel_data = st.tuples(st.booleans(), known, st.lists(channel_frame, min_size=0, max_size=4))
+
+action = st.one_of(
+    st.tuples(st.just("live"), st.booleans(), st.lists(attach_request, min_size=1, max_size=4)),
+    st.tuples(st.just("fresh"), st.lists(attach_request, min_size=0, max_size=4)),
+    st.tuples(st.just("admin"), admin_request, token_choice),
+    st.tuples(st.just("data"), channel_data),
+)
+
+# -- the harness --------------------------------------------------------------------------------
+
+
+class Harness:
+    """One host, two live partitions (a VM and the host partition), pools of real ids."""
+
+    def __init__(self, host: HostProcess) -> None:
+        self.host = host
+        self.vm = create_vm(host, "fuzz-live")
+        self.live: list[RawPartition] = [attach_vm(host, self.vm), attach_host(host)]
+        self.grpc = grpc.insecure_channel(host.target)
+        self.stub = hvsock_pb2_grpc.HostServiceStub(self.grpc)
+        self.admin = hvsock_pb2_grpc.AdminServiceStub(self.grpc)
+        self.channel_ids: list[int] = []
+        self.listener_ids: list[int] = []
+        self.created_vms: list[str] = []
+        self.requests = 0
+        self.failures: list[str] = []
+        #: (what, status) -> how often, for the report.
+        self.codes: dict[tuple[str, str], int] = {}
+
+    # -- ids
+
+    def _learn(self, response: hvsock_pb2.AttachResponse) -> None:
+        kind = response.WhichOneof("kind")
+        if kind == "listening":
+            self.listener_ids.append(response.listening.listener_id)
+        elif kind == "opened":
+            self.channel_ids.append(response.opened.channel_id)
+        elif kind == "offer":
+            self.channel_ids.append(response.offer.channel.channel_id)
+        elif kind == "error" and response.error.code in BAD_NUMBERS:
+            self.failures.append(f"attach answer {response}")
+
+    def _build(self, item: Any) -> hvsock_pb2.AttachRequest:
+        (kind, message), request_id, pick = item
+        request = hvsock_pb2.AttachRequest(request_id=request_id)
+        if kind is None:
+            return request
+        getattr(request, kind).CopyFrom(message)
+        field = getattr(request, kind)
+        if pick is not None:
+            if hasattr(field, "channel_id") and self.channel_ids:
+                field.channel_id = self.channel_ids[pick % len(self.channel_ids)]
+            if hasattr(field, "listener_id") and self.listener_ids:
+                field.listener_id = self.listener_ids[pick % len(self.listener_ids)]
+            if kind == "connect" and pick % 3 == 0:
+                field.remote.vm_id = self.vm.partition.vm_id
+        return request
+
+    # -- actions
+
+    def run(self, item: Any) -> None:
+        kind = item[0]
+        if kind == "live":
+            self._live(self.live[int(item[1])], item[2])
+        elif kind == "fresh":
+            self._fresh(item[1])
+        elif kind == "admin":
+            self._admin(*item[1], item[2])
+        else:
+            self._data(*item[1])
+
+    def _live(self, partition: RawPartition, items: list[Any]) -> None:
+        ids = []
+        for item in items:
+            request = self._build(item)
+            # Our own request ids, so answers can be told apart; connects are not awaited (a
+            # missing service answers only after the connect timeout).
+            ids.append((partition.send(**_kind_of(request)), request.WhichOneof("kind")))
+        self.requests += len(items)
+        for request_id, kind in ids:
+            if kind == "connect":
+                continue
+            answer = self._answer(partition, request_id)
+            if answer is None:
+                return  # the stream ended: _answer checked how, and attached again
+            self._learn(answer)
+        while True:
+            try:
+                self._learn(partition.events.get_nowait())
+            except queue.Empty:
+                break
+
+    def _answer(self, partition: RawPartition, request_id: int) -> hvsock_pb2.AttachResponse | None:
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                return partition.answer(request_id, timeout=0.05)
+            except queue.Empty:
+                if partition.ended is not None:
+                    self._ended(partition)
+                    return None
+        self.failures.append(f"no answer to request {request_id} in {ANSWER_TIMEOUT} s")
+        raise AssertionError(self.failures[-1])
+
+    def _ended(self, partition: RawPartition) -> None:
+        assert partition.ended is not None
+        if partition.ended.code() in BAD_CODES:
+            self.failures.append(f"live attach stream ended with {partition.ended}")
+        index = self.live.index(partition)
+        partition.close()
+        self.live[index] = attach_vm(self.host, self.vm) if index == 0 else attach_host(self.host)
+
+    def _fresh(self, items: list[Any]) -> None:
+        requests = [self._build(item) for item in items]
+        self.requests += max(len(requests), 1)
+        call = self.stub.Attach(iter(requests), timeout=ANSWER_TIMEOUT)
+        self._finish(call, "attach", requests)
+
+    def _finish(self, call: Any, what: str, requests: list[Any]) -> None:
+        got = 0
+        try:
+            for response in call:
+                got += 1
+                if isinstance(response, hvsock_pb2.AttachResponse) and (
+                    response.WhichOneof("kind") == "error" and response.error.code in BAD_NUMBERS
+                ):
+                    self.failures.append(f"{what} {requests}: {response}")
+        except grpc.RpcError as exc:
+            code = exc.code()
+            self.codes[what, code.name] = self.codes.get((what, code.name), 0) + 1
+            if code in BAD_CODES or (code == grpc.StatusCode.DEADLINE_EXCEEDED and not got):
+                self.failures.append(f"{what} {requests}: {code} {exc.details()}")
+
+    def _admin(self, method: str, request: Any, token: str) -> None:
+        if isinstance(request, tuple):  # (request class, VM target)
+            cls, target = request
+            if isinstance(target, int):
+                created = self.created_vms
+                target = created[target % len(created)] if created else ""
+            request = cls(vm_id=target)
+        metadata = {
+            "good": self.host.metadata,
+            "none": (),
+            "wrong": (("x-hvsock-token", "not-the-token"),),
+        }[token]
+        self.requests += 1
+        try:
+            stub = self.stub if method == "GetInfo" else self.admin
+            answer = getattr(stub, method)(request, metadata=metadata, timeout=ANSWER_TIMEOUT)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            self.codes[method, code.name] = self.codes.get((method, code.name), 0) + 1
+            if code in BAD_CODES or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.failures.append(f"{method} {request}: {code} {exc.details()}")
+            elif token != "good" and code not in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
+                self.failures.append(f"{method} without the token: {code}")
+            return
+        if token != "good" and method != "GetInfo":  # GetInfo is public
+            self.failures.append(f"{method} succeeded without the token")
+        if method == "CreatePartition":
+            self.created_vms.append(answer.partition.vm_id)
+
+    def _data(self, live_session: bool, pick: int | None, frames: list[Any]) -> None:
+        requests = list(frames)
+        if live_session:
+            session = self.live[(pick or 0) % 2].welcome.session
+            channel_id = (
+                self.channel_ids[pick % len(self.channel_ids)]
+                if pick is not None and self.channel_ids
+                else pick or 0
+            )
+            requests.insert(
+                0,
+                hvsock_pb2.ChannelDataRequest(
+                    open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel_id)
+                ),
+            )
+        self.requests += max(len(requests), 1)
+        call = self.stub.ChannelData(iter(requests), timeout=ANSWER_TIMEOUT)
+        self._finish(call, "channel data", requests)
+
+    def close(self) -> None:
+        for partition in self.live:
+            partition.close()
+        self.grpc.close()
+
+
+def _kind_of(request: hvsock_pb2.AttachRequest) -> dict[str, Any]:
+    kind = request.WhichOneof("kind")
+    return {} if kind is None else {kind: getattr(request, kind)}
+
+
+@pytest.fixture
+def live_host(tmp_path: pathlib.Path) -> Iterator[HostProcess]:
+    with run_host(tmp_path) as host:
+        yield host
+
+
+def test_random_and_malformed_requests_leave_the_server_serving(live_host: HostProcess) -> None:
+    harness = Harness(live_host)
+    started = time.monotonic()
+
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.lists(action, min_size=1, max_size=4))
+    def fuzz(actions: list[Any]) -> None:
+        harness.failures = []
+        for item in actions:
+            harness.run(item)
+            assert live_host.proc.poll() is None, "the host died"
+        assert not harness.failures, harness.failures[:5]
+
+    try:
+        fuzz()
+    finally:
+        harness.close()
+    elapsed = time.monotonic() - started
+    print(
+        f"{harness.requests} requests in {elapsed:.1f} s, {len(harness.channel_ids)} channels,"
+        f" {len(harness.listener_ids)} listeners; statuses: {sorted(harness.codes.items())}"
+    )
+    assert harness.requests >= 3000, harness.requests
+    assert elapsed < 90, elapsed
+
+    # Still serving, nothing leaked once every partition is gone.
+    assert live_host.proc.poll() is None
+    _leftovers_go_away(live_host)
+    assert_healthy(live_host)
+    assert live_host.segments() == []
+
+
+def _leftovers_go_away(host: HostProcess) -> None:
+    """Channels of VMs the fuzzer created (e.g. attached on a fresh stream) end with their
+    sessions; give the host a bounded time to finish tearing them down."""
+    deadline = time.monotonic() + 15
+    channel, admin = host.admin()
+    with channel:
+        while True:
+            channels = admin.ListChannels(
+                hvsock_pb2.ListChannelsRequest(), metadata=host.metadata, timeout=10
+            ).channels
+            if not channels:
+                return
+            assert time.monotonic() < deadline, channels
+            time.sleep(0.1)
