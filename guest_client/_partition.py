@@ -389,6 +389,8 @@ class Partition:
         else:
             pipe = _pipe.RelayPipe(self.stub, self.session, channel)
         end = ChannelEnd(self, channel, pipe)
+        if isinstance(pipe, _pipe.RelayPipe):
+            pipe.on_lost = end.connection_lost
         with self._lock:
             self._channels[end.channel_id] = end
         return end

@@ -22,10 +22,11 @@ import mmap
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import grpc
+from grpc_status import rpc_status
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from ring import PAGE_SIZE, Channel, Ring
@@ -183,6 +184,8 @@ class RelayPipe(_NeverStalled):
         self._stopped = False
         self._closed = False
         self._done = 0  # of the tx and rx threads
+        #: Called (on the inbound thread) when the stream fails without word from the host.
+        self.on_lost: Callable[[], None] = lambda: None
         self._call = stub.ChannelData(_drain_requests(self._requests))
         self._threads = [
             threading.Thread(target=target, name=f"hvsock-relay-{name}", daemon=True)
@@ -236,6 +239,11 @@ class RelayPipe(_NeverStalled):
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.debug("relay stream ended: %s", exc)
+            # The host ends streams it tears down with a status carrying an errno detail; one
+            # without is the transport failing (the host went away): a reset, not an EOF.
+            # Say so before the EOF becomes visible, so no reader takes it for a clean end.
+            if rpc_status.from_call(exc) is None:
+                self.on_lost()
         # The stream is over (channel closed, rescinded, or the host went away): what is
         # buffered stays readable, then EOF; sends fail.
         with self._lock:

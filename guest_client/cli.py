@@ -19,6 +19,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
@@ -619,6 +620,12 @@ def cmd_events(args: argparse.Namespace, client: Client) -> None:
     stream = client.admin.WatchEvents(
         hvsock_pb2.WatchEventsRequest(replay=args.replay), metadata=client.metadata
     )
+    # Ctrl-C cancels the stream from another thread, so it ends as CANCELLED (exit 0): a
+    # KeyboardInterrupt raised inside grpc's own waits could leave its locks held.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(
+            signum, lambda *_: threading.Thread(target=stream.cancel, daemon=True).start()
+        )
     seen = 0
     try:
         for event in stream:
