@@ -297,6 +297,12 @@ class HvSocket:
     # -- data ------------------------------------------------------------------------------
 
     def send(self, data: Any, flags: int = 0) -> int:
+        return self._write(data, flags, whole=False)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._write(data, flags, whole=True)
+
+    def _write(self, data: Any, flags: int, *, whole: bool) -> int:
         timeout = self._op_timeout(flags)
         end = self._connected_end()
         if self._shut_wr:
@@ -305,24 +311,10 @@ class HvSocket:
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         try:
             timeout = end.pipe.hold(False, timeout)  # the host may stall this end
-            n = end.pipe.tx.write(data, timeout)
-        except TimeoutError:
-            raise TimeoutError("timed out") from None
-        finally:
-            if self._readiness is not None:
-                self._readiness.update()
-        return n
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        timeout = self._op_timeout(flags)
-        end = self._connected_end()
-        if self._shut_wr:
-            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-        if end.reset:
-            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
-        try:
-            timeout = end.pipe.hold(False, timeout)
-            end.pipe.tx.write_all(data, timeout)
+            if whole:
+                end.pipe.tx.write_all(data, timeout)
+                return 0
+            return end.pipe.tx.write(data, timeout)
         except TimeoutError:
             raise TimeoutError("timed out") from None
         finally:
