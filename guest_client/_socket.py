@@ -303,8 +303,10 @@ class HvSocket:
         self._write(data, flags, whole=True)
 
     def _write(self, data: Any, flags: int, *, whole: bool) -> int:
-        timeout = self._op_timeout(flags)
-        end = self._connected_end()
+        timeout = self._op_timeout(flags) if flags else self._timeout
+        end = self._end
+        if end is None or self._state != _CONNECTED:
+            end = self._connected_end()  # raises the right error
         if self._shut_wr:
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
         if end.reset:
@@ -322,8 +324,11 @@ class HvSocket:
                 self._readiness.update()
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        timeout = self._op_timeout(flags)
-        end = self._connected_end()
+        # The hot path of the shared-memory data path: keep the per-call checks few.
+        timeout = self._op_timeout(flags) if flags else self._timeout
+        end = self._end
+        if end is None or self._state != _CONNECTED:
+            end = self._connected_end()  # raises the right error
         if self._shut_rd:
             return 0
         if end.reset and not end.pipe.rx.readable():
@@ -331,8 +336,9 @@ class HvSocket:
         # One delivery is at most one VMBus packet's payload (16 KiB), as with hv_sock, whose
         # dequeue copies from a single packet per recvmsg.
         if nbytes <= 0:
-            nbytes = memoryview(buffer).nbytes
-        nbytes = min(nbytes, MAX_DELIVERY)
+            nbytes = len(buffer) if type(buffer) is bytearray else memoryview(buffer).nbytes
+        if nbytes > MAX_DELIVERY:
+            nbytes = MAX_DELIVERY
         try:
             timeout = end.pipe.hold(True, timeout)
             n = end.pipe.rx.read_into(buffer, nbytes, timeout)
