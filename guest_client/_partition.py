@@ -91,7 +91,7 @@ class ChannelEnd:
         with contextlib.suppress(OSError):  # already rescinded: nothing to shut
             self.pipe.tx.fin(0)
         if self.pipe.path != "relay" and not self.reset:
-            self.partition.send_request(shutdown=hvsock_pb2.Shutdown(channel_id=self.channel_id))
+            self.partition.notify(shutdown=hvsock_pb2.Shutdown(channel_id=self.channel_id))
 
     def close(self) -> None:
         if self.closed:
@@ -109,8 +109,7 @@ class ChannelEnd:
             # closes this end once it has written all of it into the ring.
             self.pipe.close()
             return
-        with contextlib.suppress(OSError):
-            self.partition.send_request(close=hvsock_pb2.Close(channel_id=self.channel_id))
+        self.partition.notify(close=hvsock_pb2.Close(channel_id=self.channel_id))
         with contextlib.suppress(OSError):  # EBUSY: another thread still blocked in a call
             self.pipe.close()
 
@@ -145,7 +144,7 @@ class Listener:
         self.closed = True
         self.partition.forget_listener(self)
         if not self.reset:
-            self.partition.send_request(unlisten=hvsock_pb2.Unlisten(listener_id=self.listener_id))
+            self.partition.notify(unlisten=hvsock_pb2.Unlisten(listener_id=self.listener_id))
         while self.ready:
             self.ready.popleft().close()
         self.notify()
@@ -318,6 +317,13 @@ class Partition:
         self._requests.put(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
         return pending
 
+    def notify(self, **kind: Any) -> None:
+        """A request nobody waits on (close, shutdown, unlisten): request id 0, never
+        answered, so the host spends no message on an acknowledgement."""
+        if self._closed or not self._attached.is_set():
+            return  # nothing to tell a host that is gone: it has dropped the channel already
+        self._requests.put(hvsock_pb2.AttachRequest(request_id=0, **kind))
+
     def request(self, timeout: float | None = None, **kind: Any) -> hvsock_pb2.AttachResponse:
         """Send a request and wait for its answer; an in-stream error becomes an OSError."""
         pending = self.send_request(**kind)
@@ -348,7 +354,7 @@ class Partition:
             if end is not None:
                 end.on_notice(response.notice)
         elif kind == "opened":  # an opening nobody waits for any more: close it
-            self.send_request(close=hvsock_pb2.Close(channel_id=response.opened.channel_id))
+            self.notify(close=hvsock_pb2.Close(channel_id=response.opened.channel_id))
 
     def _offered(self, offer: hvsock_pb2.Offer) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ class _Detached:
         send_ring_page=2, recv_ring_page=3, connect_timeout_ms=2000, max_ring_page=64
     )
 
-    def send_request(self, *args: object, **kwargs: object) -> None:
+    def notify(self, **kwargs: object) -> None:
         return None
 
     def forget(self, end: ChannelEnd) -> None:

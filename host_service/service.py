@@ -129,6 +129,8 @@ class Attachment:
     pending_connects: dict[int, tuple[int, bool]] = field(default_factory=dict)
     #: channel id -> (request id, force relay) of Accept requests being answered.
     pending_accepts: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    #: Channels this partition closed (never loopback ones): it needs no more notices on them.
+    closed: set[int] = field(default_factory=set)
     ended: str | None = None
     #: Most answers queued for a client that does not read them.
     max_queued: int = MAX_QUEUED_RESPONSES
@@ -285,7 +287,7 @@ class Host:
                 )
         elif isinstance(event, PeerFinReceived):
             attachment = self._to(event.partition)
-            if attachment is not None:
+            if attachment is not None and event.channel_id not in attachment.closed:
                 attachment.send(
                     hvsock_pb2.AttachResponse(
                         notice=hvsock_pb2.ChannelNotice(
@@ -297,7 +299,7 @@ class Host:
         elif isinstance(event, ChannelRescinded):
             self.dataplane.rescind(event.channel_id, event.reason)
             attachment = self._to(event.partition)
-            if attachment is not None:
+            if attachment is not None and event.channel_id not in attachment.closed:
                 attachment.pending_accepts.pop(event.channel_id, None)
                 attachment.send(
                     hvsock_pb2.AttachResponse(
@@ -317,6 +319,7 @@ class Host:
                 attachment = self._to(vm_id) if vm_id is not None else None
                 if attachment is not None:
                     attachment.pending_connects.pop(event.channel_id, None)
+                    attachment.closed.discard(event.channel_id)
         elif isinstance(event, ChannelStateChanged):
             if event.old is not None:
                 metrics.CHANNELS.labels(event.old.value).dec()
@@ -661,9 +664,16 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     response = self._handle(request, attachment)
                 except errors.HvError as err:
                     response = hvsock_pb2.AttachResponse(error=error_message(err))
-                if response is not None:
-                    response.request_id = request.request_id
-                    attachment.send(response)
+                if response is None:
+                    continue
+                if request.request_id == 0:
+                    # A notification (close, shutdown, unlisten the client does not wait on):
+                    # never answered; a failure is only logged.
+                    if response.HasField("error"):
+                        log.debug("notification %s failed: %s", request, response.error)
+                    continue
+                response.request_id = request.request_id
+                attachment.send(response)
         finally:
             attachment.end("attach stream ended")
 
@@ -714,8 +724,12 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         if kind == "close":
             # close() never fails on a socket whose channel the host already tore down (or
             # that its relay stream already closed): closing is idempotent.
+            channel_id = request.close.channel_id
             with contextlib.suppress(errors.NotFound):
-                host.call(core.close, session, request.close.channel_id)
+                info = core.get_channel(channel_id)
+                if info.acceptor is None or info.acceptor.vm_id != info.connector.vm_id:
+                    attachment.closed.add(channel_id)
+                host.call(core.close, session, channel_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "prove_shared_memory":
             if not request.prove_shared_memory.nonce:
