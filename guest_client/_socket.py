@@ -17,6 +17,7 @@ from host_service.core import addresses
 from host_service.core.errors import HvError
 from hvsock.v1 import hvsock_pb2
 
+from . import errors
 from ._partition import ChannelEnd, Listener, Partition
 from ._readiness import Readiness
 
@@ -256,8 +257,6 @@ class HvSocket:
                     return
                 self._attach_end(end)
         else:
-            from . import errors
-
             self._connect_error = errors.from_error(answer.error)
         if self._readiness is not None:
             self._readiness.update()
