@@ -132,6 +132,12 @@ class Listener:
     def has_room(self) -> bool:
         return len(self.ready) + self.accepting < self.backlog
 
+    def accepted(self) -> None:
+        """The program took a connection: the host may open one more on our behalf."""
+        self.partition.notify(
+            accept_credit=hvsock_pb2.AcceptCredit(listener_id=self.listener_id, count=1)
+        )
+
     def notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
@@ -353,8 +359,19 @@ class Partition:
                 end = self._channels.get(response.notice.channel_id)
             if end is not None:
                 end.on_notice(response.notice)
-        elif kind == "opened":  # an opening nobody waits for any more: close it
-            self.notify(close=hvsock_pb2.Close(channel_id=response.opened.channel_id))
+        elif kind == "opened":
+            self._auto_opened(response.opened)
+
+    def _auto_opened(self, channel: hvsock_pb2.Channel) -> None:
+        """An opening the host accepted on a listener's behalf (or one nobody waits for any
+        more, which is closed)."""
+        with self._lock:
+            listener = self._listeners.get(channel.listener_id) if channel.listener_id else None
+        if listener is None or listener.closed:
+            self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id))
+            return
+        listener.ready.append(self.open_end(channel))
+        listener.notify()
 
     def _offered(self, offer: hvsock_pb2.Offer) -> None:
         with self._lock:
@@ -405,11 +422,27 @@ class Partition:
         with self._lock:
             self._channels.pop(end.channel_id, None)
 
-    def add_listener(self, listening: hvsock_pb2.Listening, backlog: int) -> Listener:
-        listener = Listener(self, listening, backlog)
-        with self._lock:
-            self._listeners[listener.listener_id] = listener
-        return listener
+    def listen(
+        self, request: hvsock_pb2.Listen, backlog: int
+    ) -> tuple[hvsock_pb2.AttachResponse, Listener]:
+        """Send Listen; the Listener is registered on the reader thread as the answer arrives
+        (before any opening the host accepts on its behalf can be routed)."""
+        created: list[Listener] = []
+
+        def register(answer: hvsock_pb2.AttachResponse) -> None:
+            if answer.WhichOneof("kind") == "listening":
+                listener = Listener(self, answer.listening, backlog)
+                with self._lock:
+                    self._listeners[listener.listener_id] = listener
+                created.append(listener)
+
+        pending = self.send_request(on_answer=register, listen=request)
+        pending.done.wait()
+        answer = pending.answer
+        assert answer is not None
+        if answer.WhichOneof("kind") == "error":
+            raise errors.from_error(answer.error)
+        return answer, created[0]
 
     def forget_listener(self, listener: Listener) -> None:
         with self._lock:

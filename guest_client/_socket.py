@@ -173,17 +173,22 @@ class HvSocket:
             return
         if self._state != _BOUND or self._local is None:
             raise OSError(errno.EINVAL, "Invalid argument (bind before listen)")
-        backlog = max(0, min(int(backlog), 4096))
-        answer = self.partition.request(
-            listen=hvsock_pb2.Listen(
+        backlog = max(1, min(int(backlog), 4096))
+        # The host accepts up to `backlog` connections on our behalf (auto_accept); each
+        # accept() gives one back. The listener is registered as the answer arrives, on the
+        # reader thread, so an opening right behind it finds it.
+        answer = self.partition.listen(
+            hvsock_pb2.Listen(
                 address=hvsock_pb2.Address(
                     vm_id=self._local.vm_id, service_id=self._local.service_id
                 ),
-                backlog=max(backlog, 1),
-            )
+                backlog=backlog,
+                auto_accept=backlog,
+            ),
+            backlog,
         )
-        self._listener = self.partition.add_listener(answer.listening, backlog)
-        bound = answer.listening.address
+        self._listener = answer[1]
+        bound = answer[0].listening.address
         self._local = addresses.Address(bound.vm_id, bound.service_id)
         self._state = _LISTENING
         if self._readiness is not None:
@@ -208,6 +213,7 @@ class HvSocket:
                     raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
                 raise TimeoutError("timed out")
             end = listener.ready.popleft()
+        listener.accepted()
         if self._readiness is not None:
             self._readiness.update()
         child = HvSocket(self.partition, self.family, _socket.SOCK_STREAM, self.proto, _end=end)

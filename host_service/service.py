@@ -71,6 +71,8 @@ TOKEN_METADATA = "x-hvsock-token"
 #: Responses queued for one attach stream before the host gives up on a client that does not
 #: read them (it is detached, as a VM whose VMBus stopped answering would be).
 MAX_QUEUED_RESPONSES = 65536
+#: Most auto-accept credit a listener may hold (the kernel's somaxconn-like bound).
+MAX_ACCEPT_CREDIT = 65535
 
 _PERSONALITY_TO_PB = {
     Personality.LINUX: hvsock_pb2.PERSONALITY_LINUX,
@@ -131,6 +133,10 @@ class Attachment:
     pending_accepts: dict[int, tuple[int, bool]] = field(default_factory=dict)
     #: Channels this partition closed (never loopback ones): it needs no more notices on them.
     closed: set[int] = field(default_factory=set)
+    #: listener id -> connections the host may still open on its behalf (Listen.auto_accept).
+    accept_credit: dict[int, int] = field(default_factory=dict)
+    #: channel id -> listener id of openings the host accepted on this partition's behalf.
+    auto_accepted: dict[int, int] = field(default_factory=dict)
     ended: str | None = None
     #: Most answers queued for a client that does not read them.
     max_queued: int = MAX_QUEUED_RESPONSES
@@ -246,7 +252,15 @@ class Host:
     def _dispatch_one(self, event: Event) -> None:
         if isinstance(event, ConnectionOffered):
             attachment = self._to(event.partition)
-            if attachment is not None:
+            if attachment is not None and attachment.accept_credit.get(event.listener_id, 0):
+                # Accept on the listener's behalf, saving the Offer/Accept round trip. Not
+                # within this dispatch: the connector's request is still being handled and
+                # must record what it waits for first.
+                attachment.accept_credit[event.listener_id] -= 1
+                asyncio.get_running_loop().call_soon(
+                    self._auto_accept, attachment, event.channel_id, event.listener_id
+                )
+            elif attachment is not None:
                 channel = hvsock_pb2.Channel(
                     channel_id=event.channel_id,
                     local=_address(event.local),
@@ -367,6 +381,9 @@ class Host:
             if event.side is Side.CONNECTOR
             else attachment.pending_accepts.pop(event.channel_id, None)
         )
+        listener_id = (
+            attachment.auto_accepted.pop(event.channel_id, 0) if event.side is Side.ACCEPTOR else 0
+        )
         if event.side is Side.CONNECTOR:
             metrics.CONNECTS.labels("opened").inc()
         force_relay = pending[1] if pending is not None else False
@@ -385,6 +402,7 @@ class Host:
             remote=_address(event.remote),
             data_path=_DATA_PATH_TO_PB[path],
             geometry=_geometry(event.ring, self.dataplane.max_payload),
+            listener_id=listener_id,
         )
         if segment is not None:
             channel.shared_memory.CopyFrom(segment)
@@ -393,6 +411,18 @@ class Host:
                 request_id=pending[0] if pending is not None else 0, opened=channel
             )
         )
+
+    def _auto_accept(self, attachment: Attachment, channel_id: int, listener_id: int) -> None:
+        if attachment.ended is not None or self._to(attachment.session.vm_id) is not attachment:
+            return
+        attachment.auto_accepted[channel_id] = listener_id
+        try:
+            self.call(self.core.accept, attachment.session, channel_id)
+        except errors.HvError:
+            # The connect ended meanwhile (timeout, rescind, listener gone): credit unused.
+            attachment.auto_accepted.pop(channel_id, None)
+            if listener_id in attachment.accept_credit:
+                attachment.accept_credit[listener_id] += 1
 
     # -- watchers --------------------------------------------------------------------------
 
@@ -691,6 +721,10 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                 request.listen.address.service_id,
                 backlog=request.listen.backlog or None,
             )
+            if request.listen.auto_accept:
+                attachment.accept_credit[listener.listener_id] = min(
+                    request.listen.auto_accept, MAX_ACCEPT_CREDIT
+                )
             return hvsock_pb2.AttachResponse(
                 listening=hvsock_pb2.Listening(
                     listener_id=listener.listener_id, address=_address(listener.local)
@@ -698,6 +732,17 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             )
         if kind == "unlisten":
             host.call(core.unlisten, session, request.unlisten.listener_id)
+            attachment.accept_credit.pop(request.unlisten.listener_id, None)
+            return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
+        if kind == "accept_credit":
+            credit = request.accept_credit
+            if credit.listener_id not in attachment.accept_credit:
+                raise errors.NotFound(
+                    f"no auto-accepting listener {credit.listener_id} in partition {session.vm_id}"
+                )
+            attachment.accept_credit[credit.listener_id] = min(
+                attachment.accept_credit[credit.listener_id] + credit.count, MAX_ACCEPT_CREDIT
+            )
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "connect":
             connect = request.connect
