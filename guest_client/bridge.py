@@ -211,9 +211,9 @@ class Side(asyncio.BufferedProtocol):
         self.eof_in = True
         if self.peer is not None:
             self.peer.send_eof()
-        if self.eof_out:
-            return False  # both directions done: the transport closes itself
-        return True  # keep writing the other direction (half-close)
+        # Both directions done: False lets the transport close itself; else keep writing the
+        # other direction (half-close).
+        return not self.eof_out
 
     def send_eof(self) -> None:
         if self.lost or self.eof_out or self.transport is None:
@@ -326,7 +326,7 @@ class Bridge:
                 sock.bind(listen.address)
                 await loop.run_in_executor(self._executor, sock.listen, self.backlog)
                 sock.setblocking(False)
-                self.server = await loop.create_server(  # type: ignore[call-overload]
+                self.server = await loop.create_server(
                     self._accepted, sock=sock, backlog=self.backlog
                 )  # (a duck-typed socket)
             except BaseException:
@@ -370,7 +370,7 @@ class Bridge:
         other = Side(self.stats)
         try:
             await self._connect(loop, other)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             self.stats.failed_connects += 1
             self.stats.active -= 1
             accepted.reset()  # refused: close the accepted end at once
@@ -450,7 +450,7 @@ async def hv_open(
     try:
         await loop.run_in_executor(executor, sock.connect, address)
         sock.setblocking(False)
-        await loop.create_connection(lambda: side, sock=sock)  # type: ignore[call-overload]
+        await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()
         raise
@@ -501,3 +501,201 @@ def run_in_thread(*servers: Any) -> Iterator[LoopThread]:
             with contextlib.suppress(Exception):
                 runner.call(server.aclose(), timeout=10)
         runner.stop()
+
+
+# -------------------------------------------------------------------------------------------
+# Command line: ``hvsock bridge`` and ``hvsock hybrid-vsock``
+# -------------------------------------------------------------------------------------------
+
+
+def _ring_pages(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if not (value == 0 or 2 <= value <= 64):
+        raise argparse.ArgumentTypeError("ring pages are 2..64, or 0 for the host's default")
+    return value
+
+
+def _id_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_cli_commands(commands: Any, command: Callable[..., Any]) -> None:
+    """Add the ``bridge`` and ``hybrid-vsock`` sub-commands to ``hvsock``'s parser."""
+    bridge = command(
+        commands,
+        "bridge",
+        cli_bridge,
+        "relay plain TCP/Unix connections to hv sockets, or an hv service to TCP (socat-like)",
+    )
+    bridge.add_argument(
+        "--listen",
+        required=True,
+        metavar="ENDPOINT",
+        help="tcp:HOST:PORT (or HOST:PORT), unix:PATH, or hv:VM:SERVICE to listen on",
+    )
+    bridge.add_argument(
+        "--connect",
+        required=True,
+        metavar="ENDPOINT",
+        help="where each connection goes: hv:VM:SERVICE, or tcp:HOST:PORT / unix:PATH "
+        "(VM: a GUID or parent, wildcard, children, loopback; SERVICE: a GUID or a vsock port)",
+    )
+    _partition_options(bridge, vm=True)
+    hybrid = command(
+        commands,
+        "hybrid-vsock",
+        cli_hybrid,
+        "serve a Firecracker/OpenVMM-style hybrid vsock Unix socket for one VM",
+    )
+    hybrid.add_argument("--path", required=True, help="the Unix socket (guest ports: PATH_PORT)")
+    hybrid.add_argument("--vm-id", required=True, metavar="GUID", help="the VM to reach")
+    hybrid.add_argument(
+        "--guest-ports",
+        type=_id_list,
+        default=[],
+        metavar="P,Q",
+        help="host ports the guest connects to: relayed to PATH_P",
+    )
+    hybrid.add_argument(
+        "--guest-services",
+        type=_id_list,
+        default=[],
+        metavar="GUID,...",
+        help="host service ids the guest connects to: relayed to PATH_GUID",
+    )
+    _partition_options(hybrid, vm=False)
+
+
+def _partition_options(parser: Any, *, vm: bool) -> None:
+    if vm:
+        parser.add_argument(
+            "--vm-id",
+            default=None,
+            metavar="GUID",
+            help="act as this VM (its token: --token or HVSOCK_TOKEN); default: the host partition",
+        )
+    parser.add_argument(
+        "--host-token",
+        default=None,
+        metavar="TOKEN",
+        help="the host partition's token (default: --token, HVSOCK_HOST_TOKEN, the token file)",
+    )
+    parser.add_argument(
+        "--ring-pages",
+        type=_ring_pages,
+        default=64,
+        metavar="N",
+        help="ring pages each way for the connections it opens (2..64, default 64)",
+    )
+    parser.add_argument(
+        "--connect-timeout-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="HVSOCKET_CONNECT_TIMEOUT for the hv connects it makes",
+    )
+
+
+def _cli_partition(args: Any) -> Partition:
+    import grpc
+
+    from . import attach, attach_host
+    from .cli import find_token
+
+    credentials = None
+    if args.tls_ca is not None:
+        credentials = grpc.ssl_channel_credentials(
+            args.tls_ca.read_bytes(),
+            args.tls_key.read_bytes() if args.tls_key else None,
+            args.tls_cert.read_bytes() if args.tls_cert else None,
+        )
+    if getattr(args, "vm_id", None) and args.command == "bridge":
+        token = args.token if args.token is not None else os.environ.get("HVSOCK_TOKEN", "")
+        return attach(args.host, vm_id=args.vm_id, token=token, credentials=credentials)
+    token = args.host_token or find_token(args.token) or ""
+    return attach_host(args.host, token=token, credentials=credentials)
+
+
+def _serve(server: Any, banner: Callable[[], str]) -> None:
+    import signal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await server.start()
+        try:
+            print(banner(), flush=True)
+            await stop.wait()
+        finally:
+            await server.aclose()
+
+    asyncio.run(main())
+
+
+def cli_bridge(args: Any, client: Any) -> None:
+    from .cli import CliError
+
+    try:
+        listen, connect = parse_endpoint(args.listen), parse_endpoint(args.connect)
+        partition = _cli_partition(args)
+        bridge = Bridge(
+            listen,
+            connect,
+            partition,
+            ring_pages=args.ring_pages,
+            connect_timeout_ms=args.connect_timeout_ms,
+        )
+    except ValueError as exc:
+        raise CliError("INVALID_ARGUMENT", str(exc)) from None
+    except OSError as exc:
+        raise CliError("UNAVAILABLE", str(exc)) from None
+    try:
+
+        def banner() -> str:
+            where = bridge.address
+            if isinstance(listen, PlainEndpoint) and not listen.is_unix:
+                where = f"tcp:{where[0]}:{where[1]}"
+            elif isinstance(listen, HvEndpoint):
+                where = f"hv:{where[0]}:{where[1]}"
+            else:
+                where = f"unix:{where}"
+            return f"bridge listening on {where} -> {connect}"
+
+        _serve(bridge, banner)
+    except OSError as exc:
+        raise CliError("UNAVAILABLE", str(exc)) from None
+    finally:
+        partition.close()
+
+
+def cli_hybrid(args: Any, client: Any) -> None:
+    from .cli import CliError
+    from .hybrid import HybridVsock
+
+    try:
+        ports = [int(p) for p in args.guest_ports]
+        vm_id = parse_vm(args.vm_id)
+        partition = _cli_partition(args)
+        endpoint = HybridVsock(
+            partition,
+            vm_id,
+            args.path,
+            guest_ports=ports,
+            guest_services=[_guid(s) for s in args.guest_services],
+            ring_pages=args.ring_pages,
+            connect_timeout_ms=args.connect_timeout_ms,
+        )
+    except ValueError as exc:
+        raise CliError("INVALID_ARGUMENT", str(exc)) from None
+    except OSError as exc:
+        raise CliError("UNAVAILABLE", str(exc)) from None
+    try:
+        _serve(endpoint, lambda: f"hybrid-vsock listening on unix:{args.path} for VM {vm_id}")
+    except OSError as exc:
+        raise CliError("UNAVAILABLE", str(exc)) from None
+    finally:
+        partition.close()

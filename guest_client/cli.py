@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ms", type=_uint32, required=True, metavar="N", help="for how long, in milliseconds"
     )
     stall.add_argument("--direction", choices=list(DIRECTIONS), default="both")
+
+    from .bridge import add_cli_commands  # bridge and hybrid-vsock
+
+    add_cli_commands(commands, command)
     return parser
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -179,9 +180,7 @@ class HybridVsock:
         if _is_socket(self.path):
             os.unlink(self.path)
         self.servers.append(
-            await loop.create_unix_server(
-                lambda: _Handshake(self), self.path, backlog=self.backlog
-            )
+            await loop.create_unix_server(lambda: _Handshake(self), self.path, backlog=self.backlog)
         )
         for service, paths in self.listens:
             sock = self.partition.socket()
@@ -189,8 +188,10 @@ class HybridVsock:
                 sock.bind((self.vm_id, service))
                 await loop.run_in_executor(self.executor, sock.listen, self.backlog)
                 sock.setblocking(False)
-                server = await loop.create_server(  # type: ignore[call-overload]
-                    lambda paths=paths: self._guest_connected(paths), sock=sock, backlog=self.backlog
+                server = await loop.create_server(
+                    functools.partial(self._guest_connected, paths),
+                    sock=sock,
+                    backlog=self.backlog,
                 )  # (a duck-typed socket)
             except BaseException:
                 sock.close()
