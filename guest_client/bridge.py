@@ -168,12 +168,16 @@ class Side(asyncio.BufferedProtocol):
         self.lost = False
         self.stats = stats
         self.on_lost: Callable[[], None] | None = None
+        self.doomed = False
 
     # -- linking ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.doomed:  # reset before the transport existed (the other end failed first)
+            self.reset()
+            return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         if self.peer is None:
             transport.pause_reading()  # until the other end exists
@@ -226,7 +230,10 @@ class Side(asyncio.BufferedProtocol):
 
     def reset(self) -> None:
         """Tear this end down at once: an RST on TCP/Unix, a close (no RST exists) on hv."""
-        if self.lost or self.transport is None:
+        if self.transport is None:
+            self.doomed = True
+            return
+        if self.lost:
             return
         if not _is_hv(self.transport):
             sock = self.transport.get_extra_info("socket")
