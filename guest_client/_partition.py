@@ -36,6 +36,8 @@ from . import _pipe, errors
 log = logging.getLogger("hvsock.client")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+#: Longest wait, at a rescinded EOF, for the notice (or the lost host) that explains it.
+_SETTLE_TIMEOUT = 1.0
 #: How long the reader waits before attaching again after the host went away (doubles to 2 s).
 _REATTACH_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -69,17 +71,30 @@ class ChannelEnd:
         self.rescinded = False
         self.reset = False
         self.closed = False
+        #: Set once this partition knows why the channel ended (a rescind notice, or the host
+        #: lost). Shared rings can be rescinded first by the other end's partition, which may
+        #: notice a lost host before this one does.
+        self.settled = threading.Event()
 
     def on_notice(self, notice: hvsock_pb2.ChannelNotice) -> None:
         if notice.kind == hvsock_pb2.ChannelNotice.KIND_RESCINDED:
             self.rescinded = True
             self.pipe.rescind()  # wakes every waiter; reads drain then EOF, sends fail
+            self.settled.set()
 
     def connection_lost(self) -> None:
         """The host went away: the channel is gone (ECONNRESET for the program)."""
         self.reset = True
         self.rescinded = True
+        self.settled.set()
         self.pipe.rescind()
+
+    def ended_by_reset(self) -> bool:
+        """At EOF: whether the end is a reset rather than a FIN or a host rescind. A rescinded
+        ring whose cause this partition has not heard of yet waits (bounded) to hear it."""
+        if not self.reset and self.pipe.rx.is_rescinded and not self.settled.is_set():
+            self.settled.wait(_SETTLE_TIMEOUT)
+        return self.reset
 
     def shutdown_write(self) -> None:
         """SHUT_WR: a FIN into the send ring (it always fits), and the host is told.
@@ -216,7 +231,9 @@ class Partition:
         self.vm_id = welcome.vm_id
         self.name = welcome.name
         self.is_host = welcome.host
-        self.personality = hvsock_pb2.Personality.Name(welcome.personality)[12:].lower()
+        self.personality = (
+            hvsock_pb2.Personality.Name(welcome.personality).removeprefix("PERSONALITY_").lower()
+        )
         self.session = welcome.session
         self.limits = welcome.limits
         if welcome.token:  # a VM created on attach: keep its credentials to attach again

@@ -216,7 +216,9 @@ class RelayPipe(_NeverStalled):
                     return
                 with self._lock:
                     self._sent += n
-                self._requests.put(hvsock_pb2.ChannelDataRequest(data=bytes(buffer[:n])))
+                self._requests.put(
+                    hvsock_pb2.ChannelDataRequest(data=bytes(memoryview(buffer)[:n]))
+                )
         except OSError as exc:  # closed under us at teardown
             log.debug("relay tx ended: %s", exc)
         finally:

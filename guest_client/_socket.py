@@ -352,7 +352,7 @@ class HvSocket:
         finally:
             if self._readiness is not None:
                 self._readiness.update()
-        if n == 0 and end.reset and nbytes:
+        if n == 0 and nbytes and end.ended_by_reset():
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         return n
 

@@ -238,7 +238,7 @@ class Relay:
                     return
                 self.received += n
                 metrics.BYTES.labels("to_client").inc(n)
-                post(hvsock_pb2.ChannelDataResponse(data=bytes(buffer[:n])))
+                post(hvsock_pb2.ChannelDataResponse(data=bytes(memoryview(buffer)[:n])))
         except OSError as exc:  # corrupt ring, or closed under us at teardown
             log.warning("relay read on %s ended: %s", self.vm_id, exc)
             post(hvsock_pb2.ChannelDataResponse(fin=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno as errno_module
+import errno
 import itertools
 import logging
 import os
@@ -60,7 +60,7 @@ from .core.types import (
     Side,
 )
 from .dataplane import DataPlane, EndPath
-from .status import STATUS_CODES, abort, errno_detail, error_message, rich_status
+from .status import abort, errno_detail, error_message, in_stream_error, rich_status
 from .store import PartitionRecord, ServiceRecord, StateStore
 
 log = logging.getLogger("hvsock.host")
@@ -276,16 +276,14 @@ class Host:
             self._established(event)
         elif isinstance(event, ConnectFailed):
             attachment = self._to(event.partition)
-            outcome = {111: "refused", 110: "timeout"}.get(event.errno, "reset")
+            outcome = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout"}.get(
+                event.errno, "reset"
+            )
             metrics.CONNECTS.labels(outcome).inc()
             if attachment is None:
                 return
             pending = attachment.pending_connects.pop(event.channel_id, None)
-            error = hvsock_pb2.Error(
-                code=STATUS_CODES[event.status].value[0],
-                message=event.reason,
-                errno=errno_detail(event.errno),
-            )
+            error = in_stream_error(event.status, event.reason, event.errno)
             if pending is not None:
                 attachment.send(hvsock_pb2.AttachResponse(request_id=pending[0], error=error))
             else:
@@ -321,7 +319,7 @@ class Host:
                             channel_id=event.channel_id,
                             kind=hvsock_pb2.ChannelNotice.KIND_RESCINDED,
                             reason=event.reason,
-                            errno=errno_detail(104),
+                            errno=errno_detail(errno.ECONNRESET),
                         )
                     )
                 )
@@ -863,7 +861,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                 rich_status(
                     grpc.StatusCode.UNAVAILABLE,
                     f"channel {channel_id} was rescinded: {relay.reset}",
-                    errno_module.ECONNRESET,
+                    errno.ECONNRESET,
                 )
             )
 

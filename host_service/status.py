@@ -36,8 +36,13 @@ def errno_detail(number: int) -> hvsock_pb2.ErrnoDetail:
 
 def error_message(err: errors.HvError) -> hvsock_pb2.Error:
     """An in-stream answer (attach stream) carrying the same facts as a unary status."""
-    code = STATUS_CODES[err.status]
-    return hvsock_pb2.Error(code=code.value[0], message=err.message, errno=errno_detail(err.errno))
+    return in_stream_error(err.status, err.message, err.errno)
+
+
+def in_stream_error(status: str, message: str, number: int) -> hvsock_pb2.Error:
+    """The same, from a core status name (events carry these, not exceptions)."""
+    code = STATUS_CODES[status]
+    return hvsock_pb2.Error(code=code.value[0], message=message, errno=errno_detail(number))
 
 
 def rich_status(code: grpc.StatusCode, message: str, number: int | None) -> grpc.Status:
