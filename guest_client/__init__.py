@@ -11,6 +11,7 @@ errors are ``OSError`` subclasses with the errno a real hv_sock caller sees.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import threading
@@ -62,6 +63,7 @@ __all__ = [
     "HvSocket",
     "Partition",
     "attach",
+    "attach_from_env",
     "attach_host",
     "port_for_service_id",
     "service_id_for_port",
@@ -106,22 +108,62 @@ def attach(
     token: str | None = None,
     name: str | None = None,
     personality: str | None = None,
+    identity: str | os.PathLike[str] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> Partition:
     """Attach a VM partition (``vm_id``/``token`` default to HVSOCK_VM_ID/HVSOCK_TOKEN; with
-    no VM id the host creates a VM when its policy allows)."""
+    no VM id the host creates a VM when its policy allows, named ``name`` (HVSOCK_VM_NAME) with
+    ``personality`` (HVSOCK_PERSONALITY, ``linux`` or ``windows``; default ``linux``)).
+
+    ``identity`` (default HVSOCK_VM_IDENTITY) is a JSON file with a VM's id and token: used when
+    no VM id is given, and written (mode 0600) when the host creates the VM on attach, so that
+    every program in one VM container attaches as the same VM.
+    """
     vm_id = vm_id if vm_id is not None else os.environ.get("HVSOCK_VM_ID", "")
     token = token if token is not None else os.environ.get("HVSOCK_TOKEN", "")
+    personality = personality or os.environ.get("HVSOCK_PERSONALITY") or "linux"
+    if personality not in ("linux", "windows"):
+        raise ValueError(f"personality must be linux or windows, not {personality!r}")
+    identity_file = identity or os.environ.get("HVSOCK_VM_IDENTITY")
+    if not vm_id and identity_file:
+        vm_id, token = _read_identity(pathlib.Path(identity_file))
     hello = hvsock_pb2.Hello(
         vm_id=vm_id,
         token=token,
-        name=name or "",
+        name=name or os.environ.get("HVSOCK_VM_NAME", ""),
         personality=hvsock_pb2.PERSONALITY_WINDOWS
         if personality == "windows"
         else hvsock_pb2.PERSONALITY_LINUX,
         client="guest_client",
     )
-    return Partition(_target(target), hello, credentials=credentials or _credentials())
+    partition = Partition(_target(target), hello, credentials=credentials or _credentials())
+    if not vm_id and identity_file:
+        _write_identity(pathlib.Path(identity_file), partition.vm_id, partition.token)
+    return partition
+
+
+def _read_identity(path: pathlib.Path) -> tuple[str, str]:
+    """(vm_id, token) saved in ``path``; empty strings when there is no such file yet."""
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "", ""
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"VM identity file {path}: {exc}") from None
+    if not isinstance(saved, dict) or not all(
+        isinstance(saved.get(key), str) and saved[key] for key in ("vm_id", "token")
+    ):
+        raise ValueError(f"VM identity file {path}: needs string fields vm_id and token")
+    return saved["vm_id"], saved["token"]
+
+
+def _write_identity(path: pathlib.Path, vm_id: str, token: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        json.dump({"vm_id": vm_id, "token": token}, file)
+    os.replace(temporary, path)  # whole or not at all, for a program starting at the same time
 
 
 def attach_host(
@@ -144,18 +186,23 @@ _default: Partition | None = None
 _default_lock = threading.Lock()
 
 
+def attach_from_env() -> Partition:
+    """Attach as the environment says: the host partition when HVSOCK_HOST_TOKEN is set and
+    neither HVSOCK_VM_ID nor HVSOCK_VM_IDENTITY is; a VM otherwise (see ``attach``)."""
+    is_vm = os.environ.get("HVSOCK_VM_ID") or os.environ.get("HVSOCK_VM_IDENTITY")
+    if os.environ.get("HVSOCK_HOST_TOKEN") and not is_vm:
+        return attach_host()
+    return attach()
+
+
 def socket(
     family: int = AF_HYPERV, type: int = SOCK_STREAM, proto: int = HV_PROTOCOL_RAW
 ) -> HvSocket:
-    """A socket on the process's default partition (attached from the environment on first
-    use: HVSOCK_HOST_TOKEN set and no HVSOCK_VM_ID means the host partition)."""
+    """A socket on the process's default partition (``attach_from_env()`` on first use)."""
     global _default
     with _default_lock:
         if _default is None:
-            if os.environ.get("HVSOCK_HOST_TOKEN") and not os.environ.get("HVSOCK_VM_ID"):
-                _default = attach_host()
-            else:
-                _default = attach()
+            _default = attach_from_env()
         partition = _default
     result: HvSocket = partition.socket(family, type, proto)
     return result

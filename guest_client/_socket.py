@@ -118,6 +118,20 @@ class HvSocket:
         if self._readiness is not None:
             self._readiness.watch_end(end)
 
+    @property
+    def channel_id(self) -> int | None:
+        """The host's id of this connection's channel (``hvsock channels``); None unconnected."""
+        return self._end.channel_id if self._end is not None else None
+
+    @property
+    def data_path(self) -> str | None:
+        """How this end moves data: ``"shm"`` (shared-memory rings) or ``"grpc"`` (the relay);
+        None until connected."""
+        if self._end is None:
+            return None
+        shm = self._end.channel.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY
+        return "shm" if shm else "grpc"
+
     def _check_open(self) -> None:
         if self._state == _CLOSED:
             raise OSError(errno.EBADF, "Bad file descriptor")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,33 +171,56 @@ def _ask_for_big_rings(sock: Any) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
 
 
-def _echo_connection(conn: Any) -> None:
+def _echo_connection(conn: Any) -> int:
+    """Echo until EOF, then half-close; the number of bytes echoed."""
+    echoed = 0
     with conn:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while n := conn.recv_into(buf):
             conn.sendall(view[:n])
+            echoed += n
         conn.shutdown(hv.SHUT_WR)
+    return echoed
 
 
-def serve_echo(listener: Any) -> threading.Thread:
-    """Accept until the listener closes; echo each connection in its own thread."""
+EchoDone = Callable[[Any, tuple[str, str], int, float], None]
+
+
+def serve_echo(listener: Any, on_done: EchoDone | None = None) -> threading.Thread:
+    """Accept until the listener closes; echo each connection in its own thread, then call
+    ``on_done(conn, peer, bytes echoed, seconds)`` (not for connections that failed)."""
+
+    def echo(conn: Any, peer: tuple[str, str]) -> None:
+        start = time.perf_counter()
+        try:
+            echoed = _echo_connection(conn)
+        except OSError:
+            return
+        if on_done is not None:
+            on_done(conn, peer, echoed, time.perf_counter() - start)
 
     def loop() -> None:
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, peer = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_echo_connection, args=(conn,), daemon=True).start()
+            threading.Thread(target=echo, args=(conn, peer), daemon=True).start()
 
     thread = threading.Thread(target=loop, name="echo-accept", daemon=True)
     thread.start()
     return thread
 
 
-def echo_client(partition: Any, address: tuple[str, str], nbytes: int) -> dict[str, Any]:
-    """Connect, send ``nbytes`` of random data, read the echo back; a result dict.
+def echo_client(
+    partition: Any,
+    address: tuple[str, str],
+    nbytes: int,
+    on_connected: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Connect, send ``nbytes`` of random data, read the echo back; a result dict
+    (``on_connected(sock)`` runs once the connection is up, before any data).
 
     At most ``WINDOW`` bytes are in flight (sent, not yet echoed back), less than one ring, so
     the echo server's sends always find room and neither side waits on the other.
@@ -212,6 +236,8 @@ def echo_client(partition: Any, address: tuple[str, str], nbytes: int) -> dict[s
         with sock:
             sock.connect(address)
             result["connected"] = True
+            if on_connected is not None:
+                on_connected(sock)
             buf = bytearray(CHUNK)
             sent = received = 0
             start = time.perf_counter()
@@ -237,6 +263,7 @@ def echo_client(partition: Any, address: tuple[str, str], nbytes: int) -> dict[s
             )
     except OSError as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
+        result["errno"] = errno.errorcode.get(exc.errno or 0, "")
     return result
 
 
