@@ -80,10 +80,12 @@ _Post = Callable[[hvsock_pb2.ChannelDataResponse], None]
 class Relay:
     """The host's side of one relayed channel end."""
 
-    def __init__(self, end: shm.Channel, side: Side, vm_id: str) -> None:
+    def __init__(self, end: shm.Channel, side: Side, vm_id: str, session_id: int) -> None:
         self.end = end
         self.side = side
         self.vm_id = vm_id
+        #: The session holding this end: only its ChannelData stream may claim it.
+        self.session_id = session_id
         self.claimed = False
         #: Why the client's frames broke the protocol (the stream then fails INVALID_ARGUMENT).
         self.error: str | None = None
@@ -327,8 +329,9 @@ class _ChannelRings:
     broker: shm.Channel
     geometry: RingGeometry  # the connector's view
     relays: dict[Side, Relay] = field(default_factory=dict)
-    #: Ends on the shared-memory path: side -> VM id.
+    #: Ends on the shared-memory path: side -> VM id, and side -> the session holding it.
     shm_ends: dict[Side, str] = field(default_factory=dict)
+    shm_sessions: dict[Side, int] = field(default_factory=dict)
     stall_timers: list[asyncio.TimerHandle] = field(default_factory=list)
     #: Paused VMs: their ends of this channel are stalled both ways.
     paused: set[str] = field(default_factory=set)
@@ -350,9 +353,16 @@ class DataPlane:
             log.info("removed %d segments left by a dead host: %s", len(reaped), reaped)
 
     def open_end(
-        self, channel_id: int, side: Side, path: EndPath, connector_view: RingGeometry, vm_id: str
+        self,
+        channel_id: int,
+        side: Side,
+        path: EndPath,
+        connector_view: RingGeometry,
+        vm_id: str,
+        session_id: int,
     ) -> hvsock_pb2.SharedMemorySegment | None:
-        """Set up one end of an opening channel; the segment is made for the first end."""
+        """Set up one end of an opening channel (held by ``session_id`` of ``vm_id``); the
+        segment is made for the first end."""
         rings = self._channels.get(channel_id)
         if rings is None:
             broker = shm.Channel.create(
@@ -365,10 +375,11 @@ class DataPlane:
         end = _END_OF_SIDE[side]
         if path is EndPath.RELAY:
             attached = shm.Channel.attach(rings.broker.name, end=end, directory=str(self.shm_dir))
-            rings.relays[side] = Relay(attached, side, vm_id)
+            rings.relays[side] = Relay(attached, side, vm_id, session_id)
             self._apply_stalls(rings)
             return None
         rings.shm_ends[side] = vm_id
+        rings.shm_sessions[side] = session_id
         self._apply_stalls(rings)
         ring0 = PAGE_SIZE
         ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
@@ -382,20 +393,35 @@ class DataPlane:
         )
 
     def claim_relay(self, channel_id: int, session: Session) -> Relay:
+        """The relayed end of ``channel_id`` that ``session`` holds (not another session's,
+        even of the same partition), for its ChannelData stream."""
         rings = self._channels.get(channel_id)
         relay = None
         if rings is not None:
-            candidates = [r for r in rings.relays.values() if r.vm_id == session.vm_id]
+            candidates = [
+                r
+                for r in rings.relays.values()
+                if (r.vm_id, r.session_id) == (session.vm_id, session.session_id)
+            ]
             relay = next((r for r in candidates if not r.claimed), None)
             if relay is None and candidates:
                 raise errors.InvalidState(f"channel {channel_id} already has a data stream")
-        if relay is None and rings is not None and session.vm_id in rings.shm_ends.values():
+        if (
+            relay is None
+            and rings is not None
+            and any(
+                (rings.shm_ends[side], rings.shm_sessions.get(side))
+                == (session.vm_id, session.session_id)
+                for side in rings.shm_ends
+            )
+        ):
             raise errors.InvalidState(
-                f"partition {session.vm_id}'s end of channel {channel_id} uses shared memory"
+                f"session {session.session_id}'s end of channel {channel_id} uses shared memory"
             )
         if relay is None:
             raise errors.NotFound(
-                f"partition {session.vm_id} has no relayed end of channel {channel_id}"
+                f"session {session.session_id} of partition {session.vm_id} has no relayed end "
+                f"of channel {channel_id}"
             )
         relay.claimed = True
         return relay

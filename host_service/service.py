@@ -42,10 +42,12 @@ from .core.events import (
     Event,
     ListenerChanged,
     PartitionChanged,
+    PartitionEvent,
     PartitionResumed,
     PartitionStalled,
     PeerFinReceived,
     ServiceChanged,
+    SessionChanged,
     SessionEnded,
 )
 from .core.host import HostCore
@@ -117,7 +119,10 @@ def _geometry(ring: RingGeometry, max_payload: int) -> hvsock_pb2.RingGeometry:
 
 @dataclass(eq=False)
 class Attachment:
-    """One live attach stream: the partition's session and its outgoing queue."""
+    """One live attach stream: one session of a partition (a partition may have several at
+    once, one per process) and its outgoing queue.  Everything here is about this session's
+    own listeners and channel ends; the core addresses events to sessions, never to a bare
+    partition."""
 
     session: Session
     secret: str
@@ -131,7 +136,8 @@ class Attachment:
     pending_connects: dict[int, tuple[int, bool]] = field(default_factory=dict)
     #: channel id -> (request id, force relay) of Accept requests being answered.
     pending_accepts: dict[int, tuple[int, bool]] = field(default_factory=dict)
-    #: Channels this partition closed (never loopback ones): it needs no more notices on them.
+    #: Channels this session closed (never ones it holds both ends of): it needs no more
+    #: notices on them.
     closed: set[int] = field(default_factory=set)
     #: listener id -> connections the host may still open on its behalf (Listen.auto_accept).
     accept_credit: dict[int, int] = field(default_factory=dict)
@@ -184,7 +190,8 @@ class Host:
         self.clock = clock
         # Monotonic -> wall clock, for timestamps shown to people.
         self._wall_offset = time.time() - clock()
-        self.attachments: dict[str, Attachment] = {}
+        #: Live attach streams by session id (several may belong to one partition).
+        self.attachments: dict[int, Attachment] = {}
         self._by_secret: dict[str, Attachment] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._watchers: set[asyncio.Queue[Event | None]] = set()
@@ -246,12 +253,21 @@ class Host:
             for watcher in self._watchers:
                 watcher.put_nowait(event)
 
-    def _to(self, vm_id: str) -> Attachment | None:
-        return self.attachments.get(vm_id)
+    def _to(self, event: PartitionEvent) -> Attachment | None:
+        """The attach stream of the session an event is addressed to, if it is still live."""
+        return self._session(event.partition, event.session_id)
+
+    def _session(self, vm_id: str | None, session_id: int | None) -> Attachment | None:
+        if vm_id is None or session_id is None:
+            return None
+        attachment = self.attachments.get(session_id)
+        if attachment is None or attachment.session.vm_id != vm_id:
+            return None
+        return attachment
 
     def _dispatch_one(self, event: Event) -> None:
         if isinstance(event, ConnectionOffered):
-            attachment = self._to(event.partition)
+            attachment = self._to(event)
             if attachment is not None and attachment.accept_credit.get(event.listener_id, 0):
                 # Accept on the listener's behalf, saving the Offer/Accept round trip. Not
                 # within this dispatch: the connector's request is still being handled and
@@ -275,7 +291,7 @@ class Host:
         elif isinstance(event, ConnectionEstablished):
             self._established(event)
         elif isinstance(event, ConnectFailed):
-            attachment = self._to(event.partition)
+            attachment = self._to(event)
             outcome = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout"}.get(
                 event.errno, "reset"
             )
@@ -298,7 +314,7 @@ class Host:
                     )
                 )
         elif isinstance(event, PeerFinReceived):
-            attachment = self._to(event.partition)
+            attachment = self._to(event)
             if attachment is not None and event.channel_id not in attachment.closed:
                 attachment.send(
                     hvsock_pb2.AttachResponse(
@@ -310,7 +326,7 @@ class Host:
                 )
         elif isinstance(event, ChannelRescinded):
             self.dataplane.rescind(event.channel_id, event.reason)
-            attachment = self._to(event.partition)
+            attachment = self._to(event)
             if attachment is not None and event.channel_id not in attachment.closed:
                 attachment.pending_accepts.pop(event.channel_id, None)
                 attachment.send(
@@ -327,8 +343,11 @@ class Host:
             self.dataplane.remove(event.channel_id)
             if event.final_state is ChannelState.RESCINDED:
                 metrics.RESCINDS.labels(event.reason).inc()
-            for vm_id in (event.connector, event.acceptor):
-                attachment = self._to(vm_id) if vm_id is not None else None
+            for vm_id, session_id in (
+                (event.connector, event.connector_session),
+                (event.acceptor, event.acceptor_session),
+            ):
+                attachment = self._session(vm_id, session_id)
                 if attachment is not None:
                     attachment.pending_connects.pop(event.channel_id, None)
                     attachment.closed.discard(event.channel_id)
@@ -339,8 +358,8 @@ class Host:
             if event.new in (ChannelState.CLOSED, ChannelState.RESCINDED):
                 metrics.CHANNELS.labels(event.new.value).dec()
         elif isinstance(event, SessionEnded):
-            attachment = self._to(event.partition)
-            if attachment is not None and attachment.session.session_id == event.session_id:
+            attachment = self._to(event)
+            if attachment is not None:
                 attachment.end(event.reason)
         elif isinstance(event, PartitionStalled):
             for channel_id in event.channel_ids:
@@ -349,7 +368,14 @@ class Host:
             for channel_id in event.channel_ids:
                 self.dataplane.resume(channel_id, event.vm_id)
         elif isinstance(event, PartitionChanged):
+            # "attached"/"detached" mark a partition's first and last session.
+            if event.change == "attached":
+                metrics.PARTITIONS_ATTACHED.inc()
+            elif event.change == "detached":
+                metrics.PARTITIONS_ATTACHED.dec()
             self._persist_partition(event)
+        elif isinstance(event, SessionChanged):
+            pass  # the lifecycle log (watchers) is all a session change needs
         elif isinstance(event, ServiceChanged):
             if self.store is not None:
                 if event.change == "unregistered":
@@ -371,7 +397,7 @@ class Host:
 
     def _established(self, event: ConnectionEstablished) -> None:
         """Answer the Connect or Accept that this opening completes, with the end's rings."""
-        attachment = self._to(event.partition)
+        attachment = self._to(event)
         if attachment is None:
             return
         pending = (
@@ -391,7 +417,7 @@ class Host:
         # Geometry in the event is this end's view; the data plane keeps the connector's view.
         connector_view = event.ring if event.side is Side.CONNECTOR else event.ring.swapped
         segment = self.dataplane.open_end(
-            event.channel_id, event.side, path, connector_view, event.partition
+            event.channel_id, event.side, path, connector_view, event.partition, event.session_id
         )
         self.core.set_data_path(event.channel_id, event.side, path.value)
         channel = hvsock_pb2.Channel(
@@ -411,7 +437,10 @@ class Host:
         )
 
     def _auto_accept(self, attachment: Attachment, channel_id: int, listener_id: int) -> None:
-        if attachment.ended is not None or self._to(attachment.session.vm_id) is not attachment:
+        if (
+            attachment.ended is not None
+            or self.attachments.get(attachment.session.session_id) is not attachment
+        ):
             return
         attachment.auto_accepted[channel_id] = listener_id
         try:
@@ -451,25 +480,29 @@ class Host:
             finally:
                 os.close(fd)
             attachment.shm_probe, attachment.shm_nonce = path, nonce
-        self.attachments[session.vm_id] = attachment
+        self.attachments[session.session_id] = attachment
         self._by_secret[attachment.secret] = attachment
-        metrics.PARTITIONS_ATTACHED.inc()
         return attachment
 
     def unregister(self, attachment: Attachment, reason: str) -> None:
         self._drop_probe(attachment)
         attachment.end(reason)
-        if self.attachments.get(attachment.session.vm_id) is attachment:
-            del self.attachments[attachment.session.vm_id]
+        if self.attachments.get(attachment.session.session_id) is attachment:
+            del self.attachments[attachment.session.session_id]
             self._by_secret.pop(attachment.secret, None)
-            metrics.PARTITIONS_ATTACHED.dec()
+            # Only this session: the partition's other sessions keep their sockets.
             with contextlib.suppress(errors.HvError):
                 self.call(self.core.detach, attachment.session, reason=reason)
 
     def _overflowed(self, attachment: Attachment) -> None:
         """The client stopped reading: detach it now and stop its stream's handler, which
         may be blocked handing a response to a transport nobody drains."""
-        log.warning("detaching %s: %s", attachment.session.vm_id, attachment.ended)
+        log.warning(
+            "detaching %s session %d: %s",
+            attachment.session.vm_id,
+            attachment.session.session_id,
+            attachment.ended,
+        )
         self.unregister(attachment, attachment.ended or "stopped reading")
         if attachment.task is not None and not attachment.task.done():
             attachment.task.cancel()
@@ -498,6 +531,7 @@ class Host:
             attached=info.attached,
             channel_count=len(channels),
             listener_count=len(listeners),
+            session_count=info.sessions,
         )
 
     def channel_status_pb(self, info: ChannelInfo) -> hvsock_pb2.ChannelStatus:
@@ -542,6 +576,8 @@ class Host:
             channel_id,
             detail,
         )
+        if isinstance(event, PartitionEvent | SessionChanged):
+            response.session_id = event.session_id
         return response
 
 
@@ -568,6 +604,9 @@ def _describe(event: Event) -> tuple[str, str, int, str]:
         return ("rescind", event.partition, event.channel_id, event.reason)
     if isinstance(event, SessionEnded):
         return ("session_ended", event.partition, 0, event.reason)
+    if isinstance(event, SessionChanged):
+        detail = f"session {event.session_id}: {event.reason}; {event.sessions} open"
+        return (f"session_{event.change}", event.vm_id, 0, detail)
     if isinstance(event, ChannelRemoved):
         return ("removed", event.connector, event.channel_id, event.reason)
     if isinstance(event, ConnectRefused):
@@ -668,7 +707,14 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             host=session.is_host,
             token=new_token,
         )
-        log.info("attached %s (%s) from %s", session.vm_id, info.name, context.peer())
+        log.info(
+            "attached %s (%s) session %d (%d open) from %s",
+            session.vm_id,
+            info.name,
+            session.session_id,
+            info.sessions,
+            context.peer(),
+        )
         return welcome, attachment
 
     def _persist_new(self, vm_id: str, token: str) -> None:
@@ -736,7 +782,8 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             credit = request.accept_credit
             if credit.listener_id not in attachment.accept_credit:
                 raise errors.NotFound(
-                    f"no auto-accepting listener {credit.listener_id} in partition {session.vm_id}"
+                    f"no auto-accepting listener {credit.listener_id} in session "
+                    f"{session.session_id} of partition {session.vm_id}"
                 )
             attachment.accept_credit[credit.listener_id] = min(
                 attachment.accept_credit[credit.listener_id] + credit.count, MAX_ACCEPT_CREDIT
@@ -770,7 +817,10 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             channel_id = request.close.channel_id
             with contextlib.suppress(errors.NotFound):
                 info = core.get_channel(channel_id)
-                if info.acceptor is None or info.acceptor.vm_id != info.connector.vm_id:
+                if info.acceptor is None or (info.acceptor.vm_id, info.acceptor.session_id) != (
+                    info.connector.vm_id,
+                    info.connector.session_id,
+                ):
                     attachment.closed.add(channel_id)
                 host.call(core.close, session, channel_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
@@ -877,6 +927,7 @@ def limits_pb(core: HostCore) -> hvsock_pb2.Limits:
         allow_guest_to_guest=config.allow_guest_to_guest,
         connect_timeout_ms=int(config.connect_timeout * 1000),
         close_timeout_ms=int(config.close_timeout * 1000),
+        max_sessions_per_partition=config.max_sessions_per_partition,
     )
 
 

@@ -35,7 +35,6 @@ from host_service.core.errors import (
     STATUS_NAMES,
     AddressInUse,
     AddressNotAvailable,
-    AlreadyAttached,
     AlreadyExists,
     BadAddress,
     ConnectionRefused,
@@ -54,6 +53,7 @@ from host_service.core.errors import (
     PermissionDenied,
     ProtocolError,
     ServiceNotRegistered,
+    TooManySessions,
     Unauthenticated,
 )
 from host_service.core.events import (
@@ -72,6 +72,7 @@ from host_service.core.events import (
     PartitionStalled,
     PeerFinReceived,
     ServiceChanged,
+    SessionChanged,
     SessionEnded,
 )
 from host_service.core.host import HOST_NAME, HOST_VM_ID, HostCore
@@ -111,7 +112,6 @@ __all__ = [
     "Address",
     "AddressInUse",
     "AddressNotAvailable",
-    "AlreadyAttached",
     "AlreadyExists",
     "BadAddress",
     "ChannelInfo",
@@ -159,8 +159,10 @@ __all__ = [
     "ServiceNotRegistered",
     "ServiceRegistration",
     "Session",
+    "SessionChanged",
     "SessionEnded",
     "Side",
+    "TooManySessions",
     "Unauthenticated",
     "guid_from_bytes_le",
     "guid_to_bytes_le",

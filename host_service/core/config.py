@@ -23,7 +23,10 @@ class HostConfig:
     """Immutable configuration; validated at construction (raises :class:`InvalidArgument`)."""
 
     #: Sockets per partition: listeners plus channel ends (see HostCore docs). Seed default 1024.
+    #: Counted per partition across all its sessions, as Hyper-V counts per VM.
     max_socket_number: int = 1024
+    #: Live sessions (attach streams: processes) one partition may have at once.
+    max_sessions_per_partition: int = 64
     #: Default pages of the guest's send ring (guest -> host), control page included.
     send_ring_page: int = 2
     #: Default pages of the guest's receive ring (host -> guest), control page included.
@@ -52,6 +55,7 @@ class HostConfig:
     def __post_init__(self) -> None:
         positive_ints = {
             "max_socket_number": self.max_socket_number,
+            "max_sessions_per_partition": self.max_sessions_per_partition,
             "send_ring_page": self.send_ring_page,
             "recv_ring_page": self.recv_ring_page,
             "max_ring_pages": self.max_ring_pages,

@@ -22,10 +22,10 @@ Tree::
     +-- HostUnreachable                    EHOSTUNREACH  NOT_FOUND
     +-- NotFound                           ENOENT        NOT_FOUND
     +-- AlreadyExists                      EEXIST        ALREADY_EXISTS
-    |   +-- AlreadyAttached                EBUSY         ALREADY_EXISTS
     +-- AddressInUse                       EADDRINUSE    ALREADY_EXISTS
     +-- AddressNotAvailable                EADDRNOTAVAIL RESOURCE_EXHAUSTED
     +-- NoBuffers                          ENOBUFS       RESOURCE_EXHAUSTED
+    |   +-- TooManySessions                ENOBUFS       RESOURCE_EXHAUSTED
     +-- Unauthenticated                    EACCES        UNAUTHENTICATED
     +-- PermissionDenied                   EACCES        PERMISSION_DENIED
     |   +-- ServiceNotRegistered           EACCES        PERMISSION_DENIED
@@ -54,7 +54,6 @@ __all__ = [
     "STATUS_NAMES",
     "AddressInUse",
     "AddressNotAvailable",
-    "AlreadyAttached",
     "AlreadyExists",
     "BadAddress",
     "ConnectTimedOut",
@@ -73,6 +72,7 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "ServiceNotRegistered",
+    "TooManySessions",
     "Unauthenticated",
 ]
 
@@ -161,12 +161,6 @@ class AlreadyExists(HvError):
     status = "ALREADY_EXISTS"
 
 
-class AlreadyAttached(AlreadyExists):
-    """The partition already has a live attach session; a VM id can be attached once at a time."""
-
-    errno = _errno.EBUSY
-
-
 class AddressInUse(HvError):
     """Another listener (or connection endpoint) of the partition holds an overlapping address."""
 
@@ -186,6 +180,12 @@ class NoBuffers(HvError):
 
     errno = _errno.ENOBUFS
     status = "RESOURCE_EXHAUSTED"
+
+
+class TooManySessions(NoBuffers):
+    """The partition already has ``max_sessions_per_partition`` live sessions (attach streams,
+    one per process of the VM); another attach must wait until one ends.  ENOBUFS, like every
+    per-partition resource limit (and what a client infers from RESOURCE_EXHAUSTED alone)."""
 
 
 class Unauthenticated(HvError):

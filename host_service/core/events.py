@@ -5,9 +5,11 @@ increasing number, so a diagnostics stream can resume "after seq N").
 
 Two families:
 
-* :class:`PartitionEvent` -- addressed to one partition (``partition`` = its VM id).  The adapter
-  sends it on that partition's attach stream, if one is live; otherwise it is dropped.  The core
-  never addresses a partition that has no session, except for ``SessionEnded``.
+* :class:`PartitionEvent` -- addressed to one session of one partition (``partition`` = its VM
+  id, ``session_id`` = the session).  The adapter sends it on that session's attach stream.  The
+  core addresses only live sessions: a channel notice goes to the session that holds that end,
+  an offer to the session that owns the listener; ``SessionEnded`` is emitted just as the
+  session ends.
 * everything else -- for the adapter itself (reclaim rings, stall rings, metrics) and for the
   lifecycle log.
 
@@ -38,6 +40,7 @@ __all__ = [
     "PartitionStalled",
     "PeerFinReceived",
     "ServiceChanged",
+    "SessionChanged",
     "SessionEnded",
 ]
 
@@ -52,6 +55,8 @@ class Event:
 class PartitionEvent(Event):
     #: VM id of the partition this event is for.
     partition: str
+    #: The session (attach stream) of that partition this event is for.
+    session_id: int
 
 
 # --- to a partition -------------------------------------------------------------------------
@@ -73,7 +78,8 @@ class ConnectionOffered(PartitionEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionEstablished(PartitionEvent):
-    """The channel is open; sent to both ends (for loopback, twice to the same partition)."""
+    """The channel is open; sent to both ends (for loopback, to both sessions involved -- twice
+    to one session if it holds both ends)."""
 
     channel_id: int
     side: Side
@@ -115,9 +121,9 @@ class ChannelRescinded(PartitionEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionEnded(PartitionEvent):
-    """The host ended the partition's session (VM stopped or deleted): close its stream."""
+    """The host ended the session (VM stopped or deleted; every session of the partition gets
+    one): close its stream."""
 
-    session_id: int
     reason: str
 
 
@@ -145,6 +151,9 @@ class ChannelRemoved(Event):
     #: VM ids of the connector and (if any) the acceptor.
     connector: str
     acceptor: str | None
+    #: Sessions that held the connector and (if any) the acceptor end.
+    connector_session: int
+    acceptor_session: int | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,11 +168,27 @@ class ConnectRefused(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PartitionChanged(Event):
-    """created / deleted / paused / resumed / stopped / started / attached / detached."""
+    """created / deleted / paused / resumed / stopped / started / attached / detached.
+
+    "attached" marks the partition's first live session, "detached" the end of its last one;
+    :class:`SessionChanged` reports every session in between.
+    """
 
     vm_id: str
     change: str
     state: PartitionState | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionChanged(Event):
+    """A session of ``vm_id`` "opened" (attach) or "closed" (detach, stop, delete)."""
+
+    vm_id: str
+    session_id: int
+    change: str
+    #: Live sessions of the partition after the change.
+    sessions: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

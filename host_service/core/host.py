@@ -13,8 +13,20 @@ Partitions.  The host (root) partition always exists, is always running, has the
 personality and is identified by :data:`HOST_VM_ID` (= PARENT, the address VMs use to reach it).
 VMs are created with a name, an optional VM id and a personality; each gets a secret token shown
 once (only its sha256 is kept).  A partition acts only through a :class:`Session` obtained with
-``attach``; ``detach`` (the attach stream ended) rescinds every channel it holds and drops its
-listeners.
+``attach``.
+
+Sessions.  Each ``attach`` with the right token opens a new session (one attach stream, one
+process of the partition), up to ``max_sessions_per_partition`` at once (then
+:class:`TooManySessions`).  Listeners and channel ends belong to the session that created or
+was offered them: offers go to the session owning the listener, channel notices to the session
+holding that end, and only that session can act on them (to another session of the same
+partition they do not exist: NotFound).  ``detach`` (the attach stream ended) rescinds the
+channels that session holds an end of and drops its listeners; the partition's other sessions
+are untouched.  Stopping or deleting a VM ends all its sessions.  Addresses and
+``max_socket_number`` stay per partition: two sessions of one VM binding overlapping addresses
+conflict (EADDRINUSE), and LOOPBACK connects between them work as between two processes.
+``PartitionChanged`` "attached"/"detached" mark the first session and the end of the last;
+``SessionChanged`` reports each one.
 
 Sockets and ``max_socket_number``.  A partition's socket count is its listeners plus its channel
 ends: a connecting end counts from ``connect`` on, an accepting end from the moment the channel
@@ -66,7 +78,6 @@ from host_service.core.config import HostConfig
 from host_service.core.errors import (
     AddressInUse,
     AddressNotAvailable,
-    AlreadyAttached,
     AlreadyExists,
     BadAddress,
     ConnectionRefused,
@@ -83,6 +94,7 @@ from host_service.core.errors import (
     PermissionDenied,
     ProtocolError,
     ServiceNotRegistered,
+    TooManySessions,
     Unauthenticated,
 )
 from host_service.core.events import (
@@ -100,6 +112,7 @@ from host_service.core.events import (
     PartitionStalled,
     PeerFinReceived,
     ServiceChanged,
+    SessionChanged,
     SessionEnded,
 )
 from host_service.core.partitions import (
@@ -236,12 +249,12 @@ class HostCore:
         """Logged events with ``event.seq > seq`` (the log keeps ``event_log_size`` events)."""
         return [event for event in self._log if event.seq > seq]
 
-    def _live(self, vm_id: str | None) -> bool:
-        """Whether events addressed to ``vm_id`` have a session to go to."""
-        if vm_id is None:
+    def _live(self, vm_id: str | None, session_id: int | None) -> bool:
+        """Whether events addressed to ``session_id`` of ``vm_id`` have a session to go to."""
+        if vm_id is None or session_id is None:
             return False
         partition = self._partitions.get(vm_id)
-        return partition is not None and partition.session is not None
+        return partition is not None and session_id in partition.sessions
 
     # ------------------------------------------------------------------------------------------
     # partitions (admin)
@@ -437,7 +450,7 @@ class HostCore:
         )
 
     def stop_partition(self, vm_id: str, now: float) -> list[Event]:
-        """Power a VM off: end its session, rescind its channels, drop its listeners."""
+        """Power a VM off: end all its sessions, rescind its channels, drop its listeners."""
         partition = self._vm(vm_id, "stopped")
         if partition.state is PartitionState.OFF:
             raise InvalidState(f"VM {partition.vm_id} is already off")
@@ -470,37 +483,66 @@ class HostCore:
         return out
 
     def _tear_down(self, partition: _Partition, now: float, *, reason: str) -> list[Event]:
-        """End the session (telling the partition why), then rescind and unlisten everything."""
+        """End every session (telling each why), then rescind and unlisten everything."""
         out: list[Event] = []
-        if partition.session is not None:
-            session = partition.session
+        for session_id in list(partition.sessions):
             self._emit(
                 out,
                 SessionEnded(
                     at=now,
                     seq=self._seq(),
                     partition=partition.vm_id,
-                    session_id=session.session_id,
+                    session_id=session_id,
                     reason=reason,
                 ),
             )
-            partition.session = None
-            self._emit_partition(out, partition, "detached", now)
-        out.extend(self._release_all(partition, now, reason=reason))
+            self._end_session(out, partition, session_id, now, reason=reason)
+        out.extend(self._release(partition, None, now, reason=reason))
         return out
 
-    def _release_all(self, partition: _Partition, now: float, *, reason: str) -> list[Event]:
-        """Rescind every channel with an end in ``partition`` and close all its listeners.
+    def _end_session(
+        self, out: list[Event], partition: _Partition, session_id: int, now: float, *, reason: str
+    ) -> None:
+        """Forget one session (before its sockets are released, so that only the peers hear
+        about them); the last one to go detaches the partition."""
+        del partition.sessions[session_id]
+        self._emit(
+            out,
+            SessionChanged(
+                at=now,
+                seq=self._seq(),
+                vm_id=partition.vm_id,
+                session_id=session_id,
+                change="closed",
+                sessions=len(partition.sessions),
+                reason=reason,
+            ),
+        )
+        if not partition.sessions:
+            self._emit_partition(out, partition, "detached", now)
 
-        Called once the partition has no session, so only the peers hear about it.
+    def _release(
+        self, partition: _Partition, session_id: int | None, now: float, *, reason: str
+    ) -> list[Event]:
+        """Rescind every channel with an end held by ``session_id`` in ``partition`` (by any
+        session for None) and close that session's listeners.
+
+        Called once the session is gone, so only the peers -- possibly other sessions of the
+        same partition, over loopback -- hear about it.
         """
         out: list[Event] = []
         for cid in sorted(partition.channels):
             channel = self._channels.get(cid)
-            if channel is not None and not channel.machine.terminal:
+            if channel is None or channel.machine.terminal:
+                continue
+            if session_id is None or any(
+                channel.vm(side) == partition.vm_id and channel.session(side) == session_id
+                for side in Side
+            ):
                 out.extend(self._apply(channel, ChannelInput.RESCIND, now, reason))
         for listener in list(partition.listeners.values()):
-            out.extend(self._remove_listener(partition, listener, now, reason=reason))
+            if session_id is None or listener.session_id == session_id:
+                out.extend(self._remove_listener(partition, listener, now, reason=reason))
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -508,34 +550,49 @@ class HostCore:
     # ------------------------------------------------------------------------------------------
 
     def attach(self, vm_id: str, token: str | None, now: float) -> tuple[Session, list[Event]]:
-        """Authenticate a partition and open its session.
+        """Authenticate a partition and open a new session of it (another process of that VM,
+        or of the host); the partition's other sessions are unaffected.
 
         Raises:
             NotFound: no such partition.  Unauthenticated: missing or wrong token.
-            AlreadyAttached: the partition already has a session.
             PartitionNotRunning: the VM is off.
+            TooManySessions: the partition has max_sessions_per_partition sessions already.
         """
         partition = self._partition(vm_id)
         if not token:
             raise Unauthenticated(f"a token is required to attach as {partition.vm_id}")
         if not isinstance(token, str) or not token_matches(token, partition.token_sha256):
             raise Unauthenticated(f"wrong token for partition {partition.vm_id}")
-        if partition.session is not None:
-            raise AlreadyAttached(
-                f"partition {partition.vm_id} is already attached (session "
-                f"{partition.session.session_id}); detach it first"
-            )
         if partition.state is PartitionState.OFF:
             raise PartitionNotRunning(f"VM {partition.vm_id} is off; start it first")
+        limit = self.config.max_sessions_per_partition
+        if len(partition.sessions) >= limit:
+            raise TooManySessions(
+                f"partition {partition.vm_id} has {len(partition.sessions)} sessions, the "
+                f"max_sessions_per_partition limit; end one before attaching again"
+            )
         session = Session(
             session_id=next(self._session_ids),
             vm_id=partition.vm_id,
             is_host=partition.is_host,
             personality=partition.personality,
         )
-        partition.session = session
+        partition.sessions[session.session_id] = session
         out: list[Event] = []
-        self._emit_partition(out, partition, "attached", now)
+        if len(partition.sessions) == 1:
+            self._emit_partition(out, partition, "attached", now)
+        self._emit(
+            out,
+            SessionChanged(
+                at=now,
+                seq=self._seq(),
+                vm_id=partition.vm_id,
+                session_id=session.session_id,
+                change="opened",
+                sessions=len(partition.sessions),
+                reason="attach",
+            ),
+        )
         return session, out
 
     def attach_new(
@@ -560,17 +617,17 @@ class HostCore:
         return session, token, out + more
 
     def detach(self, session: Session, now: float, *, reason: str = "detached") -> list[Event]:
-        """The partition's attach stream ended: rescind its channels, drop its listeners."""
+        """The session's attach stream ended: rescind the channels it holds an end of and drop
+        its listeners.  Other sessions of the partition keep theirs."""
         partition = self._session_partition(session, require_running=False)
-        partition.session = None
         out: list[Event] = []
-        self._emit_partition(out, partition, "detached", now)
-        out.extend(self._release_all(partition, now, reason=f"partition {reason}"))
+        self._end_session(out, partition, session.session_id, now, reason=reason)
+        out.extend(self._release(partition, session.session_id, now, reason=f"partition {reason}"))
         return out
 
     def _session_partition(self, session: Session, *, require_running: bool = True) -> _Partition:
         partition = self._partitions.get(session.vm_id)
-        if partition is None or partition.session is None or partition.session != session:
+        if partition is None or partition.sessions.get(session.session_id) != session:
             raise Unauthenticated(f"session {session.session_id} is no longer attached")
         if require_running and partition.state is not PartitionState.RUNNING:
             raise PartitionNotRunning(f"partition {partition.vm_id} is {partition.state}")
@@ -697,6 +754,7 @@ class HostCore:
         listener = _Listener(
             listener_id=next(self._listener_ids),
             vm_id=partition.vm_id,
+            session_id=session.session_id,
             scope=scope,
             service_id=sid,
             backlog=effective_backlog,
@@ -723,12 +781,15 @@ class HostCore:
         return listener.info(), out
 
     def unlisten(self, session: Session, listener_id: int, now: float) -> list[Event]:
-        """Close a listener.  Channels offered through it and not yet accepted are refused
-        (heard or ignored by the connector as for a connect nobody takes)."""
+        """Close a listener of this session.  Channels offered through it and not yet accepted
+        are refused (heard or ignored by the connector as for a connect nobody takes)."""
         partition = self._session_partition(session)
         listener = partition.listeners.get(listener_id)
-        if listener is None:
-            raise NotFound(f"no listener {listener_id} in partition {partition.vm_id}")
+        if listener is None or listener.session_id != session.session_id:
+            raise NotFound(
+                f"no listener {listener_id} in session {session.session_id} of partition "
+                f"{partition.vm_id}"
+            )
         return self._remove_listener(partition, listener, now, reason="unlisten")
 
     def _remove_listener(
@@ -938,6 +999,7 @@ class HostCore:
             channel_id=cid,
             machine=ChannelMachine(),
             connector_vm=partition.vm_id,
+            connector_session=session.session_id,
             connector_local=Address(
                 connector_local_vm_id(caller_vm=partition.vm_id, caller_is_host=partition.is_host),
                 local_sid,
@@ -983,6 +1045,7 @@ class HostCore:
         now: float,
     ) -> list[Event]:
         channel.acceptor_vm = acceptor.vm_id
+        channel.acceptor_session = listener.session_id
         channel.listener_id = listener.listener_id
         channel.acceptor_local = listener.local
         channel.acceptor_remote = Address(
@@ -1006,6 +1069,7 @@ class HostCore:
                 at=now,
                 seq=self._seq(),
                 partition=acceptor.vm_id,
+                session_id=listener.session_id,
                 channel_id=channel.channel_id,
                 listener_id=listener.listener_id,
                 local=channel.acceptor_local,
@@ -1016,19 +1080,25 @@ class HostCore:
         return out
 
     def _channel_end(
-        self, partition: _Partition, channel_id: int, side: Side | None
+        self, partition: _Partition, session: Session, channel_id: int, side: Side | None
     ) -> tuple[_Channel, Side]:
         """The channel and which of its ends the caller speaks for.
 
-        Channels the partition holds no end of are reported as not found (a partition cannot
-        learn about, let alone act on, another partition's channels).
+        Channels the session holds no end of are reported as not found (a session cannot
+        learn about, let alone act on, another partition's channels -- nor the ends another
+        session of its own partition holds).
         """
         channel = self._channels.get(channel_id)
+        missing = f"no channel {channel_id} in session {session.session_id} of {partition.vm_id}"
         if channel is None:
-            raise NotFound(f"no channel {channel_id} in partition {partition.vm_id}")
-        sides = [s for s in Side if channel.vm(s) == partition.vm_id]
+            raise NotFound(missing)
+        sides = [
+            s
+            for s in Side
+            if channel.vm(s) == partition.vm_id and channel.session(s) == session.session_id
+        ]
         if not sides:
-            raise NotFound(f"no channel {channel_id} in partition {partition.vm_id}")
+            raise NotFound(missing)
         if side is None:
             if len(sides) > 1:
                 raise InvalidArgument(
@@ -1039,24 +1109,26 @@ class HostCore:
         side = Side(side)
         if side not in sides:
             raise PermissionDenied(
-                f"partition {partition.vm_id} is not the {side} of channel {channel_id}"
+                f"session {session.session_id} of partition {partition.vm_id} is not the {side} "
+                f"of channel {channel_id}"
             )
         return channel, side
 
     def accept(self, session: Session, channel_id: int, now: float) -> list[Event]:
         """Open an offered channel (acceptor only): ``ConnectionEstablished`` to both ends."""
         partition = self._session_partition(session)
-        channel, _ = self._channel_end(partition, channel_id, Side.ACCEPTOR)
+        channel, _ = self._channel_end(partition, session, channel_id, Side.ACCEPTOR)
         listener = self._listeners.get(channel.listener_id) if channel.listener_id else None
         out = self._apply(channel, ChannelInput.ACCEPT, now, "accepted")
         if listener is not None:
             listener.pending.discard(channel.channel_id)
-        assert channel.acceptor_vm is not None
+        assert channel.acceptor_vm is not None and channel.acceptor_session is not None
         assert channel.acceptor_local is not None and channel.acceptor_remote is not None
-        for side, vm, local, remote, ring in (
+        for side, vm, owner, local, remote, ring in (
             (
                 Side.CONNECTOR,
                 channel.connector_vm,
+                channel.connector_session,
                 channel.connector_local,
                 channel.target,
                 channel.ring,
@@ -1064,18 +1136,20 @@ class HostCore:
             (
                 Side.ACCEPTOR,
                 channel.acceptor_vm,
+                channel.acceptor_session,
                 channel.acceptor_local,
                 channel.acceptor_remote,
                 channel.ring.swapped,
             ),
         ):
-            if self._live(vm):
+            if self._live(vm, owner):
                 self._emit(
                     out,
                     ConnectionEstablished(
                         at=now,
                         seq=self._seq(),
                         partition=vm,
+                        session_id=owner,
                         channel_id=channel.channel_id,
                         side=side,
                         local=local,
@@ -1088,7 +1162,7 @@ class HostCore:
     def refuse(self, session: Session, channel_id: int, now: float) -> list[Event]:
         """Decline an offered channel (acceptor only)."""
         partition = self._session_partition(session)
-        channel, _ = self._channel_end(partition, channel_id, Side.ACCEPTOR)
+        channel, _ = self._channel_end(partition, session, channel_id, Side.ACCEPTOR)
         return self._refuse_offer(channel, now, reason="refused by the acceptor")
 
     def _refuse_offer(self, channel: _Channel, now: float, *, reason: str) -> list[Event]:
@@ -1116,7 +1190,7 @@ class HostCore:
         """``shutdown(SHUT_WR)`` (or SHUT_RDWR): send the FIN.  SHUT_RD is local to the socket
         (no wire signal exists) and never reaches the host."""
         partition = self._session_partition(session)
-        channel, end = self._channel_end(partition, channel_id, side)
+        channel, end = self._channel_end(partition, session, channel_id, side)
         return self._apply(channel, _FIN[end], now, f"shutdown by the {end}")
 
     def close(
@@ -1125,7 +1199,7 @@ class HostCore:
         """Close one end: implies its FIN; the host rescinds once the peer's FIN arrives or
         after the close timeout.  Closing a connecting end abandons the connect."""
         partition = self._session_partition(session)
-        channel, end = self._channel_end(partition, channel_id, side)
+        channel, end = self._channel_end(partition, session, channel_id, side)
         return self._apply(channel, _CLOSE[end], now, f"closed by the {end}")
 
     def rescind(
@@ -1215,15 +1289,16 @@ class HostCore:
         sender = _SIDE_OF_INPUT.get(event)
         if sender is not None and old in ESTABLISHED_STATES and not _fin_sent(old, sender):
             receiver = sender.peer
-            receiver_vm = channel.vm(receiver)
-            if old is not _CLOSING_BY[receiver] and self._live(receiver_vm):
-                assert receiver_vm is not None
+            receiver_vm, receiver_session = channel.vm(receiver), channel.session(receiver)
+            if old is not _CLOSING_BY[receiver] and self._live(receiver_vm, receiver_session):
+                assert receiver_vm is not None and receiver_session is not None
                 self._emit(
                     out,
                     PeerFinReceived(
                         at=now,
                         seq=self._seq(),
                         partition=receiver_vm,
+                        session_id=receiver_session,
                         channel_id=channel.channel_id,
                         side=receiver,
                     ),
@@ -1247,7 +1322,9 @@ class HostCore:
         cid = channel.channel_id
         if old in CONNECTING_STATES:
             # The connector learns how its connect ended, unless it gave up itself.
-            if event is not ChannelInput.CLOSE_CONNECTOR and self._live(channel.connector_vm):
+            if event is not ChannelInput.CLOSE_CONNECTOR and self._live(
+                channel.connector_vm, channel.connector_session
+            ):
                 failure = _CONNECT_FAILURE.get(event, ConnectionReset)
                 self._emit(
                     out,
@@ -1255,6 +1332,7 @@ class HostCore:
                         at=now,
                         seq=self._seq(),
                         partition=channel.connector_vm,
+                        session_id=channel.connector_session,
                         channel_id=cid,
                         errno=failure.errno,
                         status=failure.status,
@@ -1264,8 +1342,9 @@ class HostCore:
             # An offered acceptor sees its offer withdrawn, unless it refused it itself.
             if (
                 channel.acceptor_vm is not None
+                and channel.acceptor_session is not None
                 and event is not ChannelInput.REFUSE
-                and self._live(channel.acceptor_vm)
+                and self._live(channel.acceptor_vm, channel.acceptor_session)
             ):
                 self._emit(
                     out,
@@ -1273,6 +1352,7 @@ class HostCore:
                         at=now,
                         seq=self._seq(),
                         partition=channel.acceptor_vm,
+                        session_id=channel.acceptor_session,
                         channel_id=cid,
                         side=Side.ACCEPTOR,
                         reason=reason,
@@ -1282,21 +1362,22 @@ class HostCore:
             # The host always rescinds an opened channel towards both ends; a Linux guest
             # waits for that rescind before it frees the channel.
             for side in Side:
-                vm = channel.vm(side)
-                if self._live(vm):
-                    assert vm is not None
+                vm, owner = channel.vm(side), channel.session(side)
+                if self._live(vm, owner):
+                    assert vm is not None and owner is not None
                     self._emit(
                         out,
                         ChannelRescinded(
                             at=now,
                             seq=self._seq(),
                             partition=vm,
+                            session_id=owner,
                             channel_id=cid,
                             side=side,
                             reason=reason,
                         ),
                     )
-        acceptor_vm = channel.acceptor_vm
+        acceptor_vm, acceptor_session = channel.acceptor_vm, channel.acceptor_session
         self._detach_acceptor(channel)
         connector = self._partitions.get(channel.connector_vm)
         if connector is not None:
@@ -1317,6 +1398,8 @@ class HostCore:
                 reason=reason,
                 connector=channel.connector_vm,
                 acceptor=acceptor_vm,
+                connector_session=channel.connector_session,
+                acceptor_session=acceptor_session,
             ),
         )
         return out
@@ -1335,6 +1418,7 @@ class HostCore:
             if acceptor.vm_id != channel.connector_vm:
                 acceptor.channels.discard(channel.channel_id)
         channel.acceptor_vm = None
+        channel.acceptor_session = None
         channel.acceptor_local = None
         channel.acceptor_remote = None
         channel.listener_id = None
@@ -1406,6 +1490,7 @@ class HostCore:
     def _channel_info(self, channel: _Channel) -> ChannelInfo:
         connector = EndpointInfo(
             vm_id=channel.connector_vm,
+            session_id=channel.connector_session,
             local=channel.connector_local,
             remote=channel.target,
             data_path=channel.data_path.get(Side.CONNECTOR, ""),
@@ -1414,11 +1499,13 @@ class HostCore:
         acceptor = None
         if (
             channel.acceptor_vm is not None
+            and channel.acceptor_session is not None
             and channel.acceptor_local is not None
             and channel.acceptor_remote is not None
         ):
             acceptor = EndpointInfo(
                 vm_id=channel.acceptor_vm,
+                session_id=channel.acceptor_session,
                 local=channel.acceptor_local,
                 remote=channel.acceptor_remote,
                 data_path=channel.data_path.get(Side.ACCEPTOR, ""),

@@ -4,9 +4,14 @@ These records are the core's state.  Invariants kept by ``HostCore``:
 
 * ``_Partition.channel_ends`` == number of (channel, side) pairs whose end lives in the partition
   (a loopback channel counts twice); ``sockets`` = listeners + channel ends <= max_socket_number
-  at the moment each socket was added.
+  at the moment each socket was added.  Sockets, listen addresses and local service ids are
+  per partition, shared by all its sessions (as a VM's processes share its address space).
 * A channel's acceptor fields are set exactly while its state is OFFERED or later (non-terminal).
 * ``_Listener.pending`` holds exactly the ids of OFFERED channels offered through it.
+* Ownership: every listener's ``session_id`` and every live channel end's session
+  (``_Channel.session(side)``) is a key of its partition's ``sessions``.  Ending a session
+  removes its listeners and rescinds every channel it holds an end of, so no socket outlives
+  the session that made it; a partition without sessions has no listeners and no channels.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def token_matches(token: str, token_sha256: str) -> bool:
 class _Listener:
     listener_id: int
     vm_id: str
+    #: The session that listens: offers go to it, and the listener ends with it.
+    session_id: int
     scope: str
     service_id: str
     backlog: int
@@ -64,6 +71,7 @@ class _Listener:
         return ListenerInfo(
             listener_id=self.listener_id,
             vm_id=self.vm_id,
+            session_id=self.session_id,
             local=self.local,
             backlog=self.backlog,
             pending=len(self.pending),
@@ -82,7 +90,8 @@ class _Partition:
     is_host: bool
     token_sha256: str
     created_at: float
-    session: Session | None = None
+    #: Live sessions by id (attach order).  At most max_sessions_per_partition.
+    sessions: dict[int, Session] = field(default_factory=dict)
     listeners: dict[int, _Listener] = field(default_factory=dict)
     by_service: dict[str, list[_Listener]] = field(default_factory=dict)
     channels: set[int] = field(default_factory=set)
@@ -108,7 +117,8 @@ class _Partition:
             personality=self.personality,
             state=self.state,
             is_host=self.is_host,
-            attached=self.session is not None,
+            attached=bool(self.sessions),
+            sessions=len(self.sessions),
             created_at=self.created_at,
             sockets=self.sockets,
             token_sha256=self.token_sha256,
@@ -120,6 +130,8 @@ class _Channel:
     channel_id: int
     machine: ChannelMachine
     connector_vm: str
+    #: The session that connected (holds the connector end).
+    connector_session: int
     connector_local: Address
     #: The address the connector dialled (canonical), reported as its remote address.
     target: Address
@@ -134,6 +146,8 @@ class _Channel:
     deadline: float | None
     deadline_kind: str | None
     acceptor_vm: str | None = None
+    #: The session that owns the listener the channel was offered through (set with acceptor_vm).
+    acceptor_session: int | None = None
     acceptor_local: Address | None = None
     acceptor_remote: Address | None = None
     listener_id: int | None = None
@@ -142,3 +156,6 @@ class _Channel:
 
     def vm(self, side: Side) -> str | None:
         return self.connector_vm if side is Side.CONNECTOR else self.acceptor_vm
+
+    def session(self, side: Side) -> int | None:
+        return self.connector_session if side is Side.CONNECTOR else self.acceptor_session

@@ -79,7 +79,12 @@ class RingGeometry:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A partition's attachment.  Every partition-side call takes it; a stale one is refused."""
+    """One attachment of a partition: one attach stream, i.e. one process of that VM (or of the
+    host).  A partition may hold several sessions at once, as a VM runs many processes that
+    each open their own sockets.  Every partition-side call takes a session; a stale one is
+    refused.  The listeners and channel ends a session creates (or accepts) are its own: only
+    it can act on them, only it is told about them, and they go when it ends.
+    """
 
     session_id: int
     vm_id: str
@@ -94,7 +99,10 @@ class PartitionInfo:
     personality: Personality
     state: PartitionState
     is_host: bool
+    #: At least one session is live (``sessions > 0``).
     attached: bool
+    #: Live sessions (attach streams) of the partition.
+    sessions: int
     created_at: float
     #: Live sockets (listeners + channel ends) counted against max_socket_number.
     sockets: int
@@ -113,6 +121,8 @@ class ServiceRegistration:
 class ListenerInfo:
     listener_id: int
     vm_id: str
+    #: The session that listens (offers go to it; the listener goes when it ends).
+    session_id: int
     local: Address
     backlog: int
     pending: int
@@ -126,6 +136,8 @@ class EndpointInfo:
     """One end of a channel as its program sees it."""
 
     vm_id: str
+    #: The session of ``vm_id`` that holds this end (notices about it go to that session).
+    session_id: int
     local: Address
     remote: Address
     #: Opaque label the adapter sets ("shm", "relay", ...); "" until set.

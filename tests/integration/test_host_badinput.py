@@ -124,6 +124,25 @@ def wait_for_no_channels(host: HostProcess, vm_id: str = "") -> None:
             events.cancel()
 
 
+def wait_for_sessions(host: HostProcess, vm_id: str, count: int) -> None:
+    """Follow the event stream until the partition has ``count`` sessions (no fixed sleeps).
+
+    The replayed event arrives once the host is watching for us, so no change is missed
+    between a check and the next event."""
+    channel, admin = host.admin()
+    get = hvsock_pb2.GetPartitionRequest(vm_id=vm_id)
+    with channel:
+        events = admin.WatchEvents(hvsock_pb2.WatchEventsRequest(replay=1), metadata=host.metadata)
+        try:
+            while (
+                admin.GetPartition(get, metadata=host.metadata, timeout=10).partition.session_count
+                != count
+            ):
+                next(events)
+        finally:
+            events.cancel()
+
+
 def wait_for_event(host: HostProcess, kind: str, vm_id: str, replay: int = 64) -> None:
     channel, admin = host.admin()
     with channel:
@@ -222,15 +241,19 @@ def test_hello_failures_have_precise_statuses(host: HostProcess) -> None:
         assert error.code() == code, (request, error)
         assert message in (error.details() or ""), (request, error.details())
         assert errno_of(error) == number, request
-    # A second attach with the same VM id while the first is live; the first is unaffected.
+    # A second attach with the same VM id while the first is live opens a second session (a
+    # second process of the VM); the first is unaffected, and they share the VM's addresses.
     first = attach_vm(host, vm)
-    error = attach_error(host, hello(vm_id=vm_id, token=vm.token))
-    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert f"partition {vm_id} is already attached" in (error.details() or "")
-    assert errno_of(error) == errno.EBUSY
-    assert first.request(
-        listen=hvsock_pb2.Listen(address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE))
-    ).HasField("listening")
+    second = attach_vm(host, vm)
+    assert second.welcome.vm_id == vm_id and second.welcome.session != first.welcome.session
+    listen = hvsock_pb2.Listen(address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE))
+    assert first.request(listen=listen).HasField("listening")
+    taken = second.request(listen=listen)
+    assert taken.HasField("error") and taken.error.errno.errno == errno.EADDRINUSE
+    assert taken.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    partition = admin_call(host, "GetPartition", hvsock_pb2.GetPartitionRequest(vm_id=vm_id))
+    assert partition.partition.attached and partition.partition.session_count == 2
+    second.close()
     first.close()
     # A stopped VM cannot attach.
     admin_call(host, "StopPartition", hvsock_pb2.StopPartitionRequest(vm_id=vm_id))
@@ -260,16 +283,15 @@ def test_client_that_disconnects_mid_handshake(host: HostProcess) -> None:
         call = stub.Attach(iter(requests.get, None), timeout=10)
         assert next(call).HasField("welcome")
         call.cancel()
-    wait_for_event(host, "detached", vm.partition.vm_id)
-    # The VM can attach again: no stale session was left behind.
+    # No stale session was left behind: every abandoned stream was detached.
+    wait_for_sessions(host, vm.partition.vm_id, 0)
     again = attach_vm(host, vm)
     assert again.welcome.vm_id == vm.partition.vm_id
+    get = hvsock_pb2.GetPartitionRequest(vm_id=vm.partition.vm_id)
+    assert admin_call(host, "GetPartition", get).partition.session_count == 1
     again.close()
-    wait_for_event(host, "detached", vm.partition.vm_id)
-    partition = admin_call(
-        host, "GetPartition", hvsock_pb2.GetPartitionRequest(vm_id=vm.partition.vm_id)
-    ).partition
-    assert not partition.attached
+    wait_for_sessions(host, vm.partition.vm_id, 0)
+    assert not admin_call(host, "GetPartition", get).partition.attached
     assert_healthy(host)
 
 

@@ -52,6 +52,23 @@ class World:
         assert session is not None
         return session
 
+    def session(self, vm_id: str) -> Session:
+        """Another session (another process) of an existing partition."""
+        token = HOST_TOKEN if vm_id == HOST_VM_ID else self.tokens[vm_id]
+        session, _ = self.core.attach(vm_id, token, self.now)
+        return session
+
+    @staticmethod
+    def to_session(events: Iterable[Event], session: Session) -> list[PartitionEvent]:
+        """The events addressed to ``session`` (its partition and its session id)."""
+        return [
+            e
+            for e in events
+            if isinstance(e, PartitionEvent)
+            and e.partition == session.vm_id
+            and e.session_id == session.session_id
+        ]
+
     # Event helpers live here because --import-mode=importlib cannot import conftest.
     @staticmethod
     def of_type(events: Iterable[Event], kind: type[E]) -> list[E]:

@@ -26,10 +26,10 @@ EXPECTED = {
     "HostUnreachable": (errno.EHOSTUNREACH, "NOT_FOUND"),
     "NotFound": (errno.ENOENT, "NOT_FOUND"),
     "AlreadyExists": (errno.EEXIST, "ALREADY_EXISTS"),
-    "AlreadyAttached": (errno.EBUSY, "ALREADY_EXISTS"),
     "AddressInUse": (errno.EADDRINUSE, "ALREADY_EXISTS"),
     "AddressNotAvailable": (errno.EADDRNOTAVAIL, "RESOURCE_EXHAUSTED"),
     "NoBuffers": (errno.ENOBUFS, "RESOURCE_EXHAUSTED"),
+    "TooManySessions": (errno.ENOBUFS, "RESOURCE_EXHAUSTED"),
     "Unauthenticated": (errno.EACCES, "UNAUTHENTICATED"),
     "PermissionDenied": (errno.EACCES, "PERMISSION_DENIED"),
     "ServiceNotRegistered": (errno.EACCES, "PERMISSION_DENIED"),
@@ -80,6 +80,7 @@ def test_config_defaults_are_the_seed_values() -> None:
     assert config.strict_registry is False
     assert config.allow_guest_to_guest is False
     assert config.default_backlog == 128
+    assert config.max_sessions_per_partition == 64
 
 
 def test_config_is_frozen() -> None:
@@ -102,6 +103,8 @@ def test_config_is_frozen() -> None:
         ("default_backlog", -1, "default_backlog"),
         ("default_backlog", 70_000, "default_backlog"),
         ("event_log_size", 0, "positive integer"),
+        ("max_sessions_per_partition", 0, "positive integer"),
+        ("max_sessions_per_partition", 2.5, "positive integer"),
     ],
 )
 def test_config_validation(field: str, value: object, message: str) -> None:

@@ -17,7 +17,6 @@ from host_service.core import (
     SILOHOST,
     WILDCARD,
     AddressNotAvailable,
-    AlreadyAttached,
     AlreadyExists,
     BadAddress,
     ChannelRescinded,
@@ -34,6 +33,7 @@ from host_service.core import (
     PartitionState,
     PermissionDenied,
     Personality,
+    SessionChanged,
     SessionEnded,
     Unauthenticated,
     hash_token,
@@ -136,13 +136,20 @@ def test_tokens(world: World) -> None:
     world.one(events, PartitionChanged, change="attached")
 
 
-def test_second_attach_is_refused_clearly(world: World) -> None:
-    vm, _ = world.vm("a")
-    with pytest.raises(AlreadyAttached, match="already attached") as info:
-        world.core.attach(vm, world.tokens[vm], 0)
-    assert info.value.status == "ALREADY_EXISTS"
-    with pytest.raises(AlreadyAttached):
-        world.core.attach(HOST_VM_ID, HOST_TOKEN, 0)
+def test_a_second_attach_opens_a_second_session(world: World) -> None:
+    vm, first = world.vm("a")
+    assert first is not None
+    second, events = world.core.attach(vm, world.tokens[vm], 1.0)
+    assert second.vm_id == vm and second.session_id != first.session_id
+    # The partition was attached already: only the session is new.
+    assert world.of_type(events, PartitionChanged) == []
+    opened = world.one(events, SessionChanged, change="opened")
+    assert (opened.vm_id, opened.session_id, opened.sessions) == (vm, second.session_id, 2)
+    info = world.core.get_partition(vm)
+    assert info.attached and info.sessions == 2
+    host_again, _ = world.core.attach(HOST_VM_ID, HOST_TOKEN, 1.0)
+    assert host_again.is_host and host_again.session_id != world.host.session_id
+    assert world.core.get_partition(HOST_VM_ID).sessions == 2
 
 
 def test_stale_session_is_unauthenticated(world: World) -> None:
