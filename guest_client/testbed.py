@@ -52,6 +52,7 @@ POLL = 1.0  # seconds between the host program's looks at the VM list
 
 
 def _emit(line: str, record: dict[str, Any]) -> None:
+    record["at"] = time.time()  # wall clock: scripts compare it across containers
     print(line, flush=True)
     print("RESULT " + json.dumps(record, sort_keys=True), flush=True)
 
@@ -64,11 +65,10 @@ def _describe(record: dict[str, Any]) -> str:
     if not record.get("connected"):
         return f"not connected: {record.get('error')}"
     verdict = "sha256 ok" if record.get("ok") else f"FAILED {record.get('error', 'mismatch')}"
-    return (
-        f"connected, {record['bytes']} bytes, {record['mb_per_s']} MB/s, "
-        f"VM end {PATH_NAMES[record.get('data_path')]}, "
-        f"host end {PATH_NAMES[record.get('host_data_path')]}, {verdict}"
-    )
+    paths = f"VM end {PATH_NAMES[record.get('data_path')]}"
+    if "host_data_path" in record:
+        paths += f", host end {PATH_NAMES[record['host_data_path']]}"
+    return f"connected, {record['bytes']} bytes, {record['mb_per_s']} MB/s, {paths}, {verdict}"
 
 
 class Admin:
@@ -243,13 +243,13 @@ def summary_table(rows: Iterable[tuple[str, dict[str, Any]]]) -> str:
             return "FAILED"
         return f"{record['bytes'] / 2**20:.1f} MiB {record['mb_per_s']:.0f} MB/s"
 
-    header = f"{'VM':<20} {'id':<9} {'pers.':<8} {'VM end path':<14} {'host->VM':<22} VM->host"
+    header = f"{'VM':<26} {'id':<9} {'pers.':<8} {'VM end path':<14} {'host->VM':<22} VM->host"
     lines = ["testbed summary (host program)", header]
     for vm_id, entry in rows:
         out = entry.get("host->vm")
         path = PATH_NAMES[out.get("data_path")] if out else "?"
         lines.append(
-            f"{entry['name'][:20]:<20} {vm_id[:8]:<9} {entry['personality']:<8} {path:<14} "
+            f"{entry['name'][:26]:<26} {vm_id[:8]:<9} {entry['personality']:<8} {path:<14} "
             f"{cell(out):<22} {cell(entry.get('vm->host'))}"
         )
     return "\n".join(lines)
@@ -266,7 +266,10 @@ def host_main(args: argparse.Namespace) -> int:
 
 
 def vm_main(args: argparse.Namespace) -> int:
-    vm = hv.attach_from_env()
+    # A VM created on this attach is named PREFIX-HOSTNAME (a container's hostname is its id),
+    # so that scaled replicas tell apart; HVSOCK_VM_NAME overrides it.
+    name = os.environ.get("HVSOCK_VM_NAME") or f"{args.name_prefix}-{socket.gethostname()}"
+    vm = hv.attach(name=name)
     print(f"VM {vm.name} ({vm.vm_id}, {vm.personality}) attached to {vm.target}", flush=True)
     while True:
         vm.wait_attached()
@@ -399,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("host", help="the host program")
     vm = commands.add_parser("vm", help="a VM's workload")
     vm.add_argument("--wait", type=float, default=120, help="seconds to wait for the host echo")
+    vm.add_argument("--name-prefix", default="vm", help="name of a VM created on attach")
     echo = commands.add_parser("echo", help="echo once with the host, a VM, or every VM")
     echo.add_argument("--to", required=True, help="host, a VM id, or vms (every VM)")
     stream = commands.add_parser("stream", help="stream echoes until the connection fails")

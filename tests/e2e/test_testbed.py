@@ -1,0 +1,180 @@
+"""The docker-compose testbed, for real: containers, both data paths, faults, scaling.
+
+The tests share one compose project and run in file order (each leaves the testbed as the next
+expects: every VM attached and echoing).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from .compose import ComposeProject, ok_results, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+HOST_ID = "a42e7cda-d03f-480c-9cc2-a4de20abb878"
+
+
+def _vms(bed: ComposeProject) -> dict[str, dict[str, Any]]:
+    """name -> partition, for every VM (not the host)."""
+    return {p["name"]: p for p in bed.hvsock("vms", "list")["partitions"] if not p["host"]}
+
+
+def _vm_named(bed: ComposeProject, prefix: str) -> dict[str, Any]:
+    matches = [p for name, p in _vms(bed).items() if name.startswith(prefix)]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+def _echoed_both_ways(bed: ComposeProject, vm_ids: set[str], after: float = 0.0) -> bool:
+    """Every VM in ``vm_ids`` has a checked echo each way (logged after ``after``, wall clock)."""
+    results = [r for r in bed.results() if r.get("at", 0) >= after]
+    out = ok_results(results, role="host", direction="host->vm")
+    back = ok_results(results, role="vm", direction="vm->host")
+    return vm_ids <= out.keys() and vm_ids <= back.keys()
+
+
+def test_testbed_comes_up_and_echoes_on_both_data_paths(testbed: ComposeProject) -> None:
+    ps = testbed.run("ps").stdout
+    assert "healthy" in ps, ps
+    wait_for("both VMs to attach", lambda: len(_vms(testbed)) == 2, 120)
+    vm_linux = _vm_named(testbed, "vm-linux")
+    vm_windows = _vm_named(testbed, "vm-windows")
+    assert vm_linux["personality"] == "linux" and vm_windows["personality"] == "windows"
+    ids = {vm_linux["vm_id"], vm_windows["vm_id"]}
+    wait_for("the demo workload's echoes", lambda: _echoed_both_ways(testbed, ids), 180)
+
+    results = testbed.results()
+    out = ok_results(results, role="host", direction="host->vm")
+    back = ok_results(results, role="vm", direction="vm->host")
+    for vm_id in ids:
+        # Every byte checked: the echo matched its SHA-256 and is whole.
+        assert out[vm_id]["bytes"] == back[vm_id]["bytes"] == 8 * 2**20
+    # vm-linux shares the host's IPC namespace: shared memory; vm-windows does not: the relay.
+    assert out[vm_linux["vm_id"]]["data_path"] == back[vm_linux["vm_id"]]["data_path"] == "shm"
+    assert out[vm_windows["vm_id"]]["data_path"] == back[vm_windows["vm_id"]]["data_path"] == "grpc"
+    # The host program's readable summary names both VMs.
+    summary = testbed.logs("hostprog")
+    assert "testbed summary" in summary
+    assert vm_linux["name"][:26] in summary and vm_windows["name"][:26] in summary
+
+    # The metrics port is published (on a random loopback port here).
+    port = testbed.run("port", "host", "9100").stdout.strip().rsplit(":", 1)[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        assert b"hvsock_partitions_attached" in page.read()
+
+
+def test_a_vm_connecting_to_another_vm_is_refused(testbed: ComposeProject) -> None:
+    other = _vm_named(testbed, "vm-windows")["vm_id"]
+    done = testbed.exec(
+        "vm-linux",
+        "python",
+        "-m",
+        "guest_client.testbed",
+        "--bytes=1024",
+        "echo",
+        f"--to={other}",
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    (result,) = [
+        json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")
+    ]
+    assert not result["connected"]
+    assert result["errno"] in ("ECONNREFUSED", "ENETUNREACH", "EACCES"), result
+    # The same program reaches the host from that VM container (as the same VM).
+    done = testbed.exec(
+        "vm-linux", "python", "-m", "guest_client.testbed", "--bytes=1024", "echo", "--to=host"
+    )
+    assert "sha256 ok" in done.stdout
+
+
+def test_vm_killed_mid_transfer(testbed: ComposeProject) -> None:
+    vm = _vm_named(testbed, "vm-linux")
+    stream = testbed.popen(
+        "exec",
+        "-T",
+        "hostprog",
+        "python",
+        "-m",
+        "guest_client.testbed",
+        "stream",
+        f"--to={vm['vm_id']}",
+        "--seconds=120",
+    )
+    assert stream.stdout is not None
+    try:
+        first = stream.stdout.readline()
+        assert first.startswith("STREAMING"), first + stream.stdout.read()
+        assert "shared memory" in first
+        killed_at = time.time()
+        testbed.run("kill", "-s", "SIGKILL", "vm-linux")
+        lines = stream.stdout.read().splitlines()
+    finally:
+        stream.kill()
+        stream.wait()
+    (result,) = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
+    assert result["error"], result
+    assert result["bytes"] > 0
+    assert result["failed_at"] - killed_at < 1.0, result
+
+    def no_channels_left() -> bool:
+        return not testbed.hvsock("channels", "--vm", vm["vm_id"])["channels"]
+
+    wait_for("the killed VM's channels to go", no_channels_left, 10)
+    # No channel is open anywhere now, so no ring segment may be left in the host's /dev/shm.
+    assert not testbed.hvsock("channels")["channels"]
+    segments = testbed.exec("host", "ls", "-A", "/dev/shm").stdout.split()
+    assert not [s for s in segments if s.startswith("hvsock-")], segments
+
+    # Started again, the same container is the same VM (its identity file) and echoes again.
+    since = time.time()
+    testbed.run("start", "vm-linux")
+    wait_for(
+        "the restarted VM to echo", lambda: _echoed_back_since(testbed, vm["vm_id"], since), 120
+    )
+
+
+def _echoed_back_since(bed: ComposeProject, vm_id: str, since: float) -> bool:
+    return any(
+        r.get("vm_id") == vm_id and r.get("ok") and r.get("at", 0) >= since
+        for r in bed.results("vm-linux", "vm-windows")
+        if r.get("role") == "vm"
+    )
+
+
+def test_host_restart_vms_reattach_and_state_survives(testbed: ComposeProject) -> None:
+    before = _vms(testbed)
+    service = "c0ffee00-0000-4000-8000-00000000e2e0"
+    testbed.exec("host", "hvsock", "services", "register", service, "--name=e2e-registration")
+    since = time.time()
+    testbed.run("restart", "--timeout", "5", "host")
+    ids = {p["vm_id"] for p in before.values()}
+
+    wait_for("VMs to re-attach and echo again", lambda: _echoed_both_ways(testbed, ids, since), 180)
+    after = _vms(testbed)
+    assert {p["vm_id"] for p in after.values()} == ids  # the same VMs, not new ones
+    assert all(p["attached"] for p in after.values())
+    services = testbed.hvsock("services", "list")["services"]
+    assert any(s["service_id"] == service for s in services), services
+
+
+def test_scale_to_eight_vms(testbed: ComposeProject) -> None:
+    first = {p["vm_id"] for name, p in _vms(testbed).items() if name.startswith("vm-linux")}
+    since = time.time()
+    testbed.run("up", "--detach", "--no-recreate", "--scale", "vm-linux=8", timeout=300)
+
+    def eight_linux_vms() -> set[str] | None:
+        ids = {p["vm_id"] for name, p in _vms(testbed).items() if name.startswith("vm-linux")}
+        return ids if len(ids) == 8 else None
+
+    ids = wait_for("8 vm-linux VMs", eight_linux_vms, 180)
+    # The seven new ones echo both ways; the first one already did.
+    new = ids - first
+    assert len(new) == 7
+    wait_for("every new VM to echo both ways", lambda: _echoed_both_ways(testbed, new, since), 240)
