@@ -28,7 +28,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import os
+import re
 import socket
 import struct
 import threading
@@ -64,18 +66,20 @@ VM_ALIASES = {
 
 @dataclasses.dataclass(frozen=True)
 class HvEndpoint:
-    """``hv:VM:SERVICE``: VM is a GUID or an alias (parent, wildcard, children, loopback);
+    """``hv:VM:SERVICE``: VM is a GUID, an alias (parent, wildcard, children, loopback) or a
+    VM's name (``vm_name``, looked up for each connection: see ``Bridge(resolve_vm=...)``);
     SERVICE a GUID or a port number (the VSOCK template service id for it)."""
 
     vm_id: str
     service_id: str
+    vm_name: str = ""
 
     @property
     def address(self) -> tuple[str, str]:
         return (self.vm_id, self.service_id)
 
     def __str__(self) -> str:
-        return f"hv:{self.vm_id}:{self.service_id}"
+        return f"hv:{self.vm_name or self.vm_id}:{self.service_id}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +130,10 @@ def parse_vm(text: str) -> str:
     return alias if alias is not None else _guid(text)
 
 
+#: What a VM name in an endpoint may look like (a container or host name, say).
+_VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
 def parse_endpoint(text: str) -> Endpoint:
     """``hv:VM:SERVICE``, ``tcp:HOST:PORT``, ``HOST:PORT`` or ``unix:PATH``."""
     scheme, sep, rest = text.partition(":")
@@ -133,7 +141,13 @@ def parse_endpoint(text: str) -> Endpoint:
         vm, sep, service = rest.rpartition(":")
         if not sep or not vm:
             raise ValueError(f"expected hv:VM:SERVICE, not {text!r}")
-        return HvEndpoint(parse_vm(vm), parse_service(service))
+        service_id = parse_service(service)
+        try:
+            return HvEndpoint(parse_vm(vm), service_id)
+        except ValueError:
+            if not _VM_NAME.fullmatch(vm):
+                raise ValueError(f"not a VM id, alias or name: {vm!r}") from None
+            return HvEndpoint("", service_id, vm_name=vm)
     if sep and scheme.lower() == "unix":
         if not rest:
             raise ValueError("unix: needs a path")
@@ -302,9 +316,17 @@ class Bridge:
         connect_timeout_ms: int | None = None,
         backlog: int = 256,
         connect_workers: int = 64,
+        resolve_vm: Callable[[str], str] | None = None,
     ) -> None:
+        """``resolve_vm(name) -> vm_id`` finds a VM named in ``connect`` (blocking; run in a
+        worker thread for each connection, so a VM that was re-created is found again)."""
         if isinstance(listen, HvEndpoint) == isinstance(connect, HvEndpoint):
             raise ValueError("a bridge joins one hv endpoint and one tcp/unix endpoint")
+        if isinstance(listen, HvEndpoint) and listen.vm_name:
+            raise ValueError("listen on a VM id or alias; VM names are for the connect side")
+        if isinstance(connect, HvEndpoint) and connect.vm_name and resolve_vm is None:
+            raise ValueError(f"no way to look up the VM named {connect.vm_name!r}")
+        self.resolve_vm = resolve_vm
         if not 0 <= ring_pages <= 64 or ring_pages == 1:
             raise ValueError("ring pages are 2..64 (0: the host's default)")
         self.listen_at = listen
@@ -399,10 +421,14 @@ class Bridge:
     async def _connect(self, loop: asyncio.AbstractEventLoop, side: Side) -> None:
         target = self.connect_to
         if isinstance(target, HvEndpoint):
+            address = target.address
+            if target.vm_name and self.resolve_vm is not None:
+                vm_id = await loop.run_in_executor(self._executor, self.resolve_vm, target.vm_name)
+                address = (vm_id, target.service_id)
             await hv_open(
                 loop,
                 self.partition,
-                target.address,
+                address,
                 side,
                 ring_pages=self.ring_pages,
                 connect_timeout_ms=self.connect_timeout_ms,
@@ -547,7 +573,8 @@ def add_cli_commands(commands: Any, command: Callable[..., Any]) -> None:
         required=True,
         metavar="ENDPOINT",
         help="where each connection goes: hv:VM:SERVICE, or tcp:HOST:PORT / unix:PATH "
-        "(VM: a GUID or parent, wildcard, children, loopback; SERVICE: a GUID or a vsock port)",
+        "(VM: a GUID, parent, wildcard, children, loopback, or a VM name looked up for each "
+        "connection; SERVICE: a GUID or a vsock port)",
     )
     _partition_options(bridge, vm=True)
     hybrid = command(
@@ -621,8 +648,41 @@ def _cli_partition(args: Any) -> Partition:
     if getattr(args, "vm_id", None) and args.command == "bridge":
         token = args.token if args.token is not None else os.environ.get("HVSOCK_TOKEN", "")
         return attach(args.host, vm_id=args.vm_id, token=token, credentials=credentials)
+    in_vm = os.environ.get("HVSOCK_VM_ID") or os.environ.get("HVSOCK_VM_IDENTITY")
+    if args.command == "bridge" and in_vm and not args.host_token:
+        return attach(args.host, credentials=credentials)  # the VM the environment names
     token = args.host_token or find_token(args.token) or ""
     return attach_host(args.host, token=token, credentials=credentials)
+
+
+def _vm_resolver(args: Any) -> Callable[[str], str]:
+    """Look a VM up by name with the admin API (so it needs the host token)."""
+    from .cli import TOKEN_METADATA, find_token, open_channel
+
+    def resolve(name: str) -> str:
+        import grpc
+
+        from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+
+        token = args.host_token or find_token(args.token) or ""
+        with open_channel(args) as channel:
+            stub = hvsock_pb2_grpc.AdminServiceStub(channel)
+            try:
+                listed = stub.ListPartitions(
+                    hvsock_pb2.ListPartitionsRequest(),
+                    metadata=((TOKEN_METADATA, token),),
+                    timeout=10,
+                )
+            except grpc.RpcError as exc:
+                raise OSError(
+                    errno.EHOSTUNREACH, f"looking up VM {name!r}: {exc.details()}"
+                ) from None
+        for partition in listed.partitions:
+            if partition.name == name and not partition.host:
+                return str(partition.vm_id)
+        raise OSError(errno.EHOSTUNREACH, f"no VM named {name!r}")
+
+    return resolve
 
 
 def _serve(server: Any, banner: Callable[[], str]) -> None:
@@ -655,6 +715,7 @@ def cli_bridge(args: Any, client: Any) -> None:
             partition,
             ring_pages=args.ring_pages,
             connect_timeout_ms=args.connect_timeout_ms,
+            resolve_vm=_vm_resolver(args),
         )
     except ValueError as exc:
         raise CliError("INVALID_ARGUMENT", str(exc)) from None

@@ -6,6 +6,7 @@ expects: every VM attached and echoing).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import urllib.request
@@ -42,7 +43,12 @@ def _echoed_both_ways(bed: ComposeProject, vm_ids: set[str], after: float = 0.0)
 def test_testbed_comes_up_and_echoes_on_both_data_paths(testbed: ComposeProject) -> None:
     ps = testbed.run("ps").stdout
     assert "healthy" in ps, ps
-    wait_for("both VMs to attach", lambda: len(_vms(testbed)) == 2, 120)
+
+    def both_attached() -> bool:
+        names = [name for name, p in _vms(testbed).items() if p["attached"]]
+        return all(any(n.startswith(prefix) for n in names) for prefix in ("vm-linux", "vm-win"))
+
+    wait_for("vm-linux and vm-windows to attach", both_attached, 120)
     vm_linux = _vm_named(testbed, "vm-linux")
     vm_windows = _vm_named(testbed, "vm-windows")
     assert vm_linux["personality"] == "linux" and vm_windows["personality"] == "windows"
@@ -58,15 +64,40 @@ def test_testbed_comes_up_and_echoes_on_both_data_paths(testbed: ComposeProject)
     # vm-linux shares the host's IPC namespace: shared memory; vm-windows does not: the relay.
     assert out[vm_linux["vm_id"]]["data_path"] == back[vm_linux["vm_id"]]["data_path"] == "shm"
     assert out[vm_windows["vm_id"]]["data_path"] == back[vm_windows["vm_id"]]["data_path"] == "grpc"
-    # The host program's readable summary names both VMs.
-    summary = testbed.logs("hostprog")
-    assert "testbed summary" in summary
-    assert vm_linux["name"][:26] in summary and vm_windows["name"][:26] in summary
+
+    # The host program's readable summary table names both VMs.
+    def summary_with_both() -> bool:
+        text = testbed.logs("hostprog")
+        table = text[text.rfind("testbed summary") :]
+        return "testbed summary" in text and all(
+            vm["name"][:26] in table for vm in (vm_linux, vm_windows)
+        )
+
+    wait_for("the host program's summary table", summary_with_both, 60)
 
     # The metrics port is published (on a random loopback port here).
     port = testbed.run("port", "host", "9100").stdout.strip().rsplit(":", 1)[1]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
         assert b"hvsock_partitions_attached" in page.read()
+
+
+def test_unmodified_http_server_in_a_vm_through_two_bridges(testbed: ComposeProject) -> None:
+    """vm-web: python -m http.server, published as hv service 80 by a bridge in the VM; the
+    web-bridge container (host partition) reaches it by VM name; this machine fetches a file
+    through the published port with an ordinary HTTP client."""
+    want = testbed.exec("vm-web", "sha256sum", "/tmp/www/blob.bin").stdout.split()[0]
+    port = testbed.run("port", "web-bridge", "8080").stdout.strip().rsplit(":", 1)[1]
+
+    def fetch() -> bytes | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/blob.bin", timeout=30) as page:
+                return bytes(page.read())
+        except OSError:  # the VM or its bridges are not up yet
+            return None
+
+    body = wait_for("the VM's web server through the bridges", fetch, 120)
+    assert len(body) == 4 * 2**20
+    assert hashlib.sha256(body).hexdigest() == want
 
 
 def test_a_vm_connecting_to_another_vm_is_refused(testbed: ComposeProject) -> None:

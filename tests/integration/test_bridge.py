@@ -3,6 +3,7 @@ connections, on both data paths (shared memory and the gRPC relay)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import os
@@ -20,7 +21,14 @@ import pytest
 
 import guest_client as hv
 from guest_client import aio
-from guest_client.bridge import Bridge, HvEndpoint, PlainEndpoint, run_in_thread
+from guest_client.bridge import (
+    Bridge,
+    HvEndpoint,
+    PlainEndpoint,
+    _vm_resolver,
+    parse_endpoint,
+    run_in_thread,
+)
 from hvsock.v1 import hvsock_pb2
 
 from .hostproc import BIN, HostProcess, run_host
@@ -39,12 +47,12 @@ class Parts:
         self.host, self.data_path = host, data_path
         self.opened: list[hv.Partition] = []
 
-    def create_vm(self, personality: str = "linux") -> tuple[str, str]:
+    def create_vm(self, personality: str = "linux", name: str = "bridge-vm") -> tuple[str, str]:
         channel, admin = self.host.admin()
         with channel:
             created = admin.CreatePartition(
                 hvsock_pb2.CreatePartitionRequest(
-                    name="bridge-vm",
+                    name=name,
                     personality=hvsock_pb2.PERSONALITY_WINDOWS
                     if personality == "windows"
                     else hvsock_pb2.PERSONALITY_LINUX,
@@ -359,6 +367,51 @@ def test_refused_hv_connect_resets_tcp_client(parts: Parts) -> None:
     ):
         client.recv(10)
     assert bridge.stats.failed_connects == 1
+
+
+def test_connect_to_a_vm_by_name(parts: Parts) -> None:
+    """hv:NAME:SERVICE finds the VM by name for each connection (the admin API, host token)."""
+    port, svc = service()
+    name = f"named-vm-{parts.data_path}-{port}"
+    vm_id, token = parts.create_vm(name=name)
+    vm, root = parts._open(hvsock_pb2.Hello(vm_id=vm_id, token=token)), parts.root()
+    listener = vm.socket()
+    listener.bind((hv.HV_GUID_WILDCARD, svc))
+    listener.listen()
+    cli_args = argparse.Namespace(
+        host=parts.host.target,
+        token=None,
+        host_token=parts.host.token,
+        tls_ca=None,
+        tls_cert=None,
+        tls_key=None,
+        tls_server_name=None,
+    )
+    resolve = _vm_resolver(cli_args)
+    bridge = Bridge(tcp_loopback(), parse_endpoint(f"hv:{name}:{port}"), root, resolve_vm=resolve)
+    with run_in_thread(bridge), socket.create_connection(bridge.address) as client:
+        server, (peer_vm, _) = listener.accept()
+        assert peer_vm == "a42e7cda-d03f-480c-9cc2-a4de20abb878"  # the host partition
+        with server:
+            client.sendall(b"ping")
+            assert server.recv(10) == b"ping"
+    listener.close()
+
+    unknown = Bridge(tcp_loopback(), parse_endpoint("hv:no-such-vm:5"), root, resolve_vm=resolve)
+    with (
+        run_in_thread(unknown),
+        socket.create_connection(unknown.address) as client,
+        pytest.raises(ConnectionResetError),
+    ):
+        client.recv(10)
+    assert unknown.stats.failed_connects == 1
+
+    with pytest.raises(ValueError, match="not a VM id, alias or name"):
+        parse_endpoint("hv:bad name!:5")
+    with pytest.raises(ValueError, match="VM names are for the connect side"):
+        Bridge(parse_endpoint(f"hv:{name}:5"), tcp_loopback(), root, resolve_vm=resolve)
+    with pytest.raises(ValueError, match="no way to look up"):
+        Bridge(tcp_loopback(), parse_endpoint(f"hv:{name}:5"), root)
 
 
 def test_refused_tcp_connect_closes_hv_side(parts: Parts) -> None:
