@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import time
 import urllib.request
 from typing import Any
 
 import pytest
 
-from .compose import ComposeProject, ok_results, wait_for
+from .compose import ROOT, ComposeProject, ok_results, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -41,8 +43,7 @@ def _echoed_both_ways(bed: ComposeProject, vm_ids: set[str], after: float = 0.0)
 
 
 def test_testbed_comes_up_and_echoes_on_both_data_paths(testbed: ComposeProject) -> None:
-    ps = testbed.run("ps").stdout
-    assert "healthy" in ps, ps
+    wait_for("the host's health check", lambda: "(healthy)" in testbed.run("ps").stdout, 120)
 
     def both_attached() -> bool:
         names = [name for name, p in _vms(testbed).items() if p["attached"]]
@@ -209,3 +210,28 @@ def test_scale_to_eight_vms(testbed: ComposeProject) -> None:
     new = ids - first
     assert len(new) == 7
     wait_for("every new VM to echo both ways", lambda: _echoed_both_ways(testbed, new, since), 240)
+
+
+def test_the_same_file_deploys_to_swarm() -> None:
+    """``docker stack deploy`` reads the file with its own (stricter) loader; check it loads
+    and keeps every service, with the published ports Swarm needs."""
+    if os.environ.get("HVSOCK_E2E") != "1":
+        pytest.skip("container tests: set HVSOCK_E2E=1 (make e2e) to run them; they need Docker")
+    env = {
+        **os.environ,
+        "HVSOCK_GRPC_PUBLISH": "50051",
+        "HVSOCK_METRICS_PUBLISH": "9100",
+        "HVSOCK_WEB_PUBLISH": "8080",
+    }
+    done = subprocess.run(
+        ["docker", "stack", "config", "--compose-file", str(ROOT / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for service in ("host:", "hostprog:", "vm-linux:", "vm-windows:", "vm-web:", "web-bridge:"):
+        assert f"\n  {service}\n" in done.stdout, service
+    assert "internal: true" in done.stdout
