@@ -142,6 +142,9 @@ class Listener:
         self.changed = threading.Condition()
         self.closed = False
         self.reset = False
+        #: accept() has raised the reset once: readiness stops reporting it, so an event loop
+        #: does not wake again and again for a listener that will never accept.
+        self.reset_reported = False
         self.watchers: list[Callable[[], None]] = []
 
     def has_room(self) -> bool:
@@ -197,6 +200,7 @@ class Partition:
         self._closed = False
         self._generation = 0
         self._attached = threading.Event()
+        self._lost = threading.Event()  # set from losing the host until attached again
         self._attach_error: OSError | None = None
         self._channel = self._open_channel()
         self._attach()
@@ -249,6 +253,7 @@ class Partition:
             target=self._read, args=(call, self._generation), name="hvsock-attach", daemon=True
         )
         reader.start()
+        self._lost.clear()
         self._attached.set()
         if welcome.shm_probe:
             self._prove_shared_memory(welcome.shm_probe)
@@ -284,6 +289,7 @@ class Partition:
 
     def _connection_lost(self, reason: str) -> None:
         self._attached.clear()
+        self._lost.set()
         with self._lock:
             channels = list(self._channels.values())
             listeners = list(self._listeners.values())
@@ -321,6 +327,15 @@ class Partition:
     def wait_attached(self, timeout: float | None = None) -> bool:
         """Wait until the partition is attached (again, after the host restarted)."""
         return self._attached.wait(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wait_lost(self, timeout: float | None = None) -> bool:
+        """Wait until the partition loses the host (its sockets are then reset and it attaches
+        again by itself) or is closed; True once that happened."""
+        return self._lost.wait(timeout)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -476,6 +491,7 @@ class Partition:
         if self._closed:
             return
         self._closed = True
+        self._lost.set()
         with self._lock:
             channels = list(self._channels.values())
             listeners = list(self._listeners.values())

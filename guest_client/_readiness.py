@@ -81,7 +81,12 @@ class Readiness:
         self.update()
 
     def watch_listener(self, listener: Listener) -> None:
-        self._state = lambda: (bool(listener.ready) or listener.closed or listener.reset, False)
+        self._state = lambda: (
+            bool(listener.ready)
+            or listener.closed
+            or (listener.reset and not listener.reset_reported),
+            False,
+        )
         listener.watchers.append(self.update)
         self.update()
 

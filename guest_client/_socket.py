@@ -219,6 +219,9 @@ class HvSocket:
                 self._timeout if self._timeout != 0 else 0,
             )
             if listener.reset and not listener.ready:
+                listener.reset_reported = True
+                if self._readiness is not None:
+                    self._readiness.update()
                 raise ConnectionResetError(errno.ECONNRESET, "the host service went away")
             if listener.closed:
                 raise OSError(errno.EBADF, "Bad file descriptor")

@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import re
 import socket
@@ -40,6 +41,8 @@ from typing import Any
 from host_service.core import addresses as _addresses
 
 from . import Partition
+
+log = logging.getLogger("hvsock.bridge")
 
 __all__ = [
     "Bridge",
@@ -183,6 +186,10 @@ class Side(asyncio.BufferedProtocol):
         self.stats = stats
         self.on_lost: Callable[[], None] | None = None
         self.doomed = False
+        #: Read before the other end existed; passed on by ``link``. (Pythons before 3.11.x's
+        #: fix start a new transport's reader after ``connection_made`` even when it paused
+        #: reading, so bytes can arrive unasked; Debian bookworm's 3.11.2 does.)
+        self.early = bytearray()
 
     # -- linking ---------------------------------------------------------------------------
 
@@ -198,7 +205,11 @@ class Side(asyncio.BufferedProtocol):
 
     def link(self, peer: Side) -> None:
         self.peer, peer.peer = peer, self
-        for side in (self, peer):
+        for side, other in ((self, peer), (peer, self)):
+            if side.early:
+                side.buffer_updated(0)  # pass on what came early
+            if side.eof_in:
+                other.send_eof()
             if side.transport is not None and not side.lost and not side.transport.is_reading():
                 side.transport.resume_reading()
 
@@ -209,9 +220,23 @@ class Side(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         peer = self.peer
-        if peer is None or peer.lost or peer.transport is None:
+        if peer is None:
+            self.early += self.buffer[:nbytes]
+            if self.transport is not None:
+                # Stop the reader the transport started anyway: resume re-registers it (so
+                # the transport knows it reads), pause then really removes it.
+                self.transport.resume_reading()
+                self.transport.pause_reading()
             return
-        peer.transport.write(self.buffer[:nbytes])
+        if peer.lost or peer.transport is None:
+            return
+        if self.early:
+            data = bytes(self.early + self.buffer[:nbytes])
+            nbytes = len(data)
+            self.early.clear()
+            peer.transport.write(data)
+        else:
+            peer.transport.write(self.buffer[:nbytes])
         if self.stats is not None:
             self.stats.bytes += nbytes
 
@@ -343,6 +368,7 @@ class Bridge:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._sides: set[Side] = set()
+        self._closing = False
 
     # -- listening -------------------------------------------------------------------------
 
@@ -350,18 +376,13 @@ class Bridge:
         loop = asyncio.get_running_loop()
         listen = self.listen_at
         if isinstance(listen, HvEndpoint):
-            sock = self.partition.socket()
-            try:
-                sock.bind(listen.address)
-                await loop.run_in_executor(self._executor, sock.listen, self.backlog)
-                sock.setblocking(False)
-                self.server = await loop.create_server(
-                    self._accepted, sock=sock, backlog=self.backlog
-                )  # (a duck-typed socket)
-            except BaseException:
-                sock.close()
-                raise
-            self.address = sock.getsockname()
+            await self._listen_hv(listen)
+            threading.Thread(
+                target=self._keep_listening,
+                args=(loop, listen),
+                name="hvsock-bridge-relisten",
+                daemon=True,
+            ).start()
         elif listen.is_unix:
             with contextlib.suppress(FileNotFoundError):
                 if not os.path.exists(listen.path) or _is_socket(listen.path):
@@ -375,6 +396,46 @@ class Bridge:
                 self._accepted, listen.host, listen.port, backlog=self.backlog, reuse_address=True
             )
             self.address = self.server.sockets[0].getsockname()[:2]
+
+    async def _listen_hv(self, listen: HvEndpoint) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.partition.socket()
+        try:
+            sock.bind(listen.address)
+            await loop.run_in_executor(self._executor, sock.listen, self.backlog)
+            sock.setblocking(False)
+            self.server = await loop.create_server(
+                self._accepted, sock=sock, backlog=self.backlog
+            )  # (a duck-typed socket)
+        except BaseException:
+            sock.close()
+            raise
+        self.address = sock.getsockname()
+
+    def _keep_listening(self, loop: asyncio.AbstractEventLoop, listen: HvEndpoint) -> None:
+        """A daemon thread: when the host service goes away, the hv listener goes with it;
+        listen again once the partition has attached again (it does so by itself)."""
+
+        async def replace(old: asyncio.AbstractServer | None) -> None:
+            if old is not None:
+                old.close()
+            if not self._closing:
+                await self._listen_hv(listen)
+
+        while True:
+            self.partition.wait_lost()
+            if self._closing or self.partition.closed:
+                return
+            old = self.server
+            self.partition.wait_attached()
+            try:
+                asyncio.run_coroutine_threadsafe(replace(old), loop).result()
+            except (OSError, RuntimeError) as exc:  # lost again meanwhile, or loop closed
+                log.info("bridge: listening again on %s failed: %s", listen, exc)
+                if loop.is_closed():
+                    return
+                continue
+            log.info("bridge: listening again on %s after the host service came back", listen)
 
     def _accepted(self) -> Side:
         side = Side(self.stats)
@@ -444,6 +505,7 @@ class Bridge:
         await self.server.serve_forever()
 
     async def aclose(self) -> None:
+        self._closing = True
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):

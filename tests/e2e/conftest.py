@@ -31,6 +31,7 @@ def testbed() -> Iterator[ComposeProject]:
             # Random published ports, so that a user's testbed or host service is never in the way.
             "HVSOCK_GRPC_PUBLISH": "127.0.0.1:",
             "HVSOCK_METRICS_PUBLISH": "127.0.0.1:",
+            "HVSOCK_WEB_PUBLISH": "127.0.0.1:",
             "HVSOCK_ECHO_BYTES": str(ECHO_BYTES),
             "HVSOCK_IMAGE": os.environ.get("HVSOCK_IMAGE", "hvsock-emulator:e2e"),
         },

@@ -28,6 +28,11 @@ def _vms(bed: ComposeProject) -> dict[str, dict[str, Any]]:
     return {p["name"]: p for p in bed.hvsock("vms", "list")["partitions"] if not p["host"]}
 
 
+def _echo_vms(bed: ComposeProject) -> dict[str, dict[str, Any]]:
+    """The VMs that run the echo workload (vm-linux and vm-windows replicas; not vm-web)."""
+    return {n: p for n, p in _vms(bed).items() if n.startswith(("vm-linux-", "vm-windows-"))}
+
+
 def _vm_named(bed: ComposeProject, prefix: str) -> dict[str, Any]:
     matches = [p for name, p in _vms(bed).items() if name.startswith(prefix)]
     assert len(matches) == 1, matches
@@ -150,6 +155,7 @@ def test_vm_killed_mid_transfer(testbed: ComposeProject) -> None:
     finally:
         stream.kill()
         stream.wait()
+        stream.stdout.close()
     (result,) = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
     assert result["error"], result
     assert result["bytes"] > 0
@@ -181,7 +187,7 @@ def _echoed_back_since(bed: ComposeProject, vm_id: str, since: float) -> bool:
 
 
 def test_host_restart_vms_reattach_and_state_survives(testbed: ComposeProject) -> None:
-    before = _vms(testbed)
+    before = _echo_vms(testbed)
     service = "c0ffee00-0000-4000-8000-00000000e2e0"
     testbed.exec("host", "hvsock", "services", "register", service, "--name=e2e-registration")
     since = time.time()
@@ -189,7 +195,7 @@ def test_host_restart_vms_reattach_and_state_survives(testbed: ComposeProject) -
     ids = {p["vm_id"] for p in before.values()}
 
     wait_for("VMs to re-attach and echo again", lambda: _echoed_both_ways(testbed, ids, since), 180)
-    after = _vms(testbed)
+    after = _echo_vms(testbed)
     assert {p["vm_id"] for p in after.values()} == ids  # the same VMs, not new ones
     assert all(p["attached"] for p in after.values())
     services = testbed.hvsock("services", "list")["services"]

@@ -7,6 +7,7 @@ import hashlib
 import os
 import pathlib
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -246,3 +247,74 @@ def test_stress_32_connections_256_mib_echoed(host: HostProcess, data_path: str)
     vm.close()
     root.close()
     eventually(lambda: not channels(host), within=15.0)
+
+
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_listeners_after_the_host_restarts(
+    host: HostProcess, tmp_path: pathlib.Path, data_path: str
+) -> None:
+    """A listener whose host went away reports it once (ECONNRESET), then stops looking
+    readable, so an event loop does not spin on it; a bridge listens again by itself."""
+    from guest_client.bridge import Bridge, HvEndpoint, PlainEndpoint, run_in_thread
+
+    vm_created = create_vm(host)
+    vm_id = vm_created.partition.vm_id
+    vm = partition(host, hvsock_pb2.Hello(vm_id=vm_id, token=vm_created.token), data_path)
+    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), data_path)
+    plain = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        while True:
+            try:
+                conn, _ = plain.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    published = hv.service_id_for_port(7100)
+    bridge = Bridge(
+        HvEndpoint(hv.HV_GUID_WILDCARD.lower(), published),
+        PlainEndpoint("127.0.0.1", plain.getsockname()[1]),
+        vm,
+    )
+    watched = vm.socket()
+    watched.bind((hv.HV_GUID_WILDCARD, SERVICE))
+    watched.listen()
+    watched.setblocking(False)
+
+    def round_trip(payload: bytes) -> bytes:
+        with root.socket() as client:
+            client.settimeout(10)
+            client.connect((vm_id, published))
+            client.sendall(payload)
+            client.shutdown(hv.SHUT_WR)
+            return b"".join(iter(lambda: client.recv(65536), b""))
+
+    with run_in_thread(bridge):
+        assert round_trip(b"before") == b"before"
+        host.proc.kill()
+        host.proc.wait()
+        assert select.select([watched], [], [], 5)[0] == [watched]  # the reset, once
+        with pytest.raises(ConnectionResetError):
+            watched.accept()
+        assert select.select([watched], [], [], 0)[0] == []  # and not again
+        with run_host(tmp_path, "--state", str(host.state), like=host) as again:
+            assert vm.wait_attached(10) and root.wait_attached(10)
+
+            def bridge_listens() -> bool:
+                channel, admin = again.admin()
+                with channel:
+                    listed = admin.ListPartitions(
+                        hvsock_pb2.ListPartitionsRequest(), metadata=again.metadata, timeout=10
+                    )
+                return any(p.vm_id == vm_id and p.listener_count == 1 for p in listed.partitions)
+
+            eventually(bridge_listens, 10)
+            assert round_trip(b"after") == b"after"
+    watched.close()
+    plain.close()
+    vm.close()
+    root.close()
