@@ -34,7 +34,9 @@ import os
 import re
 import socket
 import struct
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -646,7 +648,12 @@ def add_cli_commands(commands: Any, command: Callable[..., Any]) -> None:
         "serve a Firecracker/OpenVMM-style hybrid vsock Unix socket for one VM",
     )
     hybrid.add_argument("--path", required=True, help="the Unix socket (guest ports: PATH_PORT)")
-    hybrid.add_argument("--vm-id", required=True, metavar="GUID", help="the VM to reach")
+    hybrid.add_argument(
+        "--vm-id",
+        required=True,
+        metavar="VM",
+        help="the VM to reach: its GUID, or its name (looked up at start, waiting for it)",
+    )
     hybrid.add_argument(
         "--guest-ports",
         type=_id_list,
@@ -747,6 +754,20 @@ def _vm_resolver(args: Any) -> Callable[[str], str]:
     return resolve
 
 
+def _wait_for_vm(resolve: Callable[[str], str], name: str) -> str:
+    """The id of the VM named ``name``, waiting until such a VM exists (in a testbed, the VM
+    container may create itself after this endpoint starts)."""
+    said = False
+    while True:
+        try:
+            return resolve(name)
+        except OSError as exc:
+            if not said:
+                print(f"waiting for VM {name!r} ({exc.strerror})", file=sys.stderr, flush=True)
+                said = True
+        time.sleep(0.5)  # poll: the admin API has no "VM appeared" wait
+
+
 def _serve(server: Any, banner: Callable[[], str]) -> None:
     import signal
 
@@ -808,7 +829,12 @@ def cli_hybrid(args: Any, client: Any) -> None:
 
     try:
         ports = [int(p) for p in args.guest_ports]
-        vm_id = parse_vm(args.vm_id)
+        try:
+            vm_id = parse_vm(args.vm_id)
+        except ValueError:
+            if not _VM_NAME.fullmatch(args.vm_id):
+                raise ValueError(f"not a VM id or name: {args.vm_id!r}") from None
+            vm_id = _wait_for_vm(_vm_resolver(args), args.vm_id)
         partition = _cli_partition(args)
         endpoint = HybridVsock(
             partition,

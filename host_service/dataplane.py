@@ -452,6 +452,9 @@ class DataPlane:
                     relay.stop()
             rings.broker.close()
 
+        if not rings.relays:
+            rings.broker.close()  # shared memory only: unmapping is quick, no thread to join
+            return
         # Joining relay threads may take a moment; never on the event loop.
         threading.Thread(target=finish, name="hvsock-reclaim", daemon=True).start()
 

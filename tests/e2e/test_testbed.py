@@ -106,6 +106,40 @@ def test_unmodified_http_server_in_a_vm_through_two_bridges(testbed: ComposeProj
     assert hashlib.sha256(body).hexdigest() == want
 
 
+# Runs in the vm-web-vsock container: the hybrid vsock handshake, then an HTTP request to the
+# VM's web server; prints the SHA-256 of the body.
+_HYBRID_CLIENT = """
+import hashlib, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/hvsock/vm-web.vsock")
+s.sendall(b"CONNECT 80\\n")
+answer = b""
+while not answer.endswith(b"\\n"):
+    chunk = s.recv(1)
+    if not chunk:
+        sys.exit("closed before OK")
+    answer += chunk
+assert answer == b"OK 80\\n", answer
+s.sendall(b"GET /blob.bin HTTP/1.0\\r\\n\\r\\n")
+reply = b"".join(iter(lambda: s.recv(65536), b""))
+head, _, body = reply.partition(b"\\r\\n\\r\\n")
+print(head.split(b"\\r\\n")[0].decode(), len(body), hashlib.sha256(body).hexdigest())
+"""
+
+
+def test_the_vm_through_a_hybrid_vsock_socket(testbed: ComposeProject) -> None:
+    """vm-web-vsock serves the Firecracker/OpenVMM-style Unix socket for vm-web (found by name)."""
+    want = testbed.exec("vm-web", "sha256sum", "/tmp/www/blob.bin").stdout.split()[0]
+
+    def fetch() -> str | None:
+        done = testbed.exec("vm-web-vsock", "python", "-c", _HYBRID_CLIENT, check=False)
+        return done.stdout if done.returncode == 0 else None  # not listening yet: again
+
+    status, length, digest = wait_for("the hybrid vsock socket", fetch, 120).rsplit(" ", 2)
+    assert status == "HTTP/1.0 200 OK"
+    assert int(length) == 4 * 2**20 and digest.strip() == want
+
+
 def test_a_vm_connecting_to_another_vm_is_refused(testbed: ComposeProject) -> None:
     other = _vm_named(testbed, "vm-windows")["vm_id"]
     done = testbed.exec(
@@ -238,6 +272,15 @@ def test_the_same_file_deploys_to_swarm() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    for service in ("host:", "hostprog:", "vm-linux:", "vm-windows:", "vm-web:", "web-bridge:"):
+    services = (
+        "host",
+        "hostprog",
+        "vm-linux",
+        "vm-windows",
+        "vm-web",
+        "web-bridge",
+        "vm-web-vsock",
+    )
+    for service in (f"{name}:" for name in services):
         assert f"\n  {service}\n" in done.stdout, service
     assert "internal: true" in done.stdout
