@@ -370,6 +370,7 @@ def partition_dict(p: hvsock_pb2.Partition) -> dict[str, Any]:
         "attached": p.attached,
         "channel_count": p.channel_count,
         "listener_count": p.listener_count,
+        "session_count": p.session_count,
     }
 
 
@@ -410,6 +411,7 @@ def event_dict(e: hvsock_pb2.WatchEventsResponse) -> dict[str, Any]:
         "vm_id": e.vm_id,
         "channel_id": e.channel_id,
         "detail": e.detail,
+        "session_id": e.session_id,
     }
 
 
@@ -439,6 +441,7 @@ PARTITION_HEADERS = (
     "ATTACHED",
     "CHANNELS",
     "LISTENERS",
+    "SESSIONS",
 )
 
 
@@ -452,6 +455,7 @@ def partition_row(p: dict[str, Any]) -> list[Any]:
         _yes(p["attached"]),
         p["channel_count"],
         p["listener_count"],
+        p["session_count"],
     ]
 
 
@@ -638,9 +642,10 @@ def cmd_events(args: argparse.Namespace, client: Client) -> None:
                 print(json.dumps(info), flush=True)
             else:
                 channel = f"#{info['channel_id']}" if info["channel_id"] else "-"
+                session = f"s{info['session_id']}" if info["session_id"] else "-"
                 print(
                     f"{info['time']}  {info['kind']:<14} {info['vm_id'] or '-':<36}"
-                    f"  {channel:<6} {info['detail']}".rstrip(),
+                    f"  {channel:<6} {session:<5} {info['detail']}".rstrip(),
                     flush=True,
                 )
             seen += 1

@@ -73,6 +73,7 @@ def host_token(args: argparse.Namespace) -> str:
 def build_host(args: argparse.Namespace, token: str) -> Host:
     config = HostConfig(
         max_socket_number=args.max_socket_number,
+        max_sessions_per_partition=args.max_sessions_per_partition,
         send_ring_page=args.send_ring_page,
         recv_ring_page=args.recv_ring_page,
         strict_registry=args.strict_registry,

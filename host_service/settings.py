@@ -124,6 +124,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="most channels one partition may hold",
     )
     p.option(
+        "--max-sessions-per-partition",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="most attach sessions (attached processes) one partition may have at once",
+    )
+    p.option(
         "--send-ring-page",
         type=_positive_int,
         default=2,

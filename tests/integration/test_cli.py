@@ -21,6 +21,7 @@ from hvsock.v1 import hvsock_pb2
 
 from .hostproc import HostProcess, run_host
 from .rawclient import RawPartition, RelayStream
+from .test_host_badinput import wait_for_sessions
 
 pytestmark = pytest.mark.integration
 
@@ -231,6 +232,7 @@ def test_vms_create_with_id_and_personality(cli: Cli) -> None:
         "attached": False,
         "channel_count": 0,
         "listener_count": 0,
+        "session_count": 0,
     }
     assert "ALREADY_EXISTS" in cli.fails(
         "ALREADY_EXISTS", "vms", "create", "--name", "again", "--vm-id", vm_id
@@ -254,10 +256,52 @@ def test_vms_list_table_and_json(cli: Cli) -> None:
         "ATTACHED",
         "CHANNELS",
         "LISTENERS",
+        "SESSIONS",
     ]
     assert table[1].split()[:3] == [PARENT, "host", "host"]
     row = next(line for line in table if line.startswith(created["vm_id"]))
-    assert row.split() == [created["vm_id"], "vm", "listed", "linux", "running", "no", "0", "0"]
+    assert row.split() == [
+        created["vm_id"], "vm", "listed", "linux", "running", "no", "0", "0", "0"
+    ]  # fmt: skip
+
+
+def test_vms_list_counts_sessions(cli: Cli) -> None:
+    """Two processes of one VM attached: SESSIONS 2, and each session in the events."""
+    created = new_vm(cli, "two-sessions")
+    vm_id = created["vm_id"]
+    hello = hvsock_pb2.Hello(vm_id=vm_id, token=created["token"])
+    first = RawPartition(cli.host.target, hello)
+    second = RawPartition(cli.host.target, hello)
+    try:
+        listed = next(p for p in cli.json("vms", "list")["partitions"] if p["vm_id"] == vm_id)
+        assert listed["attached"] is True and listed["session_count"] == 2
+        assert cli.json("vms", "get", vm_id)["session_count"] == 2
+        row = next(line for line in cli.ok("vms", "list").splitlines() if line.startswith(vm_id))
+        assert row.split() == [
+            vm_id, "vm", "two-sessions", "linux", "running", "yes", "0", "0", "2"
+        ]  # fmt: skip
+        assert cli.ok("vms", "get", vm_id).splitlines()[1].split()[-1] == "2"
+
+        # Since the VM was created: created, attached, and one session_opened per attachment.
+        replay = ("events", "--replay", "4", "--count", "4")
+        events = [json.loads(line) for line in cli.ok("--json", *replay).splitlines()]
+        assert [e["kind"] for e in events if e["vm_id"] == vm_id] == [
+            "created", "attached", "session_opened", "session_opened"
+        ], events  # fmt: skip
+        opened = [e for e in events if e["kind"] == "session_opened"]
+        sessions = [e["session_id"] for e in opened]
+        assert all(sessions) and len(set(sessions)) == 2, events
+        assert next(e for e in events if e["kind"] == "created")["session_id"] == 0
+        # The table shows a session id as sN, and "-" where an event has none.
+        text = {line.split()[1]: line.split() for line in cli.ok(*replay).splitlines()}
+        assert text["created"][2:4] == [vm_id, "-"] and text["created"][4] == "-"
+        last = opened[-1]
+        assert text["session_opened"][2:5] == [vm_id, "-", f"s{last['session_id']}"]
+        assert " ".join(text["session_opened"][5:]) == last["detail"]
+    finally:
+        second.close()
+        first.close()
+    wait_for_sessions(cli.host, vm_id, 0)  # their events are in before the next test starts
 
 
 def test_vms_pause_resume_stop_delete(cli: Cli) -> None:
@@ -448,7 +492,7 @@ def test_events_replay(cli: Cli) -> None:
     lines = out.splitlines()
     assert len(lines) == 1
     first = json.loads(lines[0])
-    assert set(first) == {"time", "kind", "vm_id", "channel_id", "detail"}
+    assert set(first) == {"time", "kind", "vm_id", "channel_id", "detail", "session_id"}
     # The most recent event is the VM just created (nothing else happens on this host now).
     last = cli.ok("events", "--json", "--replay", "1", "--count", "1").strip().splitlines()
     assert len(last) == 1
