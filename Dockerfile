@@ -1,10 +1,11 @@
 # hvsock-emulator image: the host service (hvsock-host), the guest library and the hvsock CLI.
 #
-# Two stages: `build` compiles the Cython ring and generates the gRPC modules into a virtual
-# environment at /opt/hvsock; the runtime stage copies only that environment. Both stages must
-# run the same Python at the same path (the environment's interpreter is a link to it), which is
-# why the two base images are a pair: python:X and python:X-slim, or two local images built
-# from one Debian release (see docker/base-images.sh for machines without a registry).
+# Two stages: `build` builds the project's wheel (compiling the Cython ring and generating the
+# gRPC modules) and installs it with its dependencies into a virtual environment at /opt/hvsock;
+# the runtime stage copies only that environment: no compiler, headers or build tools. Both
+# stages must run the same Python at the same path (the environment's interpreter is a link to
+# it), which is why the two base images are a pair: python:X and python:X-slim, or two local
+# images built from one Debian release (docker/base-images.sh, for machines without a registry).
 #
 # Offline builds: put wheels for every dependency (and the build requirements setuptools, cython,
 # grpcio-tools) in docker/wheels/ (docker/download-wheels.sh does it); pip then installs from
@@ -26,7 +27,8 @@ RUN set -eu; \
         export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; echo "installing from docker/wheels"; \
     fi; \
     python3 -m venv /opt/hvsock; \
-    /opt/hvsock/bin/pip install /src; \
+    /opt/hvsock/bin/pip wheel --no-deps --wheel-dir /dist /src; \
+    /opt/hvsock/bin/pip install /dist/hvsock_emulator-*.whl; \
     cd / && /opt/hvsock/bin/python -c "import ring._ring, hvsock.v1.hvsock_pb2_grpc, guest_client"
 
 FROM ${RUNTIME_IMAGE}
