@@ -194,6 +194,7 @@ class Host:
         self.attachments: dict[int, Attachment] = {}
         self._by_secret: dict[str, Attachment] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None  # the core deadline _timer is armed for
         self._watchers: set[asyncio.Queue[Event | None]] = set()
         self._probe_ids = itertools.count(1)
 
@@ -221,13 +222,15 @@ class Host:
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
         if self._timer is not None:
-            if deadline is not None and self._timer.when() == self._loop_time(deadline):
+            # Compare core deadlines: the loop time one maps to drifts from call to call.
+            if deadline == self._timer_deadline:
                 return
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_at(self._loop_time(deadline), self._on_timer)
+            self._timer_deadline = deadline
 
     def _loop_time(self, deadline: float) -> float:
         loop = asyncio.get_running_loop()
