@@ -1,14 +1,16 @@
 """The byte pipe under every socket: a receive ring and a send ring, whatever the data path.
 
-Sockets only ever read ``rx`` and write ``tx`` (``ring.Ring`` objects), so back-pressure, FIN
-ordering, partial reads and rescind behave identically on every path:
+Sockets only ever read ``rx`` and write ``tx`` (``ring.Ring`` objects, or on the relay path
+objects with the same calls and rules), so back-pressure, FIN ordering, partial reads and
+rescind behave identically on every path:
 
 * :class:`ShmPipe` — the channel's own shared-memory rings, mapped from the host's segment;
   bytes go from this program's ring straight to the peer's.
-* :class:`RelayPipe` — two private rings of the channel's geometry plus two pump threads that
-  move them to and from the host's ``ChannelData`` stream (the gRPC relay path). The outbound
-  pump reads whatever the socket has written, up to 64 KiB per frame, so a loop of small sends
-  is coalesced into large frames, and never sends beyond the host's credit (``send_limit``).
+* :class:`RelayPipe` — the gRPC relay path: in place of rings, a send buffer bounded by the
+  host's credit (``send_limit``) whose bytes gRPC's request consumer takes up to 64 KiB per
+  frame, so a loop of small sends is coalesced into large frames, and a receive buffer the
+  response stream fills within the credit this end grants as the program reads. Both behave
+  as the rings do (:class:`RelaySend`, :class:`RelayReceive`).
 * :func:`memory_pair` — two pipes crossed over private rings: an in-process transport for fast
   unit tests that exercises the same code as the other paths.
 """
@@ -19,18 +21,30 @@ import collections
 import errno
 import logging
 import mmap
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_status import rpc_status
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-from ring import PAGE_SIZE, Channel, Ring
+from ring import (
+    CONTROL_PAGE_SIZE,
+    FIN_PACKET_LEN,
+    PAGE_SIZE,
+    WRITE_RESERVE,
+    Channel,
+    Ring,
+    effective_max_payload,
+    packet_len,
+)
+from ring._errors import ST_AGAIN, ST_FIN_SENT, ST_RESCINDED, ST_TIMEOUT, status_error
 from ring.shm import stall_bit
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 log = logging.getLogger("hvsock.client")
 
@@ -39,9 +53,13 @@ MAX_FRAME = 65536
 
 
 class Pipe(Protocol):
-    rx: Ring
-    tx: Ring
     path: str
+
+    @property
+    def rx(self) -> RxEnd: ...
+
+    @property
+    def tx(self) -> TxEnd: ...
 
     def rescind(self) -> None: ...
 
@@ -139,20 +157,329 @@ def memory_pair(
     return a, b
 
 
+class TxEnd(Protocol):
+    """What sockets use of a send ring: ``ring.Ring``, or :class:`RelaySend`."""
+
+    def write(self, data: Buffer, timeout: float | None = None) -> int: ...
+    def write_all(self, data: Buffer, timeout: float | None = None) -> None: ...
+    def fin(self, timeout: float | None = None) -> None: ...
+    def writable(self) -> int: ...
+    def wait_writable(self, nbytes: int = 1, timeout: float | None = None) -> bool: ...
+    def rescind(self) -> None: ...
+    @property
+    def fin_sent(self) -> bool: ...
+    @property
+    def is_rescinded(self) -> bool: ...
+
+
+class RxEnd(Protocol):
+    """What sockets use of a receive ring: ``ring.Ring``, or :class:`RelayReceive`."""
+
+    def read_into(self, buffer: Buffer, nbytes: int = 0, timeout: float | None = None) -> int: ...
+    def readable(self) -> int: ...
+    def wait_readable(self, timeout: float | None = None) -> bool: ...
+    def rescind(self) -> None: ...
+    @property
+    def at_eof(self) -> bool: ...
+    @property
+    def is_rescinded(self) -> bool: ...
+
+
+def _ring_capacity(pages: int, max_payload: int) -> tuple[int, int]:
+    """(payload bytes an empty ring of ``pages`` takes without blocking, its largest packet
+    payload): what ``writable()`` and ``max_payload`` of a fresh ``Ring`` of that size say."""
+    size = pages * PAGE_SIZE - CONTROL_PAGE_SIZE
+    largest = effective_max_payload(size, max_payload)
+    free, total = size, 0
+    while free > WRITE_RESERVE:
+        payload = min(free - WRITE_RESERVE, largest)
+        total += payload
+        free -= packet_len(payload)
+    return total, largest
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be non-negative or None")
+
+
+def _wait(condition: threading.Condition, timeout: float | None, deadline: float, op: str) -> float:
+    """Wait once on ``condition`` (held) within ``timeout``, raising what a ring raises
+    (BlockingIOError for 0, TimeoutError once the deadline passed); returns the deadline."""
+    if timeout is None:
+        condition.wait()
+        return deadline
+    if timeout == 0:
+        raise status_error(ST_AGAIN, op=op)
+    now = time.monotonic()
+    if deadline == 0.0:
+        deadline = now + timeout
+    elif now >= deadline:
+        raise status_error(ST_TIMEOUT, op=op)
+    condition.wait(deadline - now)
+    return deadline
+
+
+class RelaySend:
+    """The send half of a relayed end, in place of a send ring: the same calls, errors,
+    partial writes and FIN rules as a ``ring.Ring`` writer.
+
+    A write appends to a buffer bounded by the host's credit — what was accepted never exceeds
+    ``send_limit``, which the host grants from its ring's free space — so back-pressure is that
+    ring's. gRPC's request consumer takes up to 64 KiB per frame from the buffer
+    (:meth:`RelayPipe._requests`), so a loop of small sends still travels in large frames.
+    """
+
+    def __init__(
+        self, lock: threading.Lock, work: threading.Condition, capacity: int, max_payload: int
+    ) -> None:
+        self._room = threading.Condition(lock)  # credit arrived, or the end is over
+        self._work = work
+        self._max_payload = max_payload
+        self.buffer = bytearray()  # accepted, not yet taken into a frame
+        self.accepted = 0  # bytes accepted in all
+        self.sent = 0  # bytes taken into frames in all
+        self.limit = 0  # the host's send credit (bytes in all): frames stay within it
+        # What writes may fill: the credit, or before it arrives what the (empty) send ring
+        # holds, which is what the host's first credit is.
+        self._bound = capacity
+        self._fin = False
+        self._rescinded = False
+
+    def write(self, data: Buffer, timeout: float | None = None) -> int:
+        """Write some of ``data`` (like ``socket.send``); return the count written."""
+        return self._write(data, timeout, False)
+
+    def write_all(self, data: Buffer, timeout: float | None = None) -> None:
+        """Write all of ``data`` (like ``socket.sendall``)."""
+        self._write(data, timeout, True)
+
+    def _write(self, data: Buffer, timeout: float | None, whole: bool) -> int:
+        _check_timeout(timeout)
+        with memoryview(data) as view:
+            if not view.c_contiguous:
+                with memoryview(view.tobytes()) as copy, copy.cast("B") as src:
+                    return self._write_view(src, timeout, whole)
+            with view.cast("B") as src:
+                return self._write_view(src, timeout, whole)
+
+    def _write_view(self, src: memoryview, timeout: float | None, whole: bool) -> int:
+        n = len(src)
+        done = 0
+        deadline = 0.0
+        with self._room:
+            if self._fin:
+                raise status_error(ST_FIN_SENT, op="write")
+            while done < n:
+                if self._rescinded:
+                    if done and not whole:
+                        return done
+                    raise status_error(ST_RESCINDED, op="write")
+                room = self._bound - self.accepted
+                if room > 0:
+                    take = min(room, n - done)
+                    self.buffer += src[done : done + take]
+                    self.accepted += take
+                    done += take
+                    self._work.notify()
+                    if not whole:
+                        break
+                    continue
+                deadline = _wait(self._room, timeout, deadline, "write")
+            return done
+
+    def fin(self, timeout: float | None = None) -> None:
+        """FIN after everything written (it needs no credit). Idempotent."""
+        _check_timeout(timeout)
+        with self._room:
+            if self._fin:
+                return
+            if self._rescinded:
+                raise status_error(ST_RESCINDED, op="fin")
+            self._fin = True
+            self._work.notify()
+
+    def writable(self) -> int:
+        """Bytes a write could take now without blocking."""
+        with self._room:
+            if self._fin or self._rescinded:
+                return 0
+            return max(self._bound - self.accepted, 0)
+
+    def wait_writable(self, nbytes: int = 1, timeout: float | None = None) -> bool:
+        """Wait until a write of ``min(nbytes, max_payload)`` bytes would not block."""
+        _check_timeout(timeout)
+        need = min(max(nbytes, 1), self._max_payload)
+        with self._room:
+            return self._room.wait_for(
+                lambda: self._fin or self._rescinded or self._bound - self.accepted >= need,
+                timeout,
+            )
+
+    def grant(self, limit: int) -> None:
+        """The host's credit (lock held)."""
+        if limit > self.limit:
+            self.limit = limit
+            self._work.notify()
+            if limit > self._bound:
+                self._bound = limit
+                self._room.notify_all()
+
+    def rescind(self) -> None:
+        """Sends fail (EPIPE) from now on; what is buffered is dropped."""
+        with self._room:
+            self._rescind()
+
+    def _rescind(self) -> None:
+        self._rescinded = True
+        self._room.notify_all()
+        self._work.notify()
+
+    @property
+    def fin_sent(self) -> bool:
+        return self._fin
+
+    @property
+    def is_rescinded(self) -> bool:
+        return self._rescinded
+
+
+class RelayReceive:
+    """The receive half of a relayed end, in place of a receive ring: the same calls, errors
+    and EOF rules as a ``ring.Ring`` reader.
+
+    The inbound thread appends frames as they come (never blocking); the host sends no more
+    than the receive credit, which is what a ring of this end's geometry holds. Reads grant
+    more as they free a quarter of that (at most one packet's worth): a program that does not
+    read grants nothing, so the host stops, and the peer's ring fills — the ring's back-pressure.
+    """
+
+    def __init__(
+        self, lock: threading.Lock, work: threading.Condition, capacity: int, max_payload: int
+    ) -> None:
+        self._data = threading.Condition(lock)  # data, EOF, or close
+        self._work = work
+        self._capacity = capacity
+        self._step = max(min(capacity // 4, max_payload), 64)
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # into the first frame
+        self._size = 0  # bytes buffered
+        self._consumed = 0  # bytes read in all
+        self.granted = capacity  # receive credit (bytes in all) to give the host
+        self.eof = False  # FIN (or the end of the stream) came, behind the buffered data
+        self._at_eof = False
+        self._rescinded = False
+
+    def read_into(self, buffer: Buffer, nbytes: int = 0, timeout: float | None = None) -> int:
+        """Read up to ``nbytes`` (default ``len(buffer)``) into ``buffer``; 0 = EOF."""
+        _check_timeout(timeout)
+        if nbytes < 0:
+            raise ValueError("negative buffersize in read_into")
+        with memoryview(buffer) as view:
+            if view.readonly:
+                raise TypeError("read_into needs a writable buffer")
+            with view.cast("B") as dst:
+                n = len(dst)
+                if nbytes:
+                    if nbytes > n:
+                        raise ValueError("buffer too small for requested bytes")
+                    n = nbytes
+                if n == 0:
+                    return 0
+                return self._read(dst, n, timeout)
+
+    def _read(self, dst: memoryview, n: int, timeout: float | None) -> int:
+        deadline = 0.0
+        with self._data:
+            while not self._size:
+                if self._at_eof or self._rescinded:
+                    return 0
+                if self.eof:
+                    self._at_eof = True
+                    return 0
+                deadline = _wait(self._data, timeout, deadline, "read")
+            frames = self._frames
+            done = 0
+            while done < n and frames:
+                frame = frames[0]
+                start = self._offset
+                take = min(len(frame) - start, n - done)
+                with memoryview(frame) as src:
+                    dst[done : done + take] = src[start : start + take]
+                done += take
+                if start + take == len(frame):
+                    frames.popleft()
+                    self._offset = 0
+                else:
+                    self._offset = start + take
+            self._size -= done
+            self._consumed += done
+            if not self._rescinded and self._consumed + self._capacity - self.granted >= self._step:
+                self.granted = self._consumed + self._capacity
+                self._work.notify()
+            return done
+
+    def readable(self) -> int:
+        """Bytes waiting to be read (a pending EOF counts, like a ring's FIN packet)."""
+        with self._data:
+            return self._size + (FIN_PACKET_LEN if self.eof and not self._at_eof else 0)
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Wait until a read would not block; False on timeout."""
+        _check_timeout(timeout)
+        with self._data:
+            return self._data.wait_for(
+                lambda: bool(self._size) or self.eof or self._at_eof or self._rescinded, timeout
+            )
+
+    def deliver(self, data: bytes) -> None:
+        """A frame from the host (lock held)."""
+        if self._rescinded:
+            return  # closed: nobody reads it any more
+        self._frames.append(data)
+        self._size += len(data)
+        self._data.notify_all()
+
+    def end(self) -> None:
+        """EOF behind the buffered data (lock held)."""
+        self.eof = True
+        self._data.notify_all()
+        self._work.notify()
+
+    def rescind(self) -> None:
+        """Closed: blocked reads return (what is buffered, then 0); no more credit."""
+        with self._data:
+            self._rescinded = True
+            self._data.notify_all()
+            self._work.notify()
+
+    @property
+    def done(self) -> bool:
+        """No more receive credit is needed (lock held)."""
+        return self.eof or self._rescinded
+
+    @property
+    def at_eof(self) -> bool:
+        return self._at_eof
+
+    @property
+    def is_rescinded(self) -> bool:
+        return self._rescinded
+
+
 class RelayPipe(_NeverStalled):
     """A channel end relayed over ``ChannelData``.
 
     Credit flows both ways, so no thread ever waits on something queued behind what it waits
-    for: the host grants ``send_limit`` from its ring's free space, this end grants
-    ``receive_limit`` from its private receive ring's free space. Threads (all daemons):
+    for: the host grants ``send_limit`` from its ring's free space (:class:`RelaySend` accepts
+    no more), this end grants ``receive_limit`` as the program reads (:class:`RelayReceive`).
+    Beside the program's own threads there are two (daemons):
 
-    * ``tx``: reads what the socket wrote (up to 64 KiB, within the send credit) and queues it
-      as frames, then FIN; the request stream ends only when the socket is closed;
-    * gRPC's request consumer: writes the queued frames;
-    * ``inbound``: reads the response stream; never blocks (credit updates take effect at
-      once, data goes to a queue bounded by the receive credit);
-    * ``rx``: moves received data into the private receive ring (blocking while the program
-      does not read) and grants more receive credit as the program frees space.
+    * gRPC's request consumer pulls :meth:`_requests`: receive credit, data (up to 64 KiB per
+      frame, whatever the socket wrote meanwhile), then FIN; the request stream ends when the
+      socket is closed (after the FIN) and no more credit is needed;
+    * ``inbound`` reads the response stream and never blocks: credit updates take effect at
+      once, data is appended to the receive buffer (bounded by the receive credit).
     """
 
     path = "relay"
@@ -164,80 +491,80 @@ class RelayPipe(_NeverStalled):
         channel: hvsock_pb2.Channel,
     ) -> None:
         geometry = channel.geometry
-        self._rx_memory, self.rx = _private_ring(geometry.recv_ring_pages, geometry.max_payload)
-        self._tx_memory, self.tx = _private_ring(geometry.send_ring_pages, geometry.max_payload)
-        self._requests: queue.SimpleQueue[hvsock_pb2.ChannelDataRequest | None] = (
-            queue.SimpleQueue()
-        )
-        self._requests.put(
-            hvsock_pb2.ChannelDataRequest(
-                open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel.channel_id)
-            )
-        )
-        self._lock = threading.Condition()  # guards everything below
-        self._send_limit = 0
-        self._sent = 0
-        self._incoming: collections.deque[bytes | None] = collections.deque()  # None = FIN
-        self._moved = 0  # bytes moved into the receive ring
-        self._received = 0  # bytes taken off the stream
-        self._granted = 0  # receive credit given to the host
-        self._stopped = False
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # something for the request stream
+        send_capacity, send_payload = _ring_capacity(geometry.send_ring_pages, geometry.max_payload)
+        recv_capacity, recv_payload = _ring_capacity(geometry.recv_ring_pages, geometry.max_payload)
+        self.tx = RelaySend(lock, self._work, send_capacity, send_payload)
+        self.rx = RelayReceive(lock, self._work, recv_capacity, recv_payload)
+        self._granted = 0  # receive credit sent to the host
+        self._fin_sent = False  # the FIN frame is out
         self._closed = False
-        self._done = 0  # of the tx and rx threads
+        self._over = False  # the response stream ended
         #: Called (on the inbound thread) when the stream fails without word from the host.
         self.on_lost: Callable[[], None] = lambda: None
-        self._call = stub.ChannelData(_drain_requests(self._requests))
-        self._threads = [
-            threading.Thread(target=target, name=f"hvsock-relay-{name}", daemon=True)
-            for name, target in (("tx", self._tx), ("in", self._inbound), ("rx", self._rx))
-        ]
-        for thread in self._threads:
-            thread.start()
+        opening = hvsock_pb2.ChannelDataRequest(
+            open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel.channel_id)
+        )
+        self._call = stub.ChannelData(self._requests(opening))
+        self._thread = threading.Thread(target=self._inbound, name="hvsock-relay-in", daemon=True)
+        self._thread.start()
 
     # -- socket -> host ----------------------------------------------------------------------
 
-    def _tx(self) -> None:
-        buffer = bytearray(MAX_FRAME)
-        try:
-            while True:
-                with self._lock:
-                    self._lock.wait_for(lambda: self._stopped or self._send_limit > self._sent)
-                    if self._stopped:
+    def _requests(
+        self, opening: hvsock_pb2.ChannelDataRequest
+    ) -> Iterator[hvsock_pb2.ChannelDataRequest]:
+        """The request stream, pulled by gRPC's consumer thread one message at a time."""
+        yield opening
+        tx, rx, work = self.tx, self.rx, self._work
+        while True:
+            with work:
+                while True:
+                    if self._over:
                         return
-                    room = min(self._send_limit - self._sent, MAX_FRAME)
-                n = self.tx.read_into(buffer, room, None)
-                if n == 0:  # the socket wrote FIN (or the channel was rescinded)
-                    if not self.tx.is_rescinded:
-                        self._requests.put(hvsock_pb2.ChannelDataRequest(fin=True))
+                    if not rx.done and rx.granted > self._granted:
+                        self._granted = rx.granted
+                        request = hvsock_pb2.ChannelDataRequest(receive_limit=rx.granted)
+                        break
+                    if tx.is_rescinded:
+                        tx.buffer.clear()
+                    elif tx.buffer:
+                        if tx.limit > tx.sent:
+                            buffer = tx.buffer
+                            n = min(len(buffer), MAX_FRAME, tx.limit - tx.sent)
+                            with memoryview(buffer) as view:
+                                frame = bytes(view[:n])
+                            del buffer[:n]
+                            tx.sent += n
+                            request = hvsock_pb2.ChannelDataRequest(data=frame)
+                            break
+                    elif tx.fin_sent and not self._fin_sent:
+                        self._fin_sent = True
+                        request = hvsock_pb2.ChannelDataRequest(fin=True)
+                        break
                     # Ending the request stream means close() to the host: a half-closed
-                    # socket keeps it open until the program closes the socket.
-                    with self._lock:
-                        self._lock.wait_for(lambda: self._stopped or self._closed)
-                    return
-                with self._lock:
-                    self._sent += n
-                self._requests.put(
-                    hvsock_pb2.ChannelDataRequest(data=bytes(memoryview(buffer)[:n]))
-                )
-        except OSError as exc:  # closed under us at teardown
-            log.debug("relay tx ended: %s", exc)
-        finally:
-            self._side_done()
+                    # socket keeps it open until the program closes the socket. Nor does it
+                    # end while the host may still need receive credit to send what it holds.
+                    sending_done = tx.is_rescinded or (self._fin_sent and self._closed)
+                    if sending_done and rx.done:
+                        return
+                    work.wait()
+            yield request
 
     # -- host -> socket ----------------------------------------------------------------------
 
     def _inbound(self) -> None:
+        tx, rx, work = self.tx, self.rx, self._work
         try:
             for frame in self._call:
-                with self._lock:
+                with work:
                     if frame.send_limit:
-                        self._send_limit = max(self._send_limit, frame.send_limit)
+                        tx.grant(frame.send_limit)
                     if frame.data:
-                        self._incoming.append(frame.data)
-                        self._received += len(frame.data)
+                        rx.deliver(frame.data)
                     if frame.fin:
-                        self._incoming.append(None)
-                    self._lock.notify_all()
+                        rx.end()
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.debug("relay stream ended: %s", exc)
@@ -248,67 +575,11 @@ class RelayPipe(_NeverStalled):
                 self.on_lost()
         # The stream is over (channel closed, rescinded, or the host went away): what is
         # buffered stays readable, then EOF; sends fail.
-        with self._lock:
-            self._incoming.append(None)
-            self._lock.notify_all()
-        self.tx.rescind()
-        with self._lock:
-            self._stopped = True
-            self._lock.notify_all()
-
-    def _rx(self) -> None:
-        rx = self.rx
-        # Wait for this much free space before granting more: a quarter of the ring.
-        step = max(min(rx.data_size // 4, rx.max_payload), 64)
-
-        def grant() -> None:
-            limit = self._moved + rx.writable()
-            if limit > self._granted:
-                self._granted = limit
-                self._requests.put(hvsock_pb2.ChannelDataRequest(receive_limit=limit))
-
-        try:
-            grant()
-            while True:
-                with self._lock:
-                    # Wait for data while the host may still send some.
-                    self._lock.wait_for(self._rx_has_work)
-                    if self._closed:
-                        return
-                    item = self._incoming.popleft() if self._incoming else b""
-                if item is None:
-                    rx.fin(None)
-                    return
-                if not item:
-                    # All granted credit is used and moved: wait for the program to read.
-                    rx.wait_writable(step, None)
-                    if rx.is_rescinded:
-                        return
-                    grant()
-                    continue
-                rx.write_all(item, None)
-                self._moved += len(item)
-                with self._lock:
-                    caught_up = not self._incoming
-                if caught_up:
-                    grant()
-        except OSError as exc:  # rescinded or closed locally
-            log.debug("relay rx ended: %s", exc)
-        finally:
-            self._side_done()
-
-    def _rx_has_work(self) -> bool:
-        return bool(self._incoming) or self._received >= self._granted or self._closed
-
-    def _side_done(self) -> None:
-        """The tx thread and the rx thread each call this once when done. The request stream
-        (which carries receive credit as well as data) ends only when both are: ending it
-        earlier would strand the host with data it may not send for want of credit."""
-        with self._lock:
-            self._done += 1
-            last = self._done == 2
-        if last:
-            self._requests.put(None)
+        with work:
+            rx.end()
+            tx._rescind()
+            self._over = True
+            work.notify()
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -316,25 +587,13 @@ class RelayPipe(_NeverStalled):
         """Sends fail from now on. The receive side is left to the stream: data the host
         drained from the rescinded ring may still be on its way, and EOF follows it."""
         self.tx.rescind()
-        with self._lock:
-            self._stopped = True
-            self._lock.notify_all()
 
     def close(self) -> None:
         """Stop reading; what was written (and the FIN) still drains to the host.
 
-        The tx thread ends the request stream after the FIN, and the host closes this end
-        once all of it is in the ring, then ends the response stream, which ends the other
-        threads. The private rings are freed with the last reference (garbage collection).
+        The request stream ends after the FIN, and the host closes this end once all of it is
+        in the ring, then ends the response stream, which ends the inbound thread.
         """
-        self.rx.rescind()
-        with self._lock:
+        with self._work:
             self._closed = True
-            self._lock.notify_all()
-
-
-def _drain_requests(
-    requests: queue.SimpleQueue[hvsock_pb2.ChannelDataRequest | None],
-) -> Iterator[hvsock_pb2.ChannelDataRequest]:
-    while (request := requests.get()) is not None:
-        yield request
+        self.rx.rescind()
