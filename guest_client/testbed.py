@@ -52,10 +52,20 @@ NOT_YET = (ConnectionRefusedError, TimeoutError, ConnectionResetError)
 POLL = 1.0  # seconds between the host program's looks at the VM list
 
 
+_OUTPUT = threading.Lock()
+
+
+def _say(text: str) -> None:
+    """Print whole lines: echoes run in threads, and print() writes the text and its newline
+    separately, so lines could interleave and break the RESULT lines scripts parse."""
+    with _OUTPUT:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
 def _emit(line: str, record: dict[str, Any]) -> None:
     record["at"] = time.time()  # wall clock: scripts compare it across containers
-    print(line, flush=True)
-    print("RESULT " + json.dumps(record, sort_keys=True), flush=True)
+    _say(line + "\nRESULT " + json.dumps(record, sort_keys=True))
 
 
 def _mb_per_s(nbytes: int, seconds: float) -> float:
@@ -146,11 +156,11 @@ class HostProgram:
                 listener.listen(64)
             except ConnectionResetError:
                 continue  # lost the host again before listening: wait for the next attach
-            print(f"host program: echo service {HOST_ECHO} listening", flush=True)
+            _say(f"host program: echo service {HOST_ECHO} listening")
             accepting = serve_echo(listener, self._echoed_back)
             self._watch_vms(accepting)
             listener.close()
-            print("host program: lost the host service; attaching again", flush=True)
+            _say("host program: lost the host service; attaching again")
 
     def _watch_vms(self, accepting: threading.Thread) -> None:
         """Echo with each VM once per attachment while the host service stays up."""
@@ -194,7 +204,7 @@ class HostProgram:
             record = self._record(vm, "host->vm", result, **paths)
             _emit(f"host -> {record['vm_name']} ({vm.vm_id}): {_describe(record)}", record)
         else:  # it listens, but not on the echo service: not a testbed VM (vm-web, yours)
-            print(f"host program: {vm.name} ({vm.vm_id}) runs no echo service", flush=True)
+            _say(f"host program: {vm.name} ({vm.vm_id}) runs no echo service")
         with self.lock:
             self.in_flight -= 1
 
@@ -236,7 +246,7 @@ class HostProgram:
                 return
             self.dirty = False
             rows = sorted(self.table.items(), key=lambda item: item[1]["name"])
-        print(summary_table(rows), flush=True)
+        _say(summary_table(rows))
 
 
 def summary_table(rows: Iterable[tuple[str, dict[str, Any]]]) -> str:
@@ -261,7 +271,7 @@ def summary_table(rows: Iterable[tuple[str, dict[str, Any]]]) -> str:
 
 def host_main(args: argparse.Namespace) -> int:
     partition = hv.attach_host()
-    print(f"host program attached to {partition.target}", flush=True)
+    _say(f"host program attached to {partition.target}")
     HostProgram(partition, Admin(partition.target), args.bytes).run()
     return 0
 
@@ -274,7 +284,7 @@ def vm_main(args: argparse.Namespace) -> int:
     # so that scaled replicas tell apart; HVSOCK_VM_NAME overrides it.
     name = os.environ.get("HVSOCK_VM_NAME") or f"{args.name_prefix}-{socket.gethostname()}"
     vm = hv.attach(name=name)
-    print(f"VM {vm.name} ({vm.vm_id}, {vm.personality}) attached to {vm.target}", flush=True)
+    _say(f"VM {vm.name} ({vm.vm_id}, {vm.personality}) attached to {vm.target}")
     while True:
         vm.wait_attached()
         listener = vm.socket()
@@ -287,7 +297,7 @@ def vm_main(args: argparse.Namespace) -> int:
         _vm_echo_with_host(vm, args.bytes, args.wait)
         accepting.join()  # the accept loop ends when the host service goes away
         listener.close()
-        print(f"VM {vm.name}: lost the host service; attaching again", flush=True)
+        _say(f"VM {vm.name}: lost the host service; attaching again")
 
 
 def _vm_echo_with_host(vm: hv.Partition, nbytes: int, wait: float) -> bool:
@@ -373,7 +383,7 @@ def stream_main(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * WINDOW)
     try:
         sock.connect((target, service))
-        print(f"STREAMING to {target} over {PATH_NAMES[sock.data_path]}", flush=True)
+        _say(f"STREAMING to {target} over {PATH_NAMES[sock.data_path]}")
         deadline = time.monotonic() + args.seconds
         while time.monotonic() < deadline:
             if sent - received + CHUNK <= WINDOW:
@@ -395,7 +405,7 @@ def stream_main(args: argparse.Namespace) -> int:
         sock.close()
         partition.close()
     record["bytes"] = received
-    print("RESULT " + json.dumps(record, sort_keys=True), flush=True)
+    _say("RESULT " + json.dumps(record, sort_keys=True))
     return 0
 
 
