@@ -41,18 +41,7 @@ class Env:
 
     def vm(self, personality: str = "linux", name: str = "vm") -> hv.Partition:
         assert self.host is not None
-        channel, admin = self.host.admin()
-        with channel:
-            created = admin.CreatePartition(
-                hvsock_pb2.CreatePartitionRequest(
-                    name=name,
-                    personality=hvsock_pb2.PERSONALITY_WINDOWS
-                    if personality == "windows"
-                    else hvsock_pb2.PERSONALITY_LINUX,
-                ),
-                metadata=self.host.metadata,
-                timeout=10,
-            )
+        created = self.host.create_vm(name, personality)
         partition = hv.Partition(
             self.host.target,
             hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token),

@@ -42,11 +42,7 @@ while True:
 
 
 def create_vm(host: HostProcess, name: str = "vm") -> hvsock_pb2.CreatePartitionResponse:
-    channel, admin = host.admin()
-    with channel:
-        return admin.CreatePartition(
-            hvsock_pb2.CreatePartitionRequest(name=name), metadata=host.metadata, timeout=10
-        )
+    return host.create_vm(name)
 
 
 def channels(host: HostProcess) -> list[hvsock_pb2.ChannelStatus]:

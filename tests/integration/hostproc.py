@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from hvsock.v1 import hvsock_pb2_grpc
+from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -37,6 +37,24 @@ class HostProcess:
     @property
     def metadata(self) -> tuple[tuple[str, str]]:
         return (("x-hvsock-token", self.token),)
+
+    def create_vm(
+        self, name: str = "vm", personality: str = "linux"
+    ) -> hvsock_pb2.CreatePartitionResponse:
+        """Create a VM with the admin API; its id and its token are in the answer."""
+        channel, admin = self.admin()
+        with channel:
+            created: hvsock_pb2.CreatePartitionResponse = admin.CreatePartition(
+                hvsock_pb2.CreatePartitionRequest(
+                    name=name,
+                    personality=hvsock_pb2.PERSONALITY_WINDOWS
+                    if personality == "windows"
+                    else hvsock_pb2.PERSONALITY_LINUX,
+                ),
+                metadata=self.metadata,
+                timeout=10,
+            )
+        return created
 
     def segments(self) -> list[str]:
         return sorted(p.name for p in self.shm_dir.iterdir())

@@ -48,18 +48,7 @@ class Parts:
         self.opened: list[hv.Partition] = []
 
     def create_vm(self, personality: str = "linux", name: str = "bridge-vm") -> tuple[str, str]:
-        channel, admin = self.host.admin()
-        with channel:
-            created = admin.CreatePartition(
-                hvsock_pb2.CreatePartitionRequest(
-                    name=name,
-                    personality=hvsock_pb2.PERSONALITY_WINDOWS
-                    if personality == "windows"
-                    else hvsock_pb2.PERSONALITY_LINUX,
-                ),
-                metadata=self.host.metadata,
-                timeout=10,
-            )
+        created = self.host.create_vm(name, personality)
         return created.partition.vm_id, created.token
 
     def vm(self, personality: str = "linux") -> hv.Partition:

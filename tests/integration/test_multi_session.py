@@ -72,11 +72,7 @@ def data_path(
 
 
 def create_vm(host: HostProcess, name: str = "vm") -> hvsock_pb2.CreatePartitionResponse:
-    channel, admin = host.admin()
-    with channel:
-        return admin.CreatePartition(
-            hvsock_pb2.CreatePartitionRequest(name=name), metadata=host.metadata, timeout=10
-        )
+    return host.create_vm(name)
 
 
 def get_partition(host: HostProcess, vm_id: str) -> hvsock_pb2.Partition:

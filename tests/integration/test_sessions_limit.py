@@ -20,7 +20,7 @@ import guest_client as hv
 from hvsock.v1 import hvsock_pb2
 
 from .hostproc import BIN, HostProcess, run_host
-from .test_host_badinput import admin_call, get_partition, wait_for_sessions
+from .test_host_badinput import get_partition, wait_for_sessions
 from .test_host_service_ops import host_info
 
 pytestmark = pytest.mark.integration
@@ -29,10 +29,7 @@ PARENT = hv.HV_GUID_PARENT.lower()
 
 
 def create_vm(host: HostProcess, name: str) -> hvsock_pb2.CreatePartitionResponse:
-    response: hvsock_pb2.CreatePartitionResponse = admin_call(
-        host, "CreatePartition", hvsock_pb2.CreatePartitionRequest(name=name)
-    )
-    return response
+    return host.create_vm(name)
 
 
 @pytest.fixture
