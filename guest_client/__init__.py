@@ -121,8 +121,10 @@ def attach(
     """
     vm_id = vm_id if vm_id is not None else os.environ.get("HVSOCK_VM_ID", "")
     token = token if token is not None else os.environ.get("HVSOCK_TOKEN", "")
+    from .cli import PERSONALITIES
+
     personality = personality or os.environ.get("HVSOCK_PERSONALITY") or "linux"
-    if personality not in ("linux", "windows"):
+    if personality not in PERSONALITIES:
         raise ValueError(f"personality must be linux or windows, not {personality!r}")
     identity_file = identity or os.environ.get("HVSOCK_VM_IDENTITY")
     if not vm_id and identity_file:
@@ -131,9 +133,7 @@ def attach(
         vm_id=vm_id,
         token=token,
         name=name or os.environ.get("HVSOCK_VM_NAME", ""),
-        personality=hvsock_pb2.PERSONALITY_WINDOWS
-        if personality == "windows"
-        else hvsock_pb2.PERSONALITY_LINUX,
+        personality=PERSONALITIES[personality],
         client="guest_client",
     )
     partition = Partition(_target(target), hello, credentials=credentials or _credentials())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from guest_client.cli import PERSONALITIES
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
 BIN = pathlib.Path(sys.executable).parent
@@ -47,9 +48,7 @@ class HostProcess:
             created: hvsock_pb2.CreatePartitionResponse = admin.CreatePartition(
                 hvsock_pb2.CreatePartitionRequest(
                     name=name,
-                    personality=hvsock_pb2.PERSONALITY_WINDOWS
-                    if personality == "windows"
-                    else hvsock_pb2.PERSONALITY_LINUX,
+                    personality=PERSONALITIES[personality],
                 ),
                 metadata=self.metadata,
                 timeout=10,
