@@ -43,6 +43,19 @@ def test_console_scripts_print_help(script: str) -> None:
     assert result.stdout.startswith(f"usage: {script}")
 
 
+@pytest.mark.parametrize("module", ["host_service", "guest_client.cli"])
+def test_modules_run_with_dash_m(module: str) -> None:
+    # guest_client.demo.local_host falls back to `python -m host_service` without the script.
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.startswith("usage: ")
+
+
 def test_host_serves_health_and_stops_cleanly_on_ctrl_c(tmp_path: pathlib.Path) -> None:
     sock = tmp_path / "host.sock"
     proc = subprocess.Popen(
