@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e bench-bridge demo e2e clean
+.PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e bench-bridge bench-ceiling demo e2e clean
 
 # Reinstall when the build inputs change (protos, Cython sources, build configuration).
 $(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h)
@@ -53,6 +53,10 @@ bench-scale: $(STAMP)
 # hv sockets end to end (both data paths) vs TCP, Unix sockets and a raw gRPC stream.
 bench-e2e: $(STAMP)
 	$(PY) bench/bench_e2e.py $(if $(QUICK),--quick)
+
+# The relay's transport alone (grpcio bidi streams, 64 KiB frames, credit) vs raw gRPC.
+bench-ceiling: $(STAMP)
+	$(PY) bench/bench_relay_ceiling.py $(if $(QUICK),--quick)
 
 # Throughput through `hvsock bridge` vs a direct hv connection, on both data paths.
 bench-bridge: $(STAMP)
