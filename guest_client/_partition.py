@@ -146,14 +146,28 @@ class Listener:
         #: does not wake again and again for a listener that will never accept.
         self.reset_reported = False
         self.watchers: list[Callable[[], None]] = []
+        self._credit_lock = threading.Lock()
+        self._credit_step = max(self.backlog // 4, 1)
+        self._unreturned = 0  # accepted, auto-accept credit not yet given back
 
     def has_room(self) -> bool:
         return len(self.ready) + self.accepting < self.backlog
 
     def accepted(self) -> None:
-        """The program took a connection: the host may open one more on our behalf."""
+        """The program took a connection: the host may open one more on our behalf.
+
+        Credit goes back in steps of a quarter of the backlog, not one message per accept
+        (every message costs the host's event loop, which is what a connect waits behind).
+        Credit held back only makes the host offer instead of accepting on our behalf; it
+        never lets more than ``backlog`` connections wait."""
+        with self._credit_lock:
+            self._unreturned += 1
+            count = self._unreturned
+            if count < self._credit_step:
+                return
+            self._unreturned = 0
         self.partition.notify(
-            accept_credit=hvsock_pb2.AcceptCredit(listener_id=self.listener_id, count=1)
+            accept_credit=hvsock_pb2.AcceptCredit(listener_id=self.listener_id, count=count)
         )
 
     def notify(self) -> None:

@@ -188,9 +188,9 @@ class HvSocket:
         if self._state != _BOUND or self._local is None:
             raise OSError(errno.EINVAL, "Invalid argument (bind before listen)")
         backlog = max(1, min(int(backlog), 4096))
-        # The host accepts up to `backlog` connections on our behalf (auto_accept); each
-        # accept() gives one back. The listener is registered as the answer arrives, on the
-        # reader thread, so an opening right behind it finds it.
+        # The host accepts up to `backlog` connections on our behalf (auto_accept); accept()
+        # gives them back (Listener.accepted). The listener is registered as the answer
+        # arrives, on the reader thread, so an opening right behind it finds it.
         answer = self.partition.listen(
             hvsock_pb2.Listen(
                 address=hvsock_pb2.Address(

@@ -214,3 +214,37 @@ def test_backlog_full_means_the_connect_times_out(host_env: Env) -> None:
     second.setsockopt(hv.HV_PROTOCOL_RAW, hv.HVSOCKET_CONNECT_TIMEOUT, 300)
     with pytest.raises(TimeoutError):
         second.connect((vm.vm_id, service))
+
+
+def test_accept_gives_auto_accept_credit_back_in_steps(
+    host_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host accepts on a listener's behalf while it holds credit (no offer round trip);
+    accept() gives credit back a quarter of the backlog at a time, not one message each, and
+    a serial load never runs the host out of it."""
+    root, vm = host_env.root(), host_env.vm()
+    service = host_env.service()
+    returned: list[int] = []
+    offered: list[hvsock_pb2.Offer] = []
+    notify, on_offer = root.notify, root._offered
+
+    def notify_spy(**kind: object) -> None:
+        if "accept_credit" in kind:
+            assert isinstance(kind["accept_credit"], hvsock_pb2.AcceptCredit)
+            returned.append(kind["accept_credit"].count)
+        notify(**kind)
+
+    def offer_spy(offer: hvsock_pb2.Offer) -> None:
+        offered.append(offer)
+        on_offer(offer)
+
+    monkeypatch.setattr(root, "notify", notify_spy)
+    monkeypatch.setattr(root, "_offered", offer_spy)
+    listener = host_env.track(listen(root, hv.HV_GUID_WILDCARD, service, backlog=8))
+    for _ in range(24):
+        with vm.socket() as client:
+            client.connect((hv.HV_GUID_PARENT, service))
+            server, _ = listener.accept()
+            server.close()
+    assert returned == [2] * 12
+    assert offered == []
