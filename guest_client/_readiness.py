@@ -53,17 +53,22 @@ class Readiness:
                 return True, True
             try:
                 # Data or space behind a host stall is not ready: the call would wait.
+                # This runs on the watcher threads too, concurrently with the socket's own
+                # reads and writes, so it probes with the non-blocking waits and never with
+                # readable()/writable(): those check the calling end's own ring index against
+                # the shared copy, a check only the thread that moves that index may make (from
+                # any other it can see a publish half done and mark the ring corrupt).
                 readable = (
                     rx.at_eof
                     or rx.is_rescinded
                     or end.reset
-                    or (rx.readable() > 0 and pipe.wait_unstalled(True, 0))
+                    or (rx.wait_readable(0) and pipe.wait_unstalled(True, 0))
                 )
                 writable = (
                     tx.fin_sent
                     or tx.is_rescinded
                     or end.reset
-                    or (tx.writable() > 0 and pipe.wait_unstalled(False, 0))
+                    or (tx.wait_writable(1, 0) and pipe.wait_unstalled(False, 0))
                 )
             except OSError:  # corrupt: let the next call raise it
                 return True, True

@@ -503,6 +503,11 @@ cdef class Ring:
     otherwise the identity words must match. One process writes, one reads (SPSC); the
     same object may do both in tests. Timeouts: ``None`` blocks, ``0`` never blocks
     (``BlockingIOError``), ``t > 0`` raises ``TimeoutError`` after ``t`` seconds.
+
+    ``readable()`` and ``writable()`` check this end's own index like a read or a write does
+    (and mark the ring corrupt if the shared copy moved), so only the thread that reads
+    (writes) may call them: from another, a publish seen half done looks like corruption.
+    Another thread probes with ``wait_readable(0)`` / ``wait_writable(n, 0)``, which only look.
     """
 
     cdef hvring rg
