@@ -165,6 +165,7 @@ class TxEnd(Protocol):
     def fin(self, timeout: float | None = None) -> None: ...
     def writable(self) -> int: ...
     def wait_writable(self, nbytes: int = 1, timeout: float | None = None) -> bool: ...
+    def watch_writable(self, timeout: float | None = None) -> bool: ...
     def rescind(self) -> None: ...
     @property
     def fin_sent(self) -> bool: ...
@@ -178,6 +179,7 @@ class RxEnd(Protocol):
     def read_into(self, buffer: Buffer, nbytes: int = 0, timeout: float | None = None) -> int: ...
     def readable(self) -> int: ...
     def wait_readable(self, timeout: float | None = None) -> bool: ...
+    def watch_readable(self, timeout: float | None = None) -> bool: ...
     def rescind(self) -> None: ...
     @property
     def at_eof(self) -> bool: ...
@@ -316,6 +318,11 @@ class RelaySend:
                 timeout,
             )
 
+    def watch_writable(self, timeout: float | None = None) -> bool:
+        """For another thread than the writer's (a readiness watcher): the same as
+        ``wait_writable(1, timeout)``, which only waits on this end's condition."""
+        return self.wait_writable(1, timeout)
+
     def grant(self, limit: int) -> None:
         """The host's credit (lock held)."""
         if limit > self.limit:
@@ -431,6 +438,11 @@ class RelayReceive:
             return self._data.wait_for(
                 lambda: bool(self._size) or self.eof or self._at_eof or self._rescinded, timeout
             )
+
+    def watch_readable(self, timeout: float | None = None) -> bool:
+        """For another thread than the reader's (a readiness watcher): the same as
+        ``wait_readable``, which only waits on this end's condition."""
+        return self.wait_readable(timeout)
 
     def deliver(self, data: bytes) -> None:
         """A frame from the host (lock held)."""

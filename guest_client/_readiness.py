@@ -54,21 +54,21 @@ class Readiness:
             try:
                 # Data or space behind a host stall is not ready: the call would wait.
                 # This runs on the watcher threads too, concurrently with the socket's own
-                # reads and writes, so it probes with the non-blocking waits and never with
-                # readable()/writable(): those check the calling end's own ring index against
-                # the shared copy, a check only the thread that moves that index may make (from
-                # any other it can see a publish half done and mark the ring corrupt).
+                # reads and writes, so it asks as an observer (watch_*): the ends' own calls
+                # (readable()/writable(), wait_*) check or set words that only the thread
+                # reading (writing) may touch — from another thread a publish seen half done
+                # looks like corruption, and a wait there can take a blocked end's wake-up.
                 readable = (
                     rx.at_eof
                     or rx.is_rescinded
                     or end.reset
-                    or (rx.wait_readable(0) and pipe.wait_unstalled(True, 0))
+                    or (rx.watch_readable(0) and pipe.wait_unstalled(True, 0))
                 )
                 writable = (
                     tx.fin_sent
                     or tx.is_rescinded
                     or end.reset
-                    or (tx.wait_writable(1, 0) and pipe.wait_unstalled(False, 0))
+                    or (tx.watch_writable(0) and pipe.wait_unstalled(False, 0))
                 )
             except OSError:  # corrupt: let the next call raise it
                 return True, True
@@ -76,11 +76,11 @@ class Readiness:
 
         self._state = state
         self._start(
-            lambda: pipe.wait_unstalled(True, _WATCH_SLICE) and rx.wait_readable(_WATCH_SLICE),
+            lambda: pipe.wait_unstalled(True, _WATCH_SLICE) and rx.watch_readable(_WATCH_SLICE),
             self._drained,
         )
         self._start(
-            lambda: pipe.wait_unstalled(False, _WATCH_SLICE) and tx.wait_writable(1, _WATCH_SLICE),
+            lambda: pipe.wait_unstalled(False, _WATCH_SLICE) and tx.watch_writable(_WATCH_SLICE),
             self._full,
         )
         self.update()

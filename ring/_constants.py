@@ -16,6 +16,7 @@ Ring = one 4096-byte control page + a data area of whole 4 KiB pages (VMBus ``hv
     0x084  u32 data_waiters     readers asleep (or about to sleep) on data_seq
     0x0C0  u32 space_seq        futex word: bumped by every "space available" signal
     0x0C4  u32 space_waiters    writers asleep (or about to sleep) on space_seq
+    0x0C8  u32 space_watchers   observers (readiness watchers) asleep on space_seq
     0x100  u32 rescinded        1 = channel rescinded: writes fail, reads drain then EOF
     0x104  u32 corrupt          non-zero = an end found the ring corrupt (reason code)
     0x180  u32 magic            RING_MAGIC, written at initialisation
@@ -45,6 +46,7 @@ OFF_DATA_SEQ = 0x080
 OFF_DATA_WAITERS = 0x084
 OFF_SPACE_SEQ = 0x0C0
 OFF_SPACE_WAITERS = 0x0C4
+OFF_SPACE_WATCHERS = 0x0C8
 OFF_RESCINDED = 0x100
 OFF_CORRUPT = 0x104
 OFF_MAGIC = 0x180
@@ -69,6 +71,9 @@ FIN_PACKET_LEN = 32  # packet_len(0)
 # completely full, so a payload fits only if free > packet_len(1) + packet_len(0) = 72
 # (Linux hvs_channel_writable_bytes).
 WRITE_RESERVE = 72
+# Free bytes that make a ring writable for a 1-byte send (packet_len(1) + FIN_PACKET_LEN + 8,
+# what wait_writable(1) waits for): the threshold readiness observers sleep on.
+WATCH_SPACE = 80
 
 MIN_RING_PAGES = 2  # control page + one data page (the seed's send ring)
 MAX_RING_PAGES = 64  # RINGBUFFER_HVS_MAX_SIZE

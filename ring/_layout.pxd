@@ -12,6 +12,7 @@
 #   0x040 feature_bits   bit 0 = writer honours pending_send_sz
 #   0x080 data_seq / 0x084 data_waiters    futex word + sleeper count, "data available"
 #   0x0C0 space_seq / 0x0C4 space_waiters  futex word + sleeper count, "space available"
+#   0x0C8 space_watchers  observers asleep on space_seq (see "Observers" below)
 #   0x100 rescinded      0/1, set by whoever rescinds (host), never cleared
 #   0x104 corrupt        0 or the reason code of the first corruption an end detected
 #   0x180 magic, 0x184 version, 0x188 data_size: identity, written at initialisation
@@ -39,6 +40,18 @@
 #   writer sleeping: pending_send_sz = need; space_waiters += 1; s = space_seq; re-check
 #     read_index; FUTEX_WAIT(space_seq, s); pending_send_sz = 0 when done waiting.
 #   rescind / corrupt: set the flag, bump BOTH seq words, FUTEX_WAKE all on both.
+#
+# Observers (Ring.watch_readable / watch_writable: readiness watchers on threads other than
+# the reader's and the writer's): interrupt_mask and pending_send_sz hold ONE end's state, so
+# an observer must never write them (overwriting a sleeping writer's pending_send_sz, or
+# setting the mask under a sleeping reader, loses that end's wake-up for good). Instead:
+#   data: observer: data_waiters += 1; s = data_seq; re-check (shared write_index !=
+#     shared read_index); FUTEX_WAIT. The writer signals when interrupt_mask == 0 OR
+#     data_waiters > 0 (an observer may sleep while the reader polls).
+#   space: observer: space_watchers += 1; s = space_seq; re-check (free >= WATCH_SPACE, one
+#     1-byte packet plus the FIN reserve); FUTEX_WAIT. The reader signals also when
+#     space_watchers > 0 and free_before < WATCH_SPACE <= free_after, and wakes when
+#     space_waiters or space_watchers > 0.
 # ---------------------------------------------------------------------------------------
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -77,6 +90,7 @@ cdef enum:
     W_DATA_WAITERS = 33  # byte offset 0x084
     W_SPACE_SEQ = 48  # byte offset 0x0C0
     W_SPACE_WAITERS = 49  # byte offset 0x0C4
+    W_SPACE_WATCHERS = 50  # byte offset 0x0C8
     W_RESCINDED = 64  # byte offset 0x100
     W_CORRUPT = 65  # byte offset 0x104
     W_MAGIC = 96  # byte offset 0x180
@@ -94,6 +108,7 @@ cdef enum:
     MAX_PAYLOAD = 16384
     FIN_PACKET_LEN = 32
     WRITE_RESERVE = 72
+    WATCH_SPACE = 80  # packet_len(1) + FIN_PACKET_LEN + 8: what wait_writable(1) waits for
     MIN_RING_PAGES = 2
 
     # status codes (ring/_errors.py)

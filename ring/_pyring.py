@@ -43,6 +43,7 @@ from ._constants import (
     RING_VERSION,
     TRAILER_SIZE,
     VM_PKT_DATA_INBAND,
+    WATCH_SPACE,
     WRITE_RESERVE,
     packet_len,
     roundup8,
@@ -83,6 +84,7 @@ W_DATA_SEQ = 32
 W_DATA_WAITERS = 33
 W_SPACE_SEQ = 48
 W_SPACE_WAITERS = 49
+W_SPACE_WATCHERS = 50
 W_RESCINDED = 64
 W_CORRUPT = 65
 W_MAGIC = 96
@@ -397,6 +399,39 @@ class Ring:
         if st != ST_OK:
             raise _Status(st)
 
+    def _watched(self, space: bool) -> bool:
+        ctl = self._ctl
+        w, r = ctl[W_WRITE_INDEX], ctl[W_READ_INDEX]
+        if ctl[W_RESCINDED] or ctl[W_CORRUPT]:
+            return True
+        if not _index_ok(w, self._size) or not _index_ok(r, self._size):
+            return True
+        return _ring_free(w, r, self._size) >= WATCH_SPACE if space else w != r
+
+    def _watch(self, space: bool, deadline: int) -> None:
+        """Same protocol as _ring._watch (an observer's wait); raises _Status like _wait."""
+        ctl = self._ctl
+        if self._watched(space):
+            return
+        if deadline == 0:
+            raise _Status(ST_AGAIN)
+        seq_w, count_w = (W_SPACE_SEQ, W_SPACE_WATCHERS) if space else (W_DATA_SEQ, W_DATA_WAITERS)
+        ctl[count_w] = (ctl[count_w] + 1) & _U32_MASK
+        try:
+            while True:
+                s = ctl[seq_w]
+                if self._watched(space):
+                    return
+                remaining = _MAX_SLEEP_NS
+                if deadline > 0:
+                    t = time.monotonic_ns()
+                    if t >= deadline:
+                        raise _Status(ST_TIMEOUT)
+                    remaining = min(remaining, deadline - t)
+                _futex_wait_addr(self._futex_addr(seq_w), s, remaining)
+        finally:
+            ctl[count_w] = (ctl[count_w] - 1) & _U32_MASK
+
     # -- writer --------------------------------------------------------------------------
 
     def _w_load(self) -> int:
@@ -424,7 +459,9 @@ class Ring:
         ctl = self._ctl
         ctl[W_WRITE_INDEX] = new_w
         self._w_local = new_w
-        if ctl[W_INTERRUPT_MASK] != 0 or ctl[W_READ_INDEX] != old_w:
+        if ctl[W_INTERRUPT_MASK] != 0 and ctl[W_DATA_WAITERS] == 0:
+            return  # reader is polling, and no observer sleeps
+        if ctl[W_READ_INDEX] != old_w:
             return
         self._stats["signals_sent"] += 1
         ctl[W_DATA_SEQ] = (ctl[W_DATA_SEQ] + 1) & _U32_MASK
@@ -550,18 +587,23 @@ class Ring:
         ctl[W_READ_INDEX] = r_new
         self._r_local = r_new
         pending = ctl[W_PENDING_SEND_SZ] & ~7
-        if pending == 0 or not ctl[W_FEATURE_BITS] & FEAT_PENDING_SEND_SZ:
+        if not ctl[W_FEATURE_BITS] & FEAT_PENDING_SEND_SZ:
+            pending = 0
+        watchers = ctl[W_SPACE_WATCHERS]
+        if pending == 0 and watchers == 0:
             return
         w = ctl[W_WRITE_INDEX]
         if not _index_ok(w, self._size):
             return
         before = _ring_free(w, r_old, self._size)
         after = _ring_free(w, r_new, self._size)
-        if before >= pending or after < pending:
+        if not (
+            (pending and before < pending <= after) or (watchers and before < WATCH_SPACE <= after)
+        ):
             return
         self._stats["signals_sent"] += 1
         ctl[W_SPACE_SEQ] = (ctl[W_SPACE_SEQ] + 1) & _U32_MASK
-        if ctl[W_SPACE_WAITERS] != 0:
+        if watchers or ctl[W_SPACE_WAITERS] != 0:
             self._stats["wakes_issued"] += 1
             _futex_wake_addr(self._futex_addr(W_SPACE_SEQ), 0x7FFFFFFF)
 
@@ -666,6 +708,27 @@ class Ring:
             self._wait(True, packet_len(p) + FIN_PACKET_LEN + 8, deadline)
         except _Status:
             return False
+        return True
+
+    def watch_readable(self, timeout: float | None = None) -> bool:
+        """``wait_readable`` for an observer (a thread that is not this ring's reader); it
+        leaves the reader's signalling words alone. False on timeout."""
+        return self._watch_for(False, timeout)
+
+    def watch_writable(self, timeout: float | None = None) -> bool:
+        """``wait_writable(1)`` for an observer (see ``watch_readable``)."""
+        return self._watch_for(True, timeout)
+
+    def _watch_for(self, space: bool, timeout: float | None) -> bool:
+        deadline = _deadline(timeout)
+        self._check_open()
+        self._busy += 1
+        try:
+            self._watch(space, deadline)
+        except _Status:
+            return False
+        finally:
+            self._busy -= 1
         return True
 
     def readable(self) -> int:

@@ -201,6 +201,53 @@ cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept
     return st
 
 
+cdef bint _watched(hvring *rg, bint space) noexcept nogil:
+    # An observer's condition: only shared words (the ends' private copies are theirs).
+    cdef uint32_t w = hv_load_acquire(&rg.ctl[W_WRITE_INDEX])
+    cdef uint32_t r = hv_load_acquire(&rg.ctl[W_READ_INDEX])
+    if hv_load_relaxed(&rg.ctl[W_RESCINDED]) != 0 or hv_load_relaxed(&rg.ctl[W_CORRUPT]) != 0:
+        return True
+    if not index_ok(w, rg.size) or not index_ok(r, rg.size):
+        return True  # the ends' next operation reports it
+    return ring_free(w, r, rg.size) >= WATCH_SPACE if space else w != r
+
+
+cdef int _watch(hvring *rg, bint space, int64_t deadline) noexcept nogil:
+    """An observer's wait for data (space=0) or for room for a 1-byte write (space=1).
+
+    Never writes interrupt_mask or pending_send_sz (see "Observers" in _layout.pxd); counts
+    itself in data_waiters / space_watchers, so the ends signal it. Same returns as _wait.
+    """
+    cdef uint32_t *seq = &rg.ctl[W_SPACE_SEQ] if space else &rg.ctl[W_DATA_SEQ]
+    cdef uint32_t *count = &rg.ctl[W_SPACE_WATCHERS] if space else &rg.ctl[W_DATA_WAITERS]
+    cdef uint32_t s
+    cdef int64_t t, remaining
+    cdef int rc, st
+    if _watched(rg, space):
+        return ST_OK
+    if deadline == 0:
+        return ST_AGAIN
+    hv_fetch_add(count, 1)
+    while True:
+        s = hv_load_seq(seq)
+        if _watched(rg, space):
+            st = ST_OK
+            break
+        remaining = -1
+        if deadline > 0:
+            t = hv_now_ns()
+            if t >= deadline:
+                st = ST_TIMEOUT
+                break
+            remaining = deadline - t
+        rc = hv_futex_wait(seq, s, remaining)
+        if rc == EINTR:
+            st = ST_INTR
+            break
+    hv_fetch_sub(count, 1)
+    return st
+
+
 # ---- writer ------------------------------------------------------------------------------
 
 cdef int _w_load(hvring *rg, uint32_t *r_out) noexcept nogil:
@@ -249,8 +296,9 @@ cdef void _w_publish(hvring *rg, uint32_t old_w, uint32_t new_w) noexcept nogil:
     hv_store_release(&rg.ctl[W_WRITE_INDEX], new_w)
     rg.w_local = new_w
     hv_fence()  # the store above must be visible before we look at the reader's words
-    if hv_load_seq(&rg.ctl[W_INTERRUPT_MASK]) != 0:
-        return  # reader is polling
+    if (hv_load_seq(&rg.ctl[W_INTERRUPT_MASK]) != 0
+            and hv_load_seq(&rg.ctl[W_DATA_WAITERS]) == 0):
+        return  # reader is polling, and no observer sleeps
     if hv_load_seq(&rg.ctl[W_READ_INDEX]) != old_w:
         return  # ring was not empty before this packet: reader already knows
     rg.signals_sent += 1
@@ -393,23 +441,29 @@ cdef int _r_parse(hvring *rg, uint32_t r, uint32_t w, uint32_t *ds_out,
 
 cdef void _r_publish(hvring *rg, uint32_t r_old, uint32_t r_new) noexcept nogil:
     """Publish read_index for a whole batch, then signal per hv_pkt_iter_close."""
-    cdef uint32_t pending, w, before, after
+    cdef uint32_t pending, watchers, w, before, after
     hv_store_release(&rg.ctl[W_READ_INDEX], r_new)
     rg.r_local = r_new
     hv_fence()  # read_index store before the pending_send_sz load (pairs with _wait)
     pending = hv_load_seq(&rg.ctl[W_PENDING_SEND_SZ]) & ~(<uint32_t>7)
-    if pending == 0 or (hv_load_relaxed(&rg.ctl[W_FEATURE_BITS]) & FEAT_PENDING_SEND_SZ) == 0:
+    if (hv_load_relaxed(&rg.ctl[W_FEATURE_BITS]) & FEAT_PENDING_SEND_SZ) == 0:
+        pending = 0
+    watchers = hv_load_seq(&rg.ctl[W_SPACE_WATCHERS])
+    if pending == 0 and watchers == 0:
         return
     w = hv_load_acquire(&rg.ctl[W_WRITE_INDEX])  # re-read: the writer's final index
     if not index_ok(w, rg.size):
         return  # reported by the next operation
     before = ring_free(w, r_old, rg.size)
     after = ring_free(w, r_new, rg.size)
-    if before >= pending or after < pending:
-        return  # writer was not blocked, or still is
+    # Signal a threshold crossed: the writer's (it was blocked, now it is not) or, with
+    # observers asleep, the "writable at all" one they wait for.
+    if not ((pending != 0 and before < pending <= after)
+            or (watchers != 0 and before < WATCH_SPACE <= after)):
+        return
     rg.signals_sent += 1
     hv_fetch_add(&rg.ctl[W_SPACE_SEQ], 1)
-    if hv_load_seq(&rg.ctl[W_SPACE_WAITERS]) != 0:
+    if watchers != 0 or hv_load_seq(&rg.ctl[W_SPACE_WAITERS]) != 0:
         rg.wakes_issued += 1
         hv_futex_wake(&rg.ctl[W_SPACE_SEQ], INT_MAX)
 
@@ -507,7 +561,9 @@ cdef class Ring:
     ``readable()`` and ``writable()`` check this end's own index like a read or a write does
     (and mark the ring corrupt if the shared copy moved), so only the thread that reads
     (writes) may call them: from another, a publish seen half done looks like corruption.
-    Another thread probes with ``wait_readable(0)`` / ``wait_writable(n, 0)``, which only look.
+    Another thread (a readiness watcher) probes and waits with ``watch_readable`` /
+    ``watch_writable``, which only look at shared words and leave the ends' signalling words
+    alone.
     """
 
     cdef hvring rg
@@ -732,6 +788,33 @@ cdef class Ring:
             while True:
                 with nogil:
                     st = _wait(&self.rg, 1, packet_len(p) + FIN_PACKET_LEN + 8, deadline)
+                if st == ST_INTR:
+                    PyErr_CheckSignals()
+                    continue
+                break
+        finally:
+            self.busy -= 1
+        return st == ST_OK
+
+    def watch_readable(self, timeout=None):
+        """``wait_readable`` for an observer: a thread that is not this ring's reader (a
+        readiness watcher). It leaves the reader's signalling words alone, so it may run
+        while the reader itself is blocked. Returns False on timeout."""
+        return self._watch(0, timeout)
+
+    def watch_writable(self, timeout=None):
+        """``wait_writable(1)`` for an observer (see ``watch_readable``)."""
+        return self._watch(1, timeout)
+
+    def _watch(self, bint space, timeout):
+        cdef int st
+        cdef int64_t deadline = _deadline(timeout)
+        self._check_open()
+        self.busy += 1
+        try:
+            while True:
+                with nogil:
+                    st = _watch(&self.rg, space, deadline)
                 if st == ST_INTR:
                     PyErr_CheckSignals()
                     continue

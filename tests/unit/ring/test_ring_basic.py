@@ -331,3 +331,80 @@ def test_word_helpers(impl: ModuleType) -> None:
     assert impl.futex_wake(buf, 8) == 0
     with pytest.raises(ValueError):
         impl.atomic_load(buf, 62)
+
+
+# -- observers (readiness watchers on threads other than the reader's and the writer's) ------
+
+
+def test_an_observer_leaves_a_blocked_writers_wake_up_alone(impl: ModuleType) -> None:
+    buf = bytearray(2 * 4096)
+    r = impl.Ring(buf, initialize=True, spin_ns=0)
+    r.write(b"a" * r.writable())
+    done = threading.Event()
+
+    def writer() -> None:
+        r.write_all(b"b" * 3000, timeout=30)
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while struct.unpack_from("<I", buf, C.OFF_SPACE_WAITERS)[0] == 0:
+        time.sleep(0)
+    pending = r.pending_send_sz
+    # A watcher asks, waits a moment, gives up. wait_writable(1, ...) here would overwrite
+    # the writer's pending_send_sz and clear it on the way out: no reader would ever signal
+    # the writer again.
+    assert not r.watch_writable(0)
+    assert not r.watch_writable(0.01)
+    assert r.pending_send_sz == pending
+    drained = b""
+    try:
+        while len(drained) < 4024 + 3000:
+            # The writer sleeps until its 30 s deadline if its wake-up was lost.
+            drained += r.read(8192, timeout=5)
+    finally:
+        r.rescind()
+        t.join(30)
+    assert done.is_set()
+    assert drained == b"a" * 4024 + b"b" * 3000
+    r.close()
+
+
+def test_an_observer_is_signalled_while_the_reader_polls(impl: ModuleType) -> None:
+    buf = bytearray(2 * 4096)
+    r = impl.Ring(buf, initialize=True, spin_ns=0)
+    struct.pack_into("<I", buf, C.OFF_INTERRUPT_MASK, 1)  # the reader is spinning
+    woke: list[bool] = []
+    t = threading.Thread(target=lambda: woke.append(r.watch_readable(30)))
+    t.start()
+    while struct.unpack_from("<I", buf, C.OFF_DATA_WAITERS)[0] == 0:
+        time.sleep(0)
+    r.write(b"x")
+    t.join(10)
+    alive = t.is_alive()
+    r.rescind()  # wake it if the write did not
+    t.join(30)
+    assert not alive and woke == [True]
+    assert r.interrupt_mask == 1  # the reader's word is the reader's
+    r.close()
+
+
+def test_an_observer_is_signalled_when_room_for_a_write_appears(impl: ModuleType) -> None:
+    buf = bytearray(2 * 4096)
+    r = impl.Ring(buf, initialize=True, spin_ns=0)
+    r.write(b"a" * r.writable())
+    assert not r.watch_writable(0)
+    woke: list[bool] = []
+    t = threading.Thread(target=lambda: woke.append(r.watch_writable(30)))
+    t.start()
+    while struct.unpack_from("<I", buf, C.OFF_SPACE_WATCHERS)[0] == 0:
+        time.sleep(0)
+    assert r.read(8192, timeout=0) == b"a" * 4024  # the whole packet: its room is free
+    t.join(10)
+    alive = t.is_alive()
+    r.rescind()
+    t.join(30)
+    assert not alive and woke == [True]
+    assert r.pending_send_sz == 0  # nothing of the writer's was touched
+    assert struct.unpack_from("<I", buf, C.OFF_SPACE_WATCHERS)[0] == 0
+    r.close()
