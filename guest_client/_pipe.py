@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from grpc_status import rpc_status
 
+from host_service.workers import WorkerPool
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from ring import (
     CONTROL_PAGE_SIZE,
@@ -50,6 +51,9 @@ log = logging.getLogger("hvsock.client")
 
 #: Largest relay frame (the API's limit); also the coalescing size of small sends.
 MAX_FRAME = 65536
+
+#: Runs each relayed end's inbound loop.
+_WORKERS = WorkerPool()
 
 
 class Pipe(Protocol):
@@ -518,9 +522,11 @@ class RelayPipe(_NeverStalled):
         opening = hvsock_pb2.ChannelDataRequest(
             open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel.channel_id)
         )
-        self._call = stub.ChannelData(self._requests(opening))
-        self._thread = threading.Thread(target=self._inbound, name="hvsock-relay-in", daemon=True)
-        self._thread.start()
+        # The stream is opened on the worker: opening one (its request-consumer thread
+        # included) costs about 0.3 ms that neither connect() nor the attach stream's
+        # reader thread, which builds this pipe, should wait for. Sends meanwhile wait in
+        # the send buffer, within the credit an empty ring holds.
+        _WORKERS.run(lambda: self._inbound(stub, opening), "hvsock-relay-in")
 
     # -- socket -> host ----------------------------------------------------------------------
 
@@ -566,10 +572,12 @@ class RelayPipe(_NeverStalled):
 
     # -- host -> socket ----------------------------------------------------------------------
 
-    def _inbound(self) -> None:
+    def _inbound(
+        self, stub: hvsock_pb2_grpc.HostServiceStub, opening: hvsock_pb2.ChannelDataRequest
+    ) -> None:
         tx, rx, work = self.tx, self.rx, self._work
         try:
-            for frame in self._call:
+            for frame in stub.ChannelData(self._requests(opening)):
                 with work:
                     if frame.send_limit:
                         tx.grant(frame.send_limit)
@@ -585,6 +593,8 @@ class RelayPipe(_NeverStalled):
             # Say so before the EOF becomes visible, so no reader takes it for a clean end.
             if rpc_status.from_call(exc) is None:
                 self.on_lost()
+        except ValueError:  # the partition closed its gRPC channel before the stream opened
+            self.on_lost()
         # The stream is over (channel closed, rescinded, or the host went away): what is
         # buffered stays readable, then EOF; sends fail.
         with work:

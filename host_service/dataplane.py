@@ -8,10 +8,11 @@ wakes every waiter in every process) and report ring fill. An end on the shared-
 attaches by name and moves bytes itself; for an end on the relay path the host attaches that end
 and pumps it to and from the client's ChannelData stream.
 
-Relay threads. Ring waits block on futexes, which asyncio cannot await, so each relayed end has
-two daemon threads: a reader (ring -> stream) and a writer (stream -> ring, and credit grants).
-They talk to the event loop only through ``call_soon_threadsafe``. Teardown rescinds the rings
-first, which wakes any blocked ring call, then joins the threads, then unmaps.
+Relay pumps. Ring waits block on futexes, which asyncio cannot await, so each relayed end has
+two pumps, each on a pooled worker thread (``workers.WorkerPool``): a reader (ring -> stream)
+and a writer (stream -> ring, and credit grants). They talk to the event loop only through
+``call_soon_threadsafe``. Teardown rescinds the rings first, which wakes any blocked ring call,
+then waits for both pumps to return, then unmaps.
 
 Credit: the client may have sent at most ``send_limit`` bytes in all. The writer grants
 ``written + tx.writable()`` whenever it has written everything it was sent, and when the client
@@ -40,6 +41,7 @@ from ring._constants import MAX_PAYLOAD, PAGE_SIZE
 from . import metrics
 from .core import errors
 from .core.types import RingGeometry, Session, Side
+from .workers import WorkerPool
 
 log = logging.getLogger("hvsock.host.dataplane")
 
@@ -50,6 +52,10 @@ MAX_FRAME = 65536
 MAX_FRAMES_IN_FLIGHT = 4
 
 _END_OF_SIDE = {Side.CONNECTOR: 0, Side.ACCEPTOR: 1}
+
+#: The relay pumps and reclaim jobs of every channel (started threads would cost the event
+#: loop a wait for each to run).
+_WORKERS = WorkerPool()
 
 
 class EndPath(StrEnum):
@@ -105,7 +111,7 @@ class Relay:
         self._receive_credit = threading.Condition()
         self._stopping = False
         self._inbound: queue.SimpleQueue[bytes | _Fin | _Stop] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._pumps: list[threading.Event] = []  # set when each pump has returned
         # Set by the service: tell the core this end sent FIN / closed. Called on the event
         # loop, only once the FIN is in the ring — never ahead of data still being written.
         self.on_fin: Callable[[], None] = lambda: None
@@ -128,16 +134,10 @@ class Relay:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
                 loop.call_soon_threadsafe(out.put_nowait, message)
 
-        self._threads = [
-            threading.Thread(
-                target=self._read_ring, args=(post, in_flight), name="hvsock-relay-rx", daemon=True
-            ),
-            threading.Thread(
-                target=self._write_ring, args=(post, state), name="hvsock-relay-tx", daemon=True
-            ),
+        self._pumps = [
+            _WORKERS.run(lambda: self._read_ring(post, in_flight), "hvsock-relay-rx"),
+            _WORKERS.run(lambda: self._write_ring(post, state), "hvsock-relay-tx"),
         ]
-        for thread in self._threads:
-            thread.start()
         pump = asyncio.create_task(self._pump_requests(request_iterator, state))
         pump.add_done_callback(lambda _: out.put_nowait(_PUMP_DONE))
         reader_done = writer_done = pump_done = closed = False
@@ -170,7 +170,7 @@ class Relay:
                 await pump
             self._inbound.put(_STOP)
             # This stream owns the relay's threads and mapping from the moment it was claimed.
-            threading.Thread(target=self.stop, name="hvsock-reclaim", daemon=True).start()
+            _WORKERS.run(self.stop, "hvsock-reclaim")
 
     async def _pump_requests(
         self, request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest], state: _WriterState
@@ -311,8 +311,8 @@ class Relay:
         self.send_running.set()
         self.recv_running.set()
         self._inbound.put(_STOP)
-        for thread in self._threads:
-            thread.join()
+        for pump in self._pumps:
+            pump.wait()
         self.end.close()
 
 
@@ -456,7 +456,7 @@ class DataPlane:
             rings.broker.close()  # shared memory only: unmapping is quick, no thread to join
             return
         # Joining relay threads may take a moment; never on the event loop.
-        threading.Thread(target=finish, name="hvsock-reclaim", daemon=True).start()
+        _WORKERS.run(finish, "hvsock-reclaim")
 
     def ring_used(self, channel_id: int) -> tuple[int, int] | None:
         rings = self._channels.get(channel_id)

@@ -1,0 +1,77 @@
+"""Daemon worker threads reused across jobs (the host's relay pumps, a client's relay loops).
+
+``threading.Thread.start()`` does not return until the new thread has run, which under GIL
+contention costs the caller the better part of 100 µs: on the host's event loop, or on a
+client's attach-stream reader, for every relayed channel end. A pool hands a job to an idle
+worker instead (a queue put) and starts a thread only when none is idle. A job may block for
+as long as it likes (a relay pump lives as long as its channel): it holds its worker that long.
+
+Invariant: ``_idle`` never exceeds the number of workers blocked in, or on their way to,
+``_jobs.get()``, so every job put behind a decrement of ``_idle`` is taken by one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+
+log = logging.getLogger("hvsock.workers")
+
+_Job = tuple[Callable[[], object], str, threading.Event]
+
+
+class WorkerPool:
+    def __init__(self, max_idle: int = 64) -> None:
+        self._max_idle = max_idle
+        self._reset()
+        _pools.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._idle = 0
+
+    def run(self, fn: Callable[[], object], name: str) -> threading.Event:
+        """Run ``fn`` on a worker thread (named ``name`` meanwhile); the event is set once
+        it has returned."""
+        done = threading.Event()
+        with self._lock:
+            spawn = not self._idle
+            if not spawn:
+                self._idle -= 1
+        self._jobs.put((fn, name, done))
+        if spawn:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+        return done
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        while True:
+            fn, me.name, done = self._jobs.get()
+            try:
+                fn()
+            except BaseException:
+                log.exception("worker job %s failed", me.name)
+            finally:
+                done.set()
+            del fn, done  # nothing of the job outlives it while the worker waits
+            with self._lock:
+                if self._idle >= self._max_idle:
+                    return
+                self._idle += 1
+
+
+_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has none of the parent's workers.
+    for pool in _pools:
+        pool._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
