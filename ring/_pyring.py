@@ -693,21 +693,25 @@ class Ring:
         self._check_open()
         if self._eof:
             return True
-        try:
-            self._wait(False, 0, deadline)
-        except _Status:
-            return False
-        return True
+        return self._waited(False, 0, deadline)
 
     def wait_writable(self, nbytes: int = 1, timeout: float | None = None) -> bool:
         """Wait until a write of ``min(nbytes, max_payload)`` bytes would not block."""
         deadline = _deadline(timeout)
         self._check_open()
         p = min(max(nbytes, 1), self._max_payload)
+        return self._waited(True, packet_len(p) + FIN_PACKET_LEN + 8, deadline)
+
+    def _waited(self, space: bool, need: int, deadline: int) -> bool:
+        # Busy while waiting, as in the compiled ring: close() then refuses (EBUSY) instead
+        # of releasing the memory under the wait.
+        self._busy += 1
         try:
-            self._wait(True, packet_len(p) + FIN_PACKET_LEN + 8, deadline)
+            self._wait(space, need, deadline)
         except _Status:
             return False
+        finally:
+            self._busy -= 1
         return True
 
     def watch_readable(self, timeout: float | None = None) -> bool:

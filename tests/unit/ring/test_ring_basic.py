@@ -321,6 +321,36 @@ def test_busy_ring_refuses_close_until_rescinded(impl: ModuleType) -> None:
     r.close()
 
 
+_WAITS = {  # call -> the control word that counts it while it sleeps
+    "wait_readable": C.OFF_DATA_WAITERS,
+    "watch_readable": C.OFF_DATA_WAITERS,
+    "wait_writable": C.OFF_SPACE_WAITERS,
+    "watch_writable": C.OFF_SPACE_WATCHERS,
+}
+
+
+@pytest.mark.parametrize("call", sorted(_WAITS))
+def test_a_waiting_call_keeps_the_ring_from_closing_until_rescinded(
+    impl: ModuleType, call: str
+) -> None:
+    buf = bytearray(2 * 4096)
+    r = impl.Ring(buf, initialize=True, spin_ns=0)
+    if call.endswith("writable"):
+        r.write(b"a" * r.writable())  # full; an empty ring is what readable waits on
+    woke: list[bool] = []
+    t = threading.Thread(target=lambda: woke.append(getattr(r, call)(timeout=30)))
+    t.start()
+    while struct.unpack_from("<I", buf, _WAITS[call])[0] == 0:
+        time.sleep(0)
+    with pytest.raises(OSError) as ei:
+        r.close()
+    assert ei.value.errno == errno.EBUSY
+    r.rescind()
+    t.join(30)
+    assert woke == [True]  # a rescind ends the wait: the next call reports it
+    r.close()
+
+
 def test_word_helpers(impl: ModuleType) -> None:
     buf = bytearray(64)
     impl.atomic_store(buf, 8, 5)
