@@ -99,6 +99,42 @@ cdef inline bint _cond(hvring *rg, bint space, uint32_t need) noexcept nogil:
     return _cond_space(rg, need) if space else _cond_data(rg)
 
 
+ctypedef bint (*_ready_fn)(hvring *rg, bint space, uint32_t need) noexcept nogil
+
+
+cdef int _sleep(hvring *rg, uint32_t *seq, uint32_t *count, _ready_fn ready, bint space,
+                uint32_t need, int64_t deadline, uint64_t *sleeps) noexcept nogil:
+    """Sleep on the futex word ``seq`` until ``ready``, the deadline, or a signal (EINTR),
+    counted in ``*count`` meanwhile. Count, read the sequence, re-check, and only then sleep:
+    a signal after the read changes the word, so FUTEX_WAIT returns at once instead of losing
+    the wake-up. Returns ST_OK, ST_TIMEOUT or ST_INTR."""
+    cdef uint32_t s
+    cdef int64_t t, remaining
+    cdef int rc, st
+    hv_fetch_add(count, 1)
+    while True:
+        s = hv_load_seq(seq)
+        if ready(rg, space, need):
+            st = ST_OK
+            break
+        remaining = -1
+        if deadline > 0:
+            t = hv_now_ns()
+            if t >= deadline:
+                st = ST_TIMEOUT
+                break
+            remaining = deadline - t
+        if sleeps != NULL:
+            sleeps[0] += 1
+        rc = hv_futex_wait(seq, s, remaining)
+        if rc == EINTR:
+            st = ST_INTR
+            break
+        # 0 (woken), EAGAIN (already changed), ETIMEDOUT: loop and re-evaluate
+    hv_fetch_sub(count, 1)
+    return st
+
+
 cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept nogil:
     """Wait for data (space=0) or for `need` free bytes (space=1).
 
@@ -109,9 +145,8 @@ cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept
     cdef uint32_t *ctl = rg.ctl
     cdef uint32_t *seq
     cdef uint32_t *waiters
-    cdef uint32_t s
-    cdef int64_t t0, t, spin_end, remaining
-    cdef int rc, st
+    cdef int64_t t0, t, spin_end
+    cdef int st
     cdef unsigned int i
     if _cond(rg, space, need):
         return ST_OK
@@ -152,9 +187,8 @@ cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept
                     # spinning on a CPU the peer needs only delays the event we wait for.
                     hv_yield()
 
-    # Phase 2: sleep on the sequence word. Arm (waiters++, interrupt_mask = 0), read the
-    # sequence, re-check, and only then sleep: a signal after the read changes the word,
-    # so FUTEX_WAIT returns at once instead of losing the wake-up.
+    # Phase 2: sleep on the sequence word, counted in the waiters (with interrupt_mask = 0
+    # for a reader: signal me from now on).
     if space:
         seq = &ctl[W_SPACE_SEQ]
         waiters = &ctl[W_SPACE_WAITERS]
@@ -162,26 +196,7 @@ cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept
         seq = &ctl[W_DATA_SEQ]
         waiters = &ctl[W_DATA_WAITERS]
         hv_store_seq(&ctl[W_INTERRUPT_MASK], 0)  # hv_end_read: signal me from now on
-    hv_fetch_add(waiters, 1)
-    while True:
-        s = hv_load_seq(seq)
-        if _cond(rg, space, need):
-            st = ST_OK
-            break
-        remaining = -1
-        if deadline > 0:
-            t = hv_now_ns()
-            if t >= deadline:
-                st = ST_TIMEOUT
-                break
-            remaining = deadline - t
-        rg.sleeps += 1
-        rc = hv_futex_wait(seq, s, remaining)
-        if rc == EINTR:
-            st = ST_INTR
-            break
-        # 0 (woken), EAGAIN (already changed), ETIMEDOUT: loop and re-evaluate
-    hv_fetch_sub(waiters, 1)
+    st = _sleep(rg, seq, waiters, _cond, space, need, deadline, &rg.sleeps)
     if space:
         hv_store_relaxed(&ctl[W_PENDING_SEND_SZ], 0)
 
@@ -201,8 +216,9 @@ cdef int _wait(hvring *rg, bint space, uint32_t need, int64_t deadline) noexcept
     return st
 
 
-cdef bint _watched(hvring *rg, bint space) noexcept nogil:
-    # An observer's condition: only shared words (the ends' private copies are theirs).
+cdef bint _watched(hvring *rg, bint space, uint32_t need) noexcept nogil:
+    # An observer's condition (``need`` is always WATCH_SPACE): only shared words, the
+    # ends' private copies being theirs.
     cdef uint32_t w = hv_load_acquire(&rg.ctl[W_WRITE_INDEX])
     cdef uint32_t r = hv_load_acquire(&rg.ctl[W_READ_INDEX])
     if hv_load_relaxed(&rg.ctl[W_RESCINDED]) != 0 or hv_load_relaxed(&rg.ctl[W_CORRUPT]) != 0:
@@ -220,32 +236,11 @@ cdef int _watch(hvring *rg, bint space, int64_t deadline) noexcept nogil:
     """
     cdef uint32_t *seq = &rg.ctl[W_SPACE_SEQ] if space else &rg.ctl[W_DATA_SEQ]
     cdef uint32_t *count = &rg.ctl[W_SPACE_WATCHERS] if space else &rg.ctl[W_DATA_WAITERS]
-    cdef uint32_t s
-    cdef int64_t t, remaining
-    cdef int rc, st
-    if _watched(rg, space):
+    if _watched(rg, space, 0):
         return ST_OK
     if deadline == 0:
         return ST_AGAIN
-    hv_fetch_add(count, 1)
-    while True:
-        s = hv_load_seq(seq)
-        if _watched(rg, space):
-            st = ST_OK
-            break
-        remaining = -1
-        if deadline > 0:
-            t = hv_now_ns()
-            if t >= deadline:
-                st = ST_TIMEOUT
-                break
-            remaining = deadline - t
-        rc = hv_futex_wait(seq, s, remaining)
-        if rc == EINTR:
-            st = ST_INTR
-            break
-    hv_fetch_sub(count, 1)
-    return st
+    return _sleep(rg, seq, count, _watched, space, 0, deadline, NULL)
 
 
 # ---- writer ------------------------------------------------------------------------------
@@ -757,71 +752,52 @@ cdef class Ring:
     def wait_readable(self, timeout=None):
         """Wait until a read would not block (data, EOF, rescind, corruption).
         Returns False on timeout."""
-        cdef int st
         cdef int64_t deadline = _deadline(timeout)
         self._check_open()
         if self.rg.eof:
             return True
-        self.busy += 1
-        try:
-            while True:
-                with nogil:
-                    st = _wait(&self.rg, 0, 0, deadline)
-                if st == ST_INTR:
-                    PyErr_CheckSignals()
-                    continue
-                break
-        finally:
-            self.busy -= 1
-        return st == ST_OK
+        return self._block(False, False, 0, deadline) == ST_OK
 
     def wait_writable(self, Py_ssize_t nbytes=1, timeout=None):
         """Wait until a write of ``min(nbytes, max_payload)`` bytes would not block (or the
         ring is rescinded/corrupt). Returns False on timeout."""
-        cdef int st
         cdef uint32_t p
         cdef int64_t deadline = _deadline(timeout)
         self._check_open()
         p = self.rg.max_payload if nbytes > self.rg.max_payload else <uint32_t>max(nbytes, 1)
-        self.busy += 1
-        try:
-            while True:
-                with nogil:
-                    st = _wait(&self.rg, 1, packet_len(p) + FIN_PACKET_LEN + 8, deadline)
-                if st == ST_INTR:
-                    PyErr_CheckSignals()
-                    continue
-                break
-        finally:
-            self.busy -= 1
-        return st == ST_OK
+        return self._block(False, True, packet_len(p) + FIN_PACKET_LEN + 8, deadline) == ST_OK
 
     def watch_readable(self, timeout=None):
         """``wait_readable`` for an observer: a thread that is not this ring's reader (a
         readiness watcher). It leaves the reader's signalling words alone, so it may run
         while the reader itself is blocked. Returns False on timeout."""
-        return self._watch(0, timeout)
+        cdef int64_t deadline = _deadline(timeout)
+        self._check_open()
+        return self._block(True, False, 0, deadline) == ST_OK
 
     def watch_writable(self, timeout=None):
         """``wait_writable(1)`` for an observer (see ``watch_readable``)."""
-        return self._watch(1, timeout)
-
-    def _watch(self, bint space, timeout):
-        cdef int st
         cdef int64_t deadline = _deadline(timeout)
         self._check_open()
+        return self._block(True, True, WATCH_SPACE, deadline) == ST_OK
+
+    cdef int _block(self, bint observer, bint space, uint32_t need, int64_t deadline) except? -1:
+        """Run a wait (an observer's with ``observer``) without the GIL, busy meanwhile so
+        close() refuses; signal handlers run between tries. Returns its ST_* status."""
+        cdef int st
         self.busy += 1
         try:
             while True:
                 with nogil:
-                    st = _watch(&self.rg, space, deadline)
-                if st == ST_INTR:
-                    PyErr_CheckSignals()
-                    continue
-                break
+                    if observer:
+                        st = _watch(&self.rg, space, deadline)
+                    else:
+                        st = _wait(&self.rg, space, need, deadline)
+                if st != ST_INTR:
+                    return st
+                PyErr_CheckSignals()
         finally:
             self.busy -= 1
-        return st == ST_OK
 
     def readable(self):
         """Ring bytes waiting to be read (framing included); 0 = a read would block
