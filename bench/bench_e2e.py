@@ -17,7 +17,8 @@ partitions for the whole run.
   tiny bytes-in service defined here (generic handler, no protobuf), one message per send,
   over a Unix socket like the partitions' channel to the host.
 - 64-byte round trip (p50/p99) on shm, relay (default rings), TCP (TCP_NODELAY), Unix.
-- connect + accept + close cycles per second (the client waits for the server's close).
+- connect + accept + close cycles per second (the client waits for the server's close), on
+  shm, relay (both ends relayed) and relay-vm (only the VM's end relayed), default rings.
 
 Writes bench/results/e2e.json (every figure, every ratio, the targets and whether each was
 met) and bench/results/e2e.png, and prints a short table. It never fails on a missed target.
@@ -53,7 +54,7 @@ from hvsock.v1 import hvsock_pb2
 SIZES = [1024, 4096, 16384, 65536, 262144]
 THROUGHPUT_KINDS = ["shm", "shm-default", "relay", "relay-vm", "tcp", "unix", "grpc-raw"]
 RTT_KINDS = ["shm", "relay", "tcp", "unix"]
-CONNECT_KINDS = ["shm", "relay", "tcp", "unix"]
+CONNECT_KINDS = ["shm", "relay", "relay-vm", "tcp", "unix"]
 # kind -> (guest's data path, host partition's data path, ring bytes asked for with
 # SO_SNDBUF/SO_RCVBUF before connect, 0 for the host's default rings). "relay" relays both
 # ends (two gRPC hops: VM -> host service -> host partition); "relay-vm" relays only the VM's
@@ -65,8 +66,10 @@ HV_KINDS = {
     "relay": ("grpc", "grpc", 63 * 4096),
     "relay-default": ("grpc", "grpc", 0),
     "relay-vm": ("grpc", "shm", 63 * 4096),
+    "relay-vm-default": ("grpc", "shm", 0),
 }
-RTT_HV_KIND = {"shm": "shm-default", "relay": "relay-default"}  # round trips: default rings
+# Round trips and connects: default rings.
+RTT_HV_KIND = {"shm": "shm-default", "relay": "relay-default", "relay-vm": "relay-vm-default"}
 CONNECT_THREADS = 4
 READ_BUF = 256 * 1024
 RTT_MSG = 64
