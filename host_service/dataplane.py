@@ -169,7 +169,7 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
             self._inbound.put(_STOP)
-            # This stream owns the relay's threads and mapping from the moment it was claimed.
+            # This stream owns the relay's pumps and mapping from the moment it was claimed.
             _WORKERS.run(self.stop, "hvsock-reclaim")
 
     async def _pump_requests(
@@ -301,8 +301,9 @@ class Relay:
         return self._stopping or limit is None or limit > self.received
 
     def stop(self) -> None:
-        """Wake and join the threads, then unmap (the rings must already be rescinded, or the
-        stream over). Idempotent: the stream and the channel's removal may both call it."""
+        """Wake the pumps and wait for them to return, then unmap (the rings must already be
+        rescinded, or the stream over). Idempotent: the stream and the channel's removal may
+        both call it."""
         with self._receive_credit:
             if self._stopping:
                 return
@@ -455,7 +456,7 @@ class DataPlane:
         if not rings.relays:
             rings.broker.close()  # shared memory only: unmapping is quick, no thread to join
             return
-        # Joining relay threads may take a moment; never on the event loop.
+        # Waiting for relay pumps to return may take a moment; never on the event loop.
         _WORKERS.run(finish, "hvsock-reclaim")
 
     def ring_used(self, channel_id: int) -> tuple[int, int] | None:
