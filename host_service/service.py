@@ -129,6 +129,8 @@ class Attachment:
     responses: asyncio.Queue[hvsock_pb2.AttachResponse | None] = field(
         default_factory=asyncio.Queue
     )
+    #: Hello.peer_fin_notices: tell this session when a peer shuts down writing.
+    peer_fin_notices: bool = False
     shm_capable: bool = False
     shm_probe: pathlib.Path | None = None
     shm_nonce: bytes = b""
@@ -318,7 +320,11 @@ class Host:
                 )
         elif isinstance(event, PeerFinReceived):
             attachment = self._to(event)
-            if attachment is not None and event.channel_id not in attachment.closed:
+            if (
+                attachment is not None
+                and attachment.peer_fin_notices
+                and event.channel_id not in attachment.closed
+            ):
                 attachment.send(
                     hvsock_pb2.AttachResponse(
                         notice=hvsock_pb2.ChannelNotice(
@@ -699,6 +705,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         except errors.HvError as err:
             await abort(context, err)
         attachment = host.register(session)
+        attachment.peer_fin_notices = hello.peer_fin_notices
         info = core.get_partition(session.vm_id)
         welcome = hvsock_pb2.Welcome(
             vm_id=session.vm_id,

@@ -164,3 +164,26 @@ def test_windows_guest_connect_to_missing_service_is_refused_with_errno(host: Ho
     )
     assert answer.error.errno.errno == errno.ECONNREFUSED
     assert answer.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["asked", "not-asked"])
+def test_peer_fin_notices_go_only_to_sessions_that_ask(host: HostProcess, asked: bool) -> None:
+    vm = create_vm(host, "vm1")
+    guest = RawPartition(
+        host.target,
+        hvsock_pb2.Hello(vm_id=vm.partition.vm_id, token=vm.token, peer_fin_notices=asked),
+    )
+    root = attach_host(host)
+    g, h = open_pair(guest, root)
+    assert root.request(shutdown=hvsock_pb2.Shutdown(channel_id=h.channel_id)).HasField("ack")
+    # Answered behind anything the shutdown queued for the guest (one stream, in order).
+    assert guest.request(
+        listen=hvsock_pb2.Listen(address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE))
+    ).HasField("listening")
+    notices = []
+    while not guest.events.empty():
+        notices.append(guest.events.get().notice)
+    expected = [(g.channel_id, hvsock_pb2.ChannelNotice.KIND_PEER_FIN)] if asked else []
+    assert [(n.channel_id, n.kind) for n in notices] == expected
+    guest.close()
+    root.close()
