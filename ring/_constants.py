@@ -71,9 +71,6 @@ FIN_PACKET_LEN = 32  # packet_len(0)
 # completely full, so a payload fits only if free > packet_len(1) + packet_len(0) = 72
 # (Linux hvs_channel_writable_bytes).
 WRITE_RESERVE = 72
-# Free bytes that make a ring writable for a 1-byte send (packet_len(1) + FIN_PACKET_LEN + 8,
-# what wait_writable(1) waits for): the threshold readiness observers sleep on.
-WATCH_SPACE = 80
 
 MIN_RING_PAGES = 2  # control page + one data page (the seed's send ring)
 MAX_RING_PAGES = 64  # RINGBUFFER_HVS_MAX_SIZE
@@ -94,6 +91,11 @@ def packet_len(n: int) -> int:
     if n < 0:
         raise ValueError("payload length must be >= 0")
     return HEADER_SIZE + roundup8(n) + TRAILER_SIZE
+
+
+# Free bytes that make a ring writable for a 1-byte send (what wait_writable(1) waits for): the
+# threshold readiness observers sleep on. ring/_layout.pxd spells it out as 80.
+WATCH_SPACE = packet_len(1) + FIN_PACKET_LEN + 8
 
 
 def ring_bytes(pages: int) -> int:

@@ -27,6 +27,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from typing_extensions import Buffer
 
 from ._constants import (
@@ -368,26 +370,9 @@ class Ring:
         seq_w, waiters_w = (W_SPACE_SEQ, W_SPACE_WAITERS) if space else (W_DATA_SEQ, W_DATA_WAITERS)
         if not space:
             ctl[W_INTERRUPT_MASK] = 0
-        ctl[waiters_w] = (ctl[waiters_w] + 1) & _U32_MASK
-        st = ST_OK
         try:
-            while True:
-                s = ctl[seq_w]
-                if self._cond(space, need):
-                    break
-                remaining = _MAX_SLEEP_NS
-                if deadline > 0:
-                    t = time.monotonic_ns()
-                    if t >= deadline:
-                        st = ST_TIMEOUT
-                        break
-                    remaining = min(remaining, deadline - t)
-                self._stats["sleeps"] += 1
-                rc = _futex_wait_addr(self._futex_addr(seq_w), s, remaining)
-                if rc == _errno.EINTR:
-                    continue  # Python runs signal handlers between bytecodes; just retry
+            st = self._sleep(seq_w, waiters_w, lambda: self._cond(space, need), deadline, True)
         finally:
-            ctl[waiters_w] = (ctl[waiters_w] - 1) & _U32_MASK
             if space:
                 ctl[W_PENDING_SEND_SZ] = 0
         if self._spin_max_ns > 0:
@@ -398,6 +383,31 @@ class Ring:
                 self._spin_ns = max(self._spin_ns // 2, MIN_SPIN_NS)
         if st != ST_OK:
             raise _Status(st)
+
+    def _sleep(
+        self, seq_w: int, count_w: int, ready: Callable[[], bool], deadline: int, counted: bool
+    ) -> int:
+        """Same as _ring._sleep: sleep on ``seq_w`` until ``ready()`` or the deadline, counted
+        in ``count_w`` meanwhile (sleeps counted in stats when ``counted``); ST_OK/ST_TIMEOUT."""
+        ctl = self._ctl
+        ctl[count_w] = (ctl[count_w] + 1) & _U32_MASK
+        try:
+            while True:
+                s = ctl[seq_w]
+                if ready():
+                    return ST_OK
+                remaining = _MAX_SLEEP_NS
+                if deadline > 0:
+                    t = time.monotonic_ns()
+                    if t >= deadline:
+                        return ST_TIMEOUT
+                    remaining = min(remaining, deadline - t)
+                if counted:
+                    self._stats["sleeps"] += 1
+                # EINTR: Python runs signal handlers between bytecodes; just look again.
+                _futex_wait_addr(self._futex_addr(seq_w), s, remaining)
+        finally:
+            ctl[count_w] = (ctl[count_w] - 1) & _U32_MASK
 
     def _watched(self, space: bool) -> bool:
         ctl = self._ctl
@@ -410,27 +420,13 @@ class Ring:
 
     def _watch(self, space: bool, deadline: int) -> None:
         """Same protocol as _ring._watch (an observer's wait); raises _Status like _wait."""
-        ctl = self._ctl
         if self._watched(space):
             return
         if deadline == 0:
             raise _Status(ST_AGAIN)
         seq_w, count_w = (W_SPACE_SEQ, W_SPACE_WATCHERS) if space else (W_DATA_SEQ, W_DATA_WAITERS)
-        ctl[count_w] = (ctl[count_w] + 1) & _U32_MASK
-        try:
-            while True:
-                s = ctl[seq_w]
-                if self._watched(space):
-                    return
-                remaining = _MAX_SLEEP_NS
-                if deadline > 0:
-                    t = time.monotonic_ns()
-                    if t >= deadline:
-                        raise _Status(ST_TIMEOUT)
-                    remaining = min(remaining, deadline - t)
-                _futex_wait_addr(self._futex_addr(seq_w), s, remaining)
-        finally:
-            ctl[count_w] = (ctl[count_w] - 1) & _U32_MASK
+        if self._sleep(seq_w, count_w, lambda: self._watched(space), deadline, False) != ST_OK:
+            raise _Status(ST_TIMEOUT)
 
     # -- writer --------------------------------------------------------------------------
 
