@@ -35,6 +35,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from bench_e2e import cpu_seconds
 
 SIZES = [16384, 65536, 262144]
 FRAME = 65536  # the relay's largest frame
@@ -96,12 +97,6 @@ def _aio_server(address: str, ready: Any) -> None:
     asyncio.run(main())
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _measure(
     channel: grpc.Channel, kind: str, size: int, seconds: float, server_pid: int
 ) -> dict[str, Any]:
@@ -119,7 +114,7 @@ def _measure(
                 yield from frames
             sent += size
 
-    began, cpu, server_cpu = time.perf_counter(), time.process_time(), _cpu(server_pid)
+    began, cpu, server_cpu = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
     if kind == "grpc-raw":
         answer = channel.stream_unary("/ceiling.Raw/Push")(sends())
         received = int.from_bytes(answer, "little")
@@ -137,7 +132,7 @@ def _measure(
         "MBps": sent / elapsed / 1e6,
         "cpu_s_per_GB": {
             "client": (time.process_time() - cpu) / gigabytes,
-            "server": (_cpu(server_pid) - server_cpu) / gigabytes,
+            "server": (cpu_seconds(server_pid) - server_cpu) / gigabytes,
         },
     }
 
