@@ -22,7 +22,7 @@ import grpc
 from host_service.core import addresses as _addresses
 from hvsock.v1 import hvsock_pb2
 
-from ._partition import DEFAULT_TARGET, Partition
+from ._partition import DEFAULT_TARGET, PERSONALITIES, Partition
 from ._socket import (
     AF_HYPERV,
     AF_VSOCK,
@@ -121,8 +121,6 @@ def attach(
     """
     vm_id = vm_id if vm_id is not None else os.environ.get("HVSOCK_VM_ID", "")
     token = token if token is not None else os.environ.get("HVSOCK_TOKEN", "")
-    from .cli import PERSONALITIES
-
     personality = personality or os.environ.get("HVSOCK_PERSONALITY") or "linux"
     if personality not in PERSONALITIES:
         raise ValueError(f"personality must be linux or windows, not {personality!r}")

@@ -36,6 +36,11 @@ from . import _pipe, errors
 log = logging.getLogger("hvsock.client")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+#: Personality names (attach(), the CLI) -> the API's values.
+PERSONALITIES = {
+    "linux": hvsock_pb2.PERSONALITY_LINUX,
+    "windows": hvsock_pb2.PERSONALITY_WINDOWS,
+}
 #: Longest wait, at a rescinded EOF, for the notice (or the lost host) that explains it.
 _SETTLE_TIMEOUT = 1.0
 #: How long the reader waits before attaching again after the host went away (doubles to 2 s).

@@ -30,14 +30,12 @@ from grpc_status import rpc_status
 from host_service.settings import default_host_token_file
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
+from ._partition import PERSONALITIES
+
 DEFAULT_HOST = "127.0.0.1:50051"
 TOKEN_METADATA = "x-hvsock-token"
 PAGE = 4096
 
-PERSONALITIES = {
-    "linux": hvsock_pb2.PERSONALITY_LINUX,
-    "windows": hvsock_pb2.PERSONALITY_WINDOWS,
-}
 DIRECTIONS = {
     "both": hvsock_pb2.StallRingRequest.DIRECTION_BOTH,
     "to-listener": hvsock_pb2.StallRingRequest.DIRECTION_TO_LISTENER,

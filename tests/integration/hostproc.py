@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from guest_client.cli import PERSONALITIES
+from guest_client._partition import PERSONALITIES
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
 BIN = pathlib.Path(sys.executable).parent
