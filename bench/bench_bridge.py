@@ -40,16 +40,14 @@ RING = 63 * 4096  # 64-page rings, asked for with SO_SNDBUF/SO_RCVBUF
 DATA_PATHS = ["shm", "grpc"]
 
 
-def writer(
-    kind: str, target: str, token: str, shm_dir: str, data_path: str, address: Any, nbytes: int
-) -> None:
+def writer(kind: str, target: str, token: str, data_path: str, address: Any, nbytes: int) -> None:
     """The client process: send nbytes then half-close, wait for the reader's close."""
     payload = os.urandom(CHUNK)
     if kind == "direct":
         from hvsock.v1 import hvsock_pb2
 
         partition = hv.Partition(
-            target, hvsock_pb2.Hello(host=True, token=token), data_path=data_path, shm_dir=shm_dir
+            target, hvsock_pb2.Hello(host=True, token=token), data_path=data_path
         )
         sock: Any = partition.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RING)
@@ -98,7 +96,7 @@ def measure(
     for _ in range(repeat):
         proc = ctx.Process(
             target=writer,
-            args=(kind, host.target, host.token, str(host.shm_dir), data_path, address, nbytes),
+            args=(kind, host.target, host.token, data_path, address, nbytes),
         )
         proc.start()
         elapsed = read_one(listener, nbytes)
@@ -116,7 +114,7 @@ def start_bridge(
     host: Any, data_path: str, vm_id: str, service: str
 ) -> tuple[subprocess.Popen[str], tuple[str, int]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_")}
-    env.update(HVSOCK_DATA_PATH=data_path, HVSOCK_SHM_DIR=str(host.shm_dir))
+    env.update(HVSOCK_DATA_PATH=data_path)
     proc = subprocess.Popen(
         [
             str(pathlib.Path(sys.executable).parent / "hvsock"),

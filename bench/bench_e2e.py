@@ -117,7 +117,7 @@ class Worker:
             else:
                 hello = hvsock_pb2.Hello(vm_id=self.cfg["vm_id"], token=self.cfg["vm_token"])
             self.partitions[data_path] = hv.Partition(
-                self.cfg["target"], hello, data_path=data_path, shm_dir=self.cfg["shm_dir"]
+                self.cfg["target"], hello, data_path=data_path
             )
         return self.partitions[data_path]
 
@@ -473,7 +473,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "host_token": host.token,
             "vm_id": vm_id,
             "vm_token": vm_token,
-            "shm_dir": str(host.shm_dir),
             "workdir": str(host.workdir),
         }
         guest, server = Remote("guest", cfg), Remote("host", cfg)

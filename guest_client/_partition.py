@@ -21,7 +21,6 @@ import errno
 import itertools
 import logging
 import os
-import pathlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import grpc
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
 from . import _pipe, errors
+from ._handover import Handover
 
 log = logging.getLogger("hvsock.client")
 
@@ -45,6 +45,8 @@ PERSONALITIES = {
 _SETTLE_TIMEOUT = 1.0
 #: How long the reader waits before attaching again after the host went away (doubles to 2 s).
 _REATTACH_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+#: Seconds the host has to acknowledge ProveSharedMemory.
+_HANDOVER_PROOF_TIMEOUT = 10.0
 
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -203,7 +205,7 @@ class Partition:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         data_path: str | None = None,
-        shm_dir: str | None = None,
+        shm_socket: str | None = None,
     ) -> None:
         self.target = target
         self._hello = hello
@@ -211,7 +213,10 @@ class Partition:
         self.data_path = data_path or os.environ.get("HVSOCK_DATA_PATH", "auto")
         if self.data_path not in ("auto", "shm", "grpc"):
             raise ValueError(f"HVSOCK_DATA_PATH must be auto, shm or grpc, not {self.data_path!r}")
-        self.shm_dir = shm_dir or os.environ.get("HVSOCK_SHM_DIR") or "/dev/shm"
+        #: Where this process reaches the host's descriptor socket, when not where the host
+        #: says (a volume mounted at another path): HVSOCK_SHM_SOCKET.
+        self.shm_socket = shm_socket or os.environ.get("HVSOCK_SHM_SOCKET") or None
+        self._handover: Handover | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._channels: dict[int, ChannelEnd] = {}
@@ -272,25 +277,37 @@ class Partition:
             target=self._read, args=(call, self._generation), name="hvsock-attach", daemon=True
         )
         reader.start()
-        self._lost.clear()
-        self._attached.set()
-        if welcome.shm_probe:
-            self._prove_shared_memory(welcome.shm_probe)
+        # Attached only once the proof is done: a connect made as soon as wait_attached()
+        # returns must already get shared memory.
+        if welcome.shm_socket and self.data_path != "grpc":
+            self._prove_shared_memory(self.shm_socket or welcome.shm_socket, welcome.session)
         if self.data_path == "shm" and not self.shm:
             raise OSError(
                 errno.EOPNOTSUPP,
                 "HVSOCK_DATA_PATH=shm but this process cannot map the host's shared memory",
             )
+        self._lost.clear()
+        self._attached.set()
 
-    def _prove_shared_memory(self, probe: str) -> None:
-        """Answer the host's probe, so that it can remove it; an empty nonce declines."""
-        nonce = b""
-        if self.data_path != "grpc":
-            # Unreadable: a different /dev/shm (another machine or IPC namespace), so relay.
-            with contextlib.suppress(OSError):
-                nonce = (pathlib.Path(self.shm_dir) / probe).read_bytes()
-        self.request(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce))
-        self.shm = bool(nonce)
+    def _prove_shared_memory(self, address: str, secret: str) -> None:
+        """Receive and map the host's probe over its descriptor socket and prove it; any
+        failure leaves this session on the relay."""
+        try:
+            handover = Handover(address, secret)
+        except OSError as exc:
+            # Another machine, container or user: the socket is not reachable from here.
+            log.debug("no shared memory via %s (%s): using the relay", address, exc)
+            return
+        pending = self._send(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=handover.nonce))
+        if (
+            pending.done.wait(_HANDOVER_PROOF_TIMEOUT)
+            and pending.answer is not None
+            and (pending.answer.WhichOneof("kind") == "ack")
+        ):
+            self._handover = handover
+            self.shm = True
+        else:
+            handover.close()
 
     def _read(self, call: Any, generation: int) -> None:
         try:
@@ -309,6 +326,7 @@ class Partition:
     def _connection_lost(self, reason: str) -> None:
         self._attached.clear()
         self._lost.set()
+        self._drop_handover()
         with self._lock:
             channels = list(self._channels.values())
             listeners = list(self._listeners.values())
@@ -367,6 +385,11 @@ class Partition:
             raise OSError(errno.EBADF, "partition is closed")
         if not self._attached.is_set():
             raise ConnectionResetError(errno.ECONNRESET, "the host service is not reachable")
+        return self._send(on_answer, **kind)
+
+    def _send(
+        self, on_answer: Callable[[hvsock_pb2.AttachResponse], None] | None = None, **kind: Any
+    ) -> _Pending:
         request_id = next(self._ids)
         pending = _Pending(on_answer)
         with self._lock:
@@ -421,7 +444,12 @@ class Partition:
         if listener is None or listener.closed:
             self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id))
             return
-        listener.ready.append(self.open_end(channel))
+        try:
+            end = self.open_end(channel)
+        except OSError as exc:
+            log.warning("channel %d could not be opened: %s", channel.channel_id, exc)
+            return
+        listener.ready.append(end)
         listener.notify()
 
     def _offered(self, offer: hvsock_pb2.Offer) -> None:
@@ -442,7 +470,12 @@ class Partition:
             if answer.WhichOneof("kind") != "opened":
                 listener.notify()
                 return
-            end = self.open_end(answer.opened)
+            try:
+                end = self.open_end(answer.opened)
+            except OSError as exc:
+                log.warning("channel %d could not be opened: %s", answer.opened.channel_id, exc)
+                listener.notify()
+                return
             if listener.closed:
                 end.close()
             else:
@@ -456,10 +489,22 @@ class Partition:
 
     # -- channels and listeners ----------------------------------------------------------------
 
+    def _drop_handover(self) -> None:
+        handover, self._handover = self._handover, None
+        if handover is not None:
+            handover.close()
+
     def open_end(self, channel: hvsock_pb2.Channel) -> ChannelEnd:
+        """This session's end of an opened channel. If its rings cannot be mapped (no
+        descriptor, out of descriptors, a bad segment) the channel is reset, so the peer
+        sees ECONNRESET, and the error is raised here: it fails this channel, nothing else."""
         pipe: _pipe.Pipe
         if channel.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY:
-            pipe = _pipe.ShmPipe(channel.shared_memory, self.shm_dir)
+            try:
+                pipe = self._map_end(channel)
+            except OSError:
+                self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id, reset=True))
+                raise
         else:
             pipe = _pipe.RelayPipe(self.stub, self.session, channel)
         end = ChannelEnd(self, channel, pipe)
@@ -468,6 +513,16 @@ class Partition:
         with self._lock:
             self._channels[end.channel_id] = end
         return end
+
+    def _map_end(self, channel: hvsock_pb2.Channel) -> _pipe.ShmPipe:
+        handover = self._handover
+        if handover is None:
+            raise ConnectionResetError(errno.ECONNRESET, "no descriptor socket to the host")
+        fd = handover.take(channel.channel_id)
+        try:
+            return _pipe.ShmPipe(channel.shared_memory, fd)
+        finally:
+            os.close(fd)  # the mapping keeps the memory
 
     def forget(self, end: ChannelEnd) -> None:
         with self._lock:
@@ -521,6 +576,7 @@ class Partition:
             listener.notify()
         self._requests.put(None)
         self._channel.close()
+        self._drop_handover()
 
     def __enter__(self) -> Partition:
         return self

@@ -103,8 +103,9 @@ class ShmPipe:
 
     path = "shm"
 
-    def __init__(self, segment: hvsock_pb2.SharedMemorySegment, directory: str | None) -> None:
-        self.channel = Channel.attach(segment.name, end=segment.end, directory=directory)
+    def __init__(self, segment: hvsock_pb2.SharedMemorySegment, fd: int) -> None:
+        """Map the segment behind ``fd`` (handed over by the host; the caller closes it)."""
+        self.channel = Channel.attach_fd(fd, end=segment.end)
         self.rx, self.tx = self.channel.rx, self.channel.tx
         self._bits = (stall_bit(segment.end, False), stall_bit(segment.end, True))
 

@@ -56,12 +56,11 @@ WINDOW = 128 * 1024  # echo bytes in flight per connection: half a 64-page ring
 
 @dataclass
 class LocalHost:
-    """An ``hvsock-host`` child process with its own socket, token and shm directory."""
+    """An ``hvsock-host`` child process with its own socket and token."""
 
     proc: subprocess.Popen[bytes]
     target: str
     token: str
-    shm_dir: pathlib.Path
     workdir: pathlib.Path
     log_path: pathlib.Path
 
@@ -90,7 +89,7 @@ class LocalHost:
             if vm is not None
             else hvsock_pb2.Hello(host=True, token=self.token)
         )
-        return hv.Partition(self.target, hello, data_path=data_path, shm_dir=str(self.shm_dir))
+        return hv.Partition(self.target, hello, data_path=data_path)
 
     def env(self, vm: tuple[str, str], data_path: str = "auto") -> dict[str, str]:
         """The environment a program in that VM would be given."""
@@ -99,7 +98,6 @@ class LocalHost:
             HVSOCK_HOST=self.target,
             HVSOCK_VM_ID=vm[0],
             HVSOCK_TOKEN=vm[1],
-            HVSOCK_SHM_DIR=str(self.shm_dir),
             HVSOCK_DATA_PATH=data_path,
         )
         return env
@@ -110,10 +108,8 @@ def local_host(
     *extra: str, prefix: str = "hvsock-demo", log_level: str = "INFO"
 ) -> Iterator[LocalHost]:
     """Start ``hvsock-host`` on a private Unix socket (and 127.0.0.1:0); stop it and remove its
-    shared-memory directory and temporary files on exit, whatever happened."""
+    temporary files on exit, whatever happened."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
-    shm_dir = pathlib.Path("/dev/shm") / f"{prefix}-{secrets.token_hex(6)}"
-    shm_dir.mkdir(mode=0o700)
     sock = workdir / "host.sock"
     token = secrets.token_urlsafe(16)
     log_path = workdir / "host.log"
@@ -131,8 +127,6 @@ def local_host(
                     "--unix",
                     str(sock),
                     f"--host-token={token}",
-                    "--shm-dir",
-                    str(shm_dir),
                     "--state",
                     str(workdir / "state.sqlite"),
                     "--log-level",
@@ -149,7 +143,7 @@ def local_host(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"hvsock-host did not start:\n{log_path.read_text()}")
             time.sleep(0.02)
-        yield LocalHost(proc, f"unix:{sock}", token, shm_dir, workdir, log_path)
+        yield LocalHost(proc, f"unix:{sock}", token, workdir, log_path)
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -158,7 +152,6 @@ def local_host(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        shutil.rmtree(shm_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

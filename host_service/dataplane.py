@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import pathlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -333,7 +332,11 @@ class _ChannelRings:
     #: Ends on the shared-memory path: side -> VM id, and side -> the session holding it.
     shm_ends: dict[Side, str] = field(default_factory=dict)
     shm_sessions: dict[Side, int] = field(default_factory=dict)
+    #: Sides whose end is open (the broker's descriptor is dropped once both are).
+    opened: set[Side] = field(default_factory=set)
     stall_timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    #: The map check of each end on shared memory (cancelled when the channel goes).
+    map_checks: list[asyncio.TimerHandle] = field(default_factory=list)
     #: Paused VMs: their ends of this channel are stalled both ways.
     paused: set[str] = field(default_factory=set)
     #: Stalls in force per ring (StallRing): ring r stalls end r's sends and the peer's receives.
@@ -346,12 +349,12 @@ class DataPlane:
 
     max_payload = MAX_PAYLOAD
 
-    def __init__(self, shm_dir: pathlib.Path) -> None:
-        self.shm_dir = shm_dir
+    def __init__(self, map_timeout: float = 2.0) -> None:
+        #: Seconds an end on shared memory has to map its segment once handed it.
+        self.map_timeout = map_timeout
+        #: Set by the service: rescind a channel (an end never mapped its rings).
+        self.on_unmapped: Callable[[int, str], None] = lambda channel_id, reason: None
         self._channels: dict[int, _ChannelRings] = {}
-        reaped = shm.reap_stale_segments(str(shm_dir))
-        if reaped:
-            log.info("removed %d segments left by a dead host: %s", len(reaped), reaped)
 
     def open_end(
         self,
@@ -361,37 +364,58 @@ class DataPlane:
         connector_view: RingGeometry,
         vm_id: str,
         session_id: int,
-    ) -> hvsock_pb2.SharedMemorySegment | None:
+        hand_over: Callable[[int], bool] | None = None,
+    ) -> tuple[EndPath, hvsock_pb2.SharedMemorySegment | None]:
         """Set up one end of an opening channel (held by ``session_id`` of ``vm_id``); the
-        segment is made for the first end."""
+        segment is made for the first end. An end on shared memory gets the segment's
+        descriptor through ``hand_over``; when that fails it goes on the relay instead.
+        Returns the end's path and, on shared memory, where its rings are."""
         rings = self._channels.get(channel_id)
         if rings is None:
             broker = shm.Channel.create(
-                connector_view.send_pages,
-                connector_view.recv_pages,
-                end=None,
-                directory=str(self.shm_dir),
+                connector_view.send_pages, connector_view.recv_pages, end=None
             )
             rings = self._channels[channel_id] = _ChannelRings(broker, connector_view)
         end = _END_OF_SIDE[side]
+        if path is EndPath.SHARED_MEMORY and (
+            hand_over is None or not hand_over(rings.broker.fileno())
+        ):
+            path = EndPath.RELAY
+        rings.opened.add(side)
+        segment = None
         if path is EndPath.RELAY:
-            attached = shm.Channel.attach(rings.broker.name, end=end, directory=str(self.shm_dir))
+            attached = shm.Channel.attach_fd(rings.broker.fileno(), end=end)
             rings.relays[side] = Relay(attached, side, vm_id, session_id)
-            self._apply_stalls(rings)
-            return None
-        rings.shm_ends[side] = vm_id
-        rings.shm_sessions[side] = session_id
+        else:
+            rings.shm_ends[side] = vm_id
+            rings.shm_sessions[side] = session_id
+            rings.map_checks.append(
+                asyncio.get_running_loop().call_later(
+                    self.map_timeout, self._check_mapped, channel_id, rings, end
+                )
+            )
+            ring0 = PAGE_SIZE
+            ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
+            segment = hvsock_pb2.SharedMemorySegment(
+                size=ring1 + connector_view.recv_pages * PAGE_SIZE,
+                send_ring_offset=ring0 if end == 0 else ring1,
+                recv_ring_offset=ring1 if end == 0 else ring0,
+                end=end,
+            )
+        if len(rings.opened) == len(_END_OF_SIDE):
+            rings.broker.close_fd()  # every end has its own mapping or descriptor now
         self._apply_stalls(rings)
-        ring0 = PAGE_SIZE
-        ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
-        size = ring1 + connector_view.recv_pages * PAGE_SIZE
-        return hvsock_pb2.SharedMemorySegment(
-            name=rings.broker.name,
-            size=size,
-            send_ring_offset=ring0 if end == 0 else ring1,
-            recv_ring_offset=ring1 if end == 0 else ring0,
-            end=end,
-        )
+        return path, segment
+
+    def _check_mapped(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
+        """A segment handed over but never mapped would hold its memory (and the peer) for as
+        long as the client likes: reset the channel instead."""
+        if self._channels.get(channel_id) is not rings or rings.broker.closed:
+            return
+        if not rings.broker.mapped_mask & (1 << end):
+            self.on_unmapped(
+                channel_id, f"end {end} did not map its rings within {self.map_timeout:g} s"
+            )
 
     def claim_relay(self, channel_id: int, session: Session) -> Relay:
         """The relayed end of ``channel_id`` that ``session`` holds (not another session's,
@@ -440,7 +464,7 @@ class DataPlane:
         if rings is None:
             return
         rings.broker.rescind()
-        for timer in rings.stall_timers:
+        for timer in (*rings.stall_timers, *rings.map_checks):
             timer.cancel()
 
         def finish() -> None:

@@ -23,6 +23,7 @@ from . import metrics
 from .core.config import HostConfig
 from .core.errors import HvError
 from .dataplane import DataPlane
+from .handover import default_address
 from .service import AdminServicer, Host, HostServicer, new_core
 from .settings import parse_args
 from .store import StateStore
@@ -98,9 +99,9 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
             core.register_service(service.service_id, service.element_name, 0.0)
     return Host(
         core,
-        dataplane=DataPlane(args.shm_dir),
+        dataplane=DataPlane(),
         store=store,
-        shm_dir=args.shm_dir,
+        shm_socket=None if args.shm_socket == "off" else args.shm_socket or default_address(),
         max_queued_responses=args.max_queued_responses,
     )
 
@@ -139,6 +140,7 @@ async def serve(args: argparse.Namespace, token: str) -> None:
         raise SystemExit(f"hvsock-host: cannot listen on {args.listen}")
     if args.unix:
         server.add_insecure_port(f"unix:{args.unix}")
+    host.start()
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -164,7 +166,7 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     for attachment in list(host.attachments.values()):
         attachment.end("host shutting down")
     await server.stop(grace=2)
-    host.dataplane.close_all()
+    host.close()
     if host.store is not None:
         host.store.close()
     log.info("stopped")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import logging
-import os
-import pathlib
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -62,6 +60,7 @@ from .core.types import (
     Side,
 )
 from .dataplane import DataPlane, EndPath
+from .handover import NONCE_SIZE, DescriptorServer
 from .status import abort, errno_detail, error_message, in_stream_error, rich_status
 from .store import PartitionRecord, ServiceRecord, StateStore
 
@@ -131,8 +130,12 @@ class Attachment:
     )
     #: Hello.peer_fin_notices: tell this session when a peer shuts down writing.
     peer_fin_notices: bool = False
+    #: The session proved it maps what it receives on this connection (ProveSharedMemory):
+    #: its channel ends go on shared memory, their descriptors on this connection.
     shm_capable: bool = False
-    shm_probe: pathlib.Path | None = None
+    #: Its connection to the descriptor socket, from the secret until the session ends.
+    shm_conn: socket.socket | None = None
+    #: The nonce in the probe sent on shm_conn.
     shm_nonce: bytes = b""
     #: channel id -> (request id, force relay) of Connect requests still waiting for an answer.
     pending_connects: dict[int, tuple[int, bool]] = field(default_factory=dict)
@@ -180,15 +183,24 @@ class Host:
         *,
         dataplane: DataPlane,
         store: StateStore | None = None,
-        shm_dir: pathlib.Path | None = None,
+        shm_socket: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_queued_responses: int = MAX_QUEUED_RESPONSES,
     ) -> None:
         self.core = core
         self.max_queued_responses = max_queued_responses
         self.dataplane = dataplane
+        # An end handed its rings must map them within the connect timeout.
+        dataplane.map_timeout = core.config.connect_timeout
+        dataplane.on_unmapped = self._reset_unmapped
         self.store = store
-        self.shm_dir = shm_dir
+        #: Hands ring memory to programs (None: shared memory is off, everything is relayed).
+        self.handover = (
+            DescriptorServer(shm_socket, self._claim_handover, self._handover_lost)
+            if shm_socket is not None
+            else None
+        )
+        self._by_conn: dict[socket.socket, Attachment] = {}
         self.clock = clock
         # Monotonic -> wall clock, for timestamps shown to people.
         self._wall_offset = time.time() - clock()
@@ -198,7 +210,16 @@ class Host:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None  # the core deadline _timer is armed for
         self._watchers: set[asyncio.Queue[Event | None]] = set()
-        self._probe_ids = itertools.count(1)
+
+    def start(self) -> None:
+        """Start what needs the running event loop."""
+        if self.handover is not None:
+            self.handover.start()
+
+    def close(self) -> None:
+        if self.handover is not None:
+            self.handover.close()
+        self.dataplane.close_all()
 
     # -- driving the core ------------------------------------------------------------------
 
@@ -425,8 +446,19 @@ class Host:
         )
         # Geometry in the event is this end's view; the data plane keeps the connector's view.
         connector_view = event.ring if event.side is Side.CONNECTOR else event.ring.swapped
-        segment = self.dataplane.open_end(
-            event.channel_id, event.side, path, connector_view, event.partition, event.session_id
+        conn, handover = attachment.shm_conn, self.handover
+        path, segment = self.dataplane.open_end(
+            event.channel_id,
+            event.side,
+            path,
+            connector_view,
+            event.partition,
+            event.session_id,
+            hand_over=(
+                (lambda fd: handover.send_channel(conn, event.channel_id, fd))
+                if conn is not None and handover is not None
+                else None
+            ),
         )
         self.core.set_data_path(event.channel_id, event.side, path.value)
         channel = hvsock_pb2.Channel(
@@ -479,23 +511,13 @@ class Host:
             max_queued=self.max_queued_responses,
             on_overflow=self._overflowed,
         )
-        if self.shm_dir is not None:
-            name = f"hvsock-probe-{os.getpid()}-{next(self._probe_ids)}-{secrets.token_hex(8)}"
-            path = self.shm_dir / name
-            nonce = secrets.token_bytes(32)
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            try:
-                os.write(fd, nonce)
-            finally:
-                os.close(fd)
-            attachment.shm_probe, attachment.shm_nonce = path, nonce
         self.attachments[session.session_id] = attachment
         self._by_secret[attachment.secret] = attachment
         return attachment
 
     def unregister(self, attachment: Attachment, reason: str) -> None:
-        self._drop_probe(attachment)
         attachment.end(reason)
+        self._release_handover(attachment)
         if self.attachments.get(attachment.session.session_id) is attachment:
             del self.attachments[attachment.session.session_id]
             self._by_secret.pop(attachment.secret, None)
@@ -516,12 +538,38 @@ class Host:
         if attachment.task is not None and not attachment.task.done():
             attachment.task.cancel()
 
-    @staticmethod
-    def _drop_probe(attachment: Attachment) -> None:
-        if attachment.shm_probe is not None:
-            with contextlib.suppress(FileNotFoundError):
-                attachment.shm_probe.unlink()
-            attachment.shm_probe = None
+    # -- ring memory handover (handover.py) ---------------------------------------------------
+
+    def _reset_unmapped(self, channel_id: int, reason: str) -> None:
+        with contextlib.suppress(errors.HvError):  # gone meanwhile
+            self.call(self.core.rescind, channel_id, reason=reason)
+
+    def _claim_handover(self, secret: str, conn: socket.socket) -> bytes | None:
+        """A program presented ``secret`` on the descriptor socket: if a live session has it and
+        no connection yet, the connection becomes the session's; returns the probe's nonce."""
+        attachment = self._by_secret.get(secret)
+        if attachment is None or attachment.ended is not None or attachment.shm_conn is not None:
+            return None
+        attachment.shm_conn = conn
+        attachment.shm_nonce = secrets.token_bytes(NONCE_SIZE)
+        self._by_conn[conn] = attachment
+        return attachment.shm_nonce
+
+    def _handover_lost(self, conn: socket.socket) -> None:
+        """The program closed its descriptor connection (or broke its protocol): the session's
+        later channel ends use the relay."""
+        attachment = self._by_conn.pop(conn, None)
+        if attachment is not None:
+            attachment.shm_conn = None
+            attachment.shm_capable = False
+
+    def _release_handover(self, attachment: Attachment) -> None:
+        conn, attachment.shm_conn = attachment.shm_conn, None
+        attachment.shm_capable = False
+        if conn is not None:
+            self._by_conn.pop(conn, None)
+            if self.handover is not None:
+                self.handover.release(conn)
 
     def by_secret(self, secret: str) -> Attachment | None:
         return self._by_secret.get(secret)
@@ -712,7 +760,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             name=info.name,
             personality=_PERSONALITY_TO_PB[session.personality],
             session=attachment.secret,
-            shm_probe=attachment.shm_probe.name if attachment.shm_probe else "",
+            shm_socket=host.handover.address if host.handover is not None else "",
             limits=limits_pb(core),
             host=session.is_host,
             token=new_token,
@@ -825,6 +873,9 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             # close() never fails on a socket whose channel the host already tore down (or
             # that its relay stream already closed): closing is idempotent.
             channel_id = request.close.channel_id
+            if request.close.reset:
+                self._reset(channel_id, session)
+                return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
             with contextlib.suppress(errors.NotFound):
                 info = core.get_channel(channel_id)
                 if info.acceptor is None or (info.acceptor.vm_id, info.acceptor.session_id) != (
@@ -836,19 +887,30 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "prove_shared_memory":
             if not request.prove_shared_memory.nonce:
-                # The client cannot (or will not) map our /dev/shm: the probe is not needed.
-                host._drop_probe(attachment)
+                # The client cannot (or will not) map what the socket hands it: relay.
+                host._release_handover(attachment)
                 return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
-            if not attachment.shm_nonce or not secrets.compare_digest(
+            if attachment.shm_conn is None or not secrets.compare_digest(
                 request.prove_shared_memory.nonce, attachment.shm_nonce
             ):
                 raise errors.InvalidArgument("shared-memory proof does not match the probe")
             attachment.shm_capable = True
-            host._drop_probe(attachment)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "hello":
             raise errors.InvalidState("already attached: hello is only the first request")
         raise errors.InvalidArgument("empty request (no kind set)")
+
+    def _reset(self, channel_id: int, session: Session) -> None:
+        """Close.reset: an end that cannot use the channel rescinds it (only its own)."""
+        info = self.host.core.get_channel(channel_id)
+        if not any(
+            end is not None and (end.vm_id, end.session_id) == (session.vm_id, session.session_id)
+            for end in (info.connector, info.acceptor)
+        ):
+            raise errors.NotFound(
+                f"session {session.session_id} holds no end of channel {channel_id}"
+            )
+        self.host.call(self.host.core.rescind, channel_id, reason="reset by an end")
 
     def _connect(self, request: hvsock_pb2.AttachRequest, attachment: Attachment) -> None:
         """Start a connect; it is answered when ConnectionEstablished or ConnectFailed comes.

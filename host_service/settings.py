@@ -182,11 +182,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CA bundle (PEM): require and verify client certificates (mutual TLS)",
     )
     p.option(
-        "--shm-dir",
-        type=pathlib.Path,
-        default=pathlib.Path("/dev/shm"),
-        metavar="DIR",
-        help="where channel rings are created",
+        "--shm-socket",
+        default="",
+        metavar="ADDRESS",
+        help="Unix socket on which programs receive their channels' ring memory (a path, e.g. "
+        "in a volume shared with VM containers, or @NAME for an abstract socket; default: a "
+        "private abstract name; 'off': every channel on the gRPC relay)",
     )
     p.option("--log-level", default="INFO", help="logging level")
     p.option("--log-format", default="text", help="text, or json for one JSON object per line")

@@ -1,10 +1,10 @@
 """VMBus-style single-producer/single-consumer byte rings in shared memory.
 
 ``Ring`` wraps one ring (control page + data pages) in any writable buffer; ``Channel`` is two
-rings in one ``/dev/shm`` segment shared by two processes. The compiled core (``ring._ring``)
-is used unless ``HVSOCK_RING_IMPL=python`` asks for the pure-Python twin (``ring._pyring``),
-which has the same API and byte layout. Layout and protocol: ``ring/_constants.py`` and
-``ring/_layout.pxd``.
+rings in one sealed anonymous segment (``memfd``) whose descriptor two processes share. The
+compiled core (``ring._ring``) is used unless ``HVSOCK_RING_IMPL=python`` asks for the
+pure-Python twin (``ring._pyring``), which has the same API and byte layout. Layout and
+protocol: ``ring/_constants.py`` and ``ring/_layout.pxd``.
 """
 
 from ._constants import (
@@ -28,7 +28,7 @@ from ._constants import (
 )
 from ._errors import RingCorruptError
 from ._impl import IMPLEMENTATION, Ring
-from .shm import Channel, reap_stale_segments
+from .shm import Channel
 
 __all__ = [
     "CONTROL_PAGE_SIZE",
@@ -50,7 +50,6 @@ __all__ = [
     "RingCorruptError",
     "effective_max_payload",
     "packet_len",
-    "reap_stale_segments",
     "ring_bytes",
     "roundup8",
 ]

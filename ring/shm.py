@@ -1,4 +1,4 @@
-"""A channel: two rings (one per direction) in one shared-memory segment under ``/dev/shm``.
+"""A channel: two rings (one per direction) in one anonymous, sealed shared-memory file.
 
 Segment layout (all pages 4 KiB)::
 
@@ -15,36 +15,32 @@ Channel header (u32 words unless noted)::
                       end e's sends wait, bit 2e+1: its receives wait (see :func:`stall_bit`);
                       bit 31 is set by rescind so a waiter never sleeps through it (futex word)
 
-Lifetime. The segment is created with ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600, under an
-unguessable name (``hvsock-<creator pid>-<128 random bits>``); the name is all another
-process needs to attach. It is never left behind:
+Memory. The segment is a ``memfd_create`` file: it has no name in any file system, so the only
+way to reach it is to be handed its descriptor (the host service passes it with ``SCM_RIGHTS``
+to the two ends and nobody else). Before the descriptor leaves the creator the file is sealed
+against shrinking and growing (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``): no holder can
+``ftruncate`` it under another's mapping, which would turn the other's next touch into SIGBUS.
+:meth:`Channel.attach_fd` refuses a descriptor that is not sealed so, or whose size does not
+match its header. The memory lives until the last mapping and descriptor are gone, so a
+process killed at any point leaves nothing behind.
 
-* the end whose attach completes ``mapped_mask`` unlinks the name at once (both ends have it
-  mapped; the memory lives until the last unmap, so SIGKILL of either end afterwards leaves
-  nothing in ``/dev/shm``);
-* the creator unlinks on ``close()`` (and on garbage collection) if nobody attached;
-* a creator killed before anyone attached leaves a name whose pid is dead:
-  :func:`reap_stale_segments` removes those (the host service runs it at start-up).
-
-Attaches are serialised with ``flock`` on the segment file, so two attachers cannot both take
-the same end. ``multiprocessing.shared_memory`` is not used on purpose: on Python 3.11 it
-registers even attached segments with the resource tracker, which unlinks them at exit.
+Ends are taken with an atomic fetch-or on ``mapped_mask``: two attachers can never both hold
+the same end. The creator keeps its descriptor (:meth:`Channel.fileno`) until
+:meth:`Channel.close_fd` or :meth:`Channel.close`, so that it can hand it over.
+``multiprocessing.shared_memory`` is not used: on Python 3.11 it registers even attached
+segments with the resource tracker.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import mmap
 import os
-import re
-import secrets
 import stat
 import struct
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING
 
 from ._constants import (
@@ -61,9 +57,8 @@ from ._impl import Ring, atomic_fetch_or, atomic_load, atomic_store, futex_wait,
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["SHM_DIR", "Channel", "reap_stale_segments"]
+__all__ = ["REQUIRED_SEALS", "Channel", "sealed_memfd"]
 
-SHM_DIR = os.environ.get("HVSOCK_SHM_DIR", "/dev/shm")
 CHANNEL_MAGIC = b"HVSOCKCH"
 CHANNEL_VERSION = 1
 HEADER_PAGE_SIZE = PAGE_SIZE
@@ -78,6 +73,8 @@ BOTH_ENDS = 0b11
 #: In the stalled word: the channel was rescinded (stall waiters give up and let the ring call
 #: report it).
 STALL_RESCINDED = 1 << 31
+#: Seals every shared segment carries before anyone but its creator sees it: its size is fixed.
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 def stall_bit(end: int, receiving: bool) -> int:
@@ -85,13 +82,37 @@ def stall_bit(end: int, receiving: bool) -> int:
     return 1 << (2 * end + int(receiving))
 
 
-_NAME_RE = re.compile(r"hvsock-(\d+)-[0-9a-f]{32}")
 _HEADER = struct.Struct("<8sIIIII")  # magic, version, ring0_pages, ring1_pages, mapped, pid
 
 
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def sealed_memfd(name: str, size: int, content: bytes = b"") -> int:
+    """A new anonymous file of ``size`` bytes (starting with ``content``), sealed so that its
+    size can never change; returns the descriptor (close-on-exec)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        if content:
+            os.pwrite(fd, content, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_sealed(fd: int) -> int:
+    """The size of ``fd`` if it is a regular file sealed with :data:`REQUIRED_SEALS`; raises
+    ``OSError(EPERM)`` otherwise (its holder could shrink it under our mapping)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EPERM, "not a shared-memory file")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # a file that cannot be sealed at all
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise OSError(errno.EPERM, f"shared memory not sealed against resizing (seals {seals:#x})")
+    return st.st_size
 
 
 def _check_pages(pages: int, what: str) -> None:
@@ -99,17 +120,20 @@ def _check_pages(pages: int, what: str) -> None:
         raise ValueError(f"{what} must be {MIN_RING_PAGES}..{MAX_RING_PAGES} pages, not {pages}")
 
 
+def segment_size(ring0_pages: int, ring1_pages: int) -> int:
+    return HEADER_PAGE_SIZE + (ring0_pages + ring1_pages) * PAGE_SIZE
+
+
 class Channel:
     """One end (0 or 1) of a two-ring channel, or the broker's view (``end=None``).
 
-    Build with :meth:`create` or :meth:`attach`, never directly. End 0 sends on ring 0 and
+    Build with :meth:`create` or :meth:`attach_fd`, never directly. End 0 sends on ring 0 and
     receives on ring 1; end 1 the other way round.
     """
 
-    name: str
-    path: str
     end: int | None
     is_creator: bool
+    _fd: int | None  # creator only, until close_fd(): the descriptor to hand over
     _mm: mmap.mmap
     _view: memoryview
     _slices: list[memoryview]
@@ -117,26 +141,23 @@ class Channel:
     _closed: bool
     _stall_waiters: int
     _stall_lock: threading.Lock
-    _finalizer: weakref.finalize[[str], Channel] | None  # creator only: unlink on GC
 
     def __init__(self) -> None:
-        raise TypeError("use Channel.create() or Channel.attach()")
+        raise TypeError("use Channel.create() or Channel.attach_fd()")
 
     @classmethod
     def _from_mapping(
         cls,
-        name: str,
-        path: str,
         mm: mmap.mmap,
         end: int | None,
-        creator: bool,
+        fd: int | None,
         initialize: bool,
         ring_pages: tuple[int, int],
         max_payload: int,
         spin_ns: int | None,
     ) -> Channel:
         self = cls.__new__(cls)
-        self.name, self.path, self.end, self.is_creator = name, path, end, creator
+        self.end, self.is_creator, self._fd = end, fd is not None, fd
         self._mm = mm
         self._view = memoryview(mm)
         self._slices = []
@@ -157,7 +178,6 @@ class Channel:
         self._closed = False
         self._stall_waiters = 0
         self._stall_lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _unlink_quietly, path) if creator else None
         return self
 
     # -- construction --------------------------------------------------------------------
@@ -171,101 +191,75 @@ class Channel:
         end: int | None = 0,
         max_payload: int = MAX_PAYLOAD,
         spin_ns: int | None = None,
-        directory: str | None = None,
     ) -> Channel:
-        """Create a segment. ``send_pages``/``recv_pages`` are ring 0/ring 1 sizes in pages
-        (control page included; the seed's defaults are 2 and 3, the kernel's up to 64).
-        ``end=None`` creates for two other processes (a broker such as the host service)."""
+        """Create a sealed segment. ``send_pages``/``recv_pages`` are ring 0/ring 1 sizes in
+        pages (control page included; the seed's defaults are 2 and 3, the kernel's up to 64).
+        ``end=None`` creates for two other processes (a broker such as the host service); hand
+        them :meth:`fileno`."""
         _check_pages(send_pages, "send ring")
         _check_pages(recv_pages, "recv ring")
         if end not in (0, 1, None):
             raise ValueError("end must be 0, 1 or None")
-        directory = SHM_DIR if directory is None else directory
-        name = f"hvsock-{os.getpid()}-{secrets.token_hex(16)}"
-        path = os.path.join(directory, name)
-        total = HEADER_PAGE_SIZE + (send_pages + recv_pages) * PAGE_SIZE
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
+        total = segment_size(send_pages, recv_pages)
+        mapped = 0 if end is None else 1 << end
+        header = _HEADER.pack(
+            CHANNEL_MAGIC, CHANNEL_VERSION, send_pages, recv_pages, mapped, os.getpid()
+        )
+        fd = sealed_memfd("hvsock-channel", total, header)
         try:
-            os.fchmod(fd, 0o600)  # whatever the umask said
-            os.ftruncate(fd, total)
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            _unlink_quietly(path)
-            raise
-        finally:
             os.close(fd)
+            raise
         try:
-            mapped = 0 if end is None else 1 << end
-            _HEADER.pack_into(
-                mm, 0, CHANNEL_MAGIC, CHANNEL_VERSION, send_pages, recv_pages, mapped, os.getpid()
-            )
             return cls._from_mapping(
-                name, path, mm, end, True, True, (send_pages, recv_pages), max_payload, spin_ns
+                mm, end, fd, True, (send_pages, recv_pages), max_payload, spin_ns
             )
         except BaseException:
-            _unlink_quietly(path)
             mm.close()
+            os.close(fd)
             raise
 
     @classmethod
-    def attach(
+    def attach_fd(
         cls,
-        name: str,
+        fd: int,
         *,
         end: int | None = None,
         max_payload: int = MAX_PAYLOAD,
         spin_ns: int | None = None,
-        directory: str | None = None,
     ) -> Channel:
-        """Map an existing segment by name and take ``end`` (default: the free one)."""
-        if not _NAME_RE.fullmatch(name):
-            raise ValueError(f"not a channel name: {name!r}")
+        """Map the segment behind ``fd`` (which stays the caller's to close) and take ``end``
+        (default: the free one). Refuses a descriptor whose size is not sealed
+        (``OSError(EPERM)``), a header that does not describe the file
+        (:class:`RingCorruptError`) and an end already taken (``OSError(EBUSY)``)."""
         if end not in (0, 1, None):
             raise ValueError("end must be 0, 1 or None")
-        path = os.path.join(SHM_DIR if directory is None else directory, name)
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        size = check_sealed(fd)
+        if size < HEADER_PAGE_SIZE:
+            raise RingCorruptError(CORRUPT_IDENTITY, 0, size)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_PAGE_SIZE:
-                raise RingCorruptError(CORRUPT_IDENTITY, 0, st.st_size)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # serialise attachers
-            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            try:
-                magic, version, p0, p1, _mapped, _pid = _HEADER.unpack_from(mm, 0)
-                if (
-                    magic != CHANNEL_MAGIC
-                    or version != CHANNEL_VERSION
-                    or not MIN_RING_PAGES <= p0 <= MAX_RING_PAGES
-                    or not MIN_RING_PAGES <= p1 <= MAX_RING_PAGES
-                    or st.st_size != HEADER_PAGE_SIZE + (p0 + p1) * PAGE_SIZE
-                ):
-                    ident = int.from_bytes(magic[:4], "little")
-                    raise RingCorruptError(CORRUPT_IDENTITY, ident, st.st_size)
-                mask = atomic_load(mm, OFF_MAPPED_MASK)
-                if end is None:
-                    free = [e for e in (0, 1) if not mask & (1 << e)]
-                    if not free:
-                        raise OSError(errno.EBUSY, f"both ends of channel {name} are attached")
-                    end = free[0]
-                elif mask & (1 << end):
-                    raise OSError(errno.EBUSY, f"end {end} of channel {name} is already attached")
-                chan = cls._from_mapping(
-                    name, path, mm, end, False, False, (p0, p1), max_payload, spin_ns
-                )
-            except BaseException:
-                mm.close()
-                raise
-            old = atomic_fetch_or(mm, OFF_MAPPED_MASK, 1 << end)
-            if (old | (1 << end)) == BOTH_ENDS:
-                _unlink_quietly(path)  # both ends mapped: the name is no longer needed
-            futex_wake(mm, OFF_MAPPED_MASK)
-            return chan
-        finally:
-            # mmap keeps a dup of fd, i.e. the same open file description, so the lock
-            # would outlive close(fd): release it explicitly.
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            magic, version, p0, p1, _mapped, _pid = _HEADER.unpack_from(mm, 0)
+            if (
+                magic != CHANNEL_MAGIC
+                or version != CHANNEL_VERSION
+                or not MIN_RING_PAGES <= p0 <= MAX_RING_PAGES
+                or not MIN_RING_PAGES <= p1 <= MAX_RING_PAGES
+                or size != segment_size(p0, p1)
+            ):
+                raise RingCorruptError(CORRUPT_IDENTITY, int.from_bytes(magic[:4], "little"), size)
+            end = _take_end(mm, end)
+        except BaseException:
+            mm.close()
+            raise
+        try:
+            chan = cls._from_mapping(mm, end, None, False, (p0, p1), max_payload, spin_ns)
+        except BaseException:
+            mm.close()
+            raise
+        futex_wake(mm, OFF_MAPPED_MASK)
+        return chan
 
     @classmethod
     def pair(
@@ -277,12 +271,27 @@ class Channel:
         """Both ends in this process (tests, in-process transports)."""
         a = cls.create(send_pages, recv_pages, **kwargs)  # type: ignore[arg-type]
         try:
-            return a, cls.attach(a.name, **kwargs)  # type: ignore[arg-type]
+            kwargs.pop("end", None)
+            return a, cls.attach_fd(a.fileno(), **kwargs)  # type: ignore[arg-type]
         except BaseException:
             a.close()
             raise
+        finally:
+            a.close_fd()
 
     # -- state ---------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The creator's descriptor of the segment, to hand to the ends (until close_fd())."""
+        if self._fd is None:
+            raise OSError(errno.EBADF, "this end holds no descriptor of the segment")
+        return self._fd
+
+    def close_fd(self) -> None:
+        """Drop the creator's descriptor (the mapping stays): every end has been handed one."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def rings(self) -> tuple[Ring, Ring]:
@@ -403,7 +412,7 @@ class Channel:
         self._mm.close()
 
     def close(self) -> None:
-        """Unmap this end; the creator also unlinks the name if it is still there.
+        """Unmap this end (the creator also drops its descriptor).
         Raises OSError(EBUSY) if a call is blocked in one of the rings (rescind first)."""
         if self._closed:
             return
@@ -411,8 +420,7 @@ class Channel:
             raise OSError(errno.EBUSY, "a call is waiting on the stalled word; rescind first")
         self._unmap(self._rings)
         self._closed = True
-        if self._finalizer is not None:
-            self._finalizer()  # unlink now (no-op if the attacher already did)
+        self.close_fd()
 
     def __enter__(self) -> Channel:
         return self
@@ -422,31 +430,15 @@ class Channel:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"end={self.end}"
-        return f"<ring.Channel {self.name} {state}>"
+        return f"<ring.Channel {state}>"
 
 
-def reap_stale_segments(directory: str | None = None) -> list[str]:
-    """Unlink channel segments whose creator died before anyone attached.
-
-    A name carries its creator's pid; a segment whose creator no longer exists (in this pid
-    namespace) and that is still linked was never fully attached. Returns the names removed.
-    """
-    directory = SHM_DIR if directory is None else directory
-    removed: list[str] = []
-    try:
-        entries = os.listdir(directory)
-    except FileNotFoundError:
-        return removed
-    for name in entries:
-        m = _NAME_RE.fullmatch(name)
-        if m is None:
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            _unlink_quietly(os.path.join(directory, name))
-            removed.append(name)
-        except PermissionError:
-            pass  # alive, another user's
-    return removed
+def _take_end(mm: mmap.mmap, end: int | None) -> int:
+    """Set this end's bit in ``mapped_mask`` (the free end's for None) atomically."""
+    for candidate in (0, 1) if end is None else (end,):
+        old = atomic_fetch_or(mm, OFF_MAPPED_MASK, 1 << candidate)
+        if not old & (1 << candidate):
+            return candidate
+    if end is None:
+        raise OSError(errno.EBUSY, "both ends of the channel are attached")
+    raise OSError(errno.EBUSY, f"end {end} of the channel is already attached")

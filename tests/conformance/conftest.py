@@ -46,7 +46,6 @@ class Env:
             self.host.target,
             hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token),
             data_path=self._data_path(),
-            shm_dir=str(self.host.shm_dir),
         )
         self.partitions.append(partition)
         return partition
@@ -57,7 +56,6 @@ class Env:
             self.host.target,
             hvsock_pb2.Hello(host=True, token=self.host.token),
             data_path=self._data_path(),
-            shm_dir=str(self.host.shm_dir),
         )
         self.partitions.append(partition)
         return partition

@@ -55,7 +55,7 @@ def channels(host: HostProcess) -> list[hvsock_pb2.ChannelStatus]:
 
 
 def partition(host: HostProcess, hello: hvsock_pb2.Hello, data_path: str) -> hv.Partition:
-    return hv.Partition(host.target, hello, data_path=data_path, shm_dir=str(host.shm_dir))
+    return hv.Partition(host.target, hello, data_path=data_path)
 
 
 def eventually(condition: object, within: float) -> float:
@@ -86,7 +86,6 @@ def test_peer_killed_mid_transfer(host: HostProcess, data_path: str) -> None:
         "HVSOCK_VM_ID": vm.partition.vm_id,
         "HVSOCK_TOKEN": vm.token,
         "HVSOCK_DATA_PATH": data_path,
-        "HVSOCK_SHM_DIR": str(host.shm_dir),
     }
     child = subprocess.Popen(
         [sys.executable, "-c", _STREAMER, SERVICE], env=env, stdout=subprocess.PIPE, text=True

@@ -1,4 +1,4 @@
-"""Run a real ``hvsock-host`` process for tests: loopback/Unix socket only, private shm dir."""
+"""Run a real ``hvsock-host`` process for tests: loopback/Unix sockets only, in a temp dir."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import os
 import pathlib
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,8 @@ class HostProcess:
     proc: subprocess.Popen[str]
     target: str
     token: str
-    shm_dir: pathlib.Path
+    #: The host's descriptor socket (ring memory is handed over on it).
+    shm_socket: pathlib.Path
     state: pathlib.Path
     log: list[str]
 
@@ -56,12 +56,24 @@ class HostProcess:
         return created
 
     def segments(self) -> list[str]:
-        return sorted(p.name for p in self.shm_dir.iterdir())
+        """The ring segments the host has mapped (memfd inodes in its /proc maps)."""
+        return mapped_segments(self.proc.pid)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
+
+
+def mapped_segments(pid: int) -> list[str]:
+    """Distinct ring segments (memfd inodes) mapped by process ``pid``."""
+    inodes = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/memfd:hvsock-channel"):
+                inodes.add(fields[4])
+    return sorted(inodes)
 
 
 @contextlib.contextmanager
@@ -71,19 +83,19 @@ def run_host(
     env: dict[str, str] | None = None,
     like: HostProcess | None = None,
 ) -> Iterator[HostProcess]:
-    """Start a host; ``like`` reuses another (stopped) host's socket, token and shm dir, so
-    clients can find it again as after a restart."""
+    """Start a host; ``like`` reuses another (stopped) host's sockets and token, so clients can
+    find it again as after a restart."""
     if like is not None:
-        shm_dir, token, state = like.shm_dir, like.token, like.state
+        shm_socket, token, state = like.shm_socket, like.token, like.state
         sock = pathlib.Path(like.target.removeprefix("unix:"))
         sock.unlink(missing_ok=True)
     else:
-        shm_dir = pathlib.Path("/dev/shm") / f"hvsock-test-{secrets.token_hex(6)}"
-        shm_dir.mkdir(mode=0o700)
-        sock = tmp_path / f"host-{secrets.token_hex(4)}.sock"
+        name = secrets.token_hex(4)
+        sock = tmp_path / f"host-{name}.sock"
+        shm_socket = tmp_path / f"shm-{name}.sock"
         token = secrets.token_urlsafe(16)
         state = tmp_path / "state.sqlite"
-    full_env = {**os.environ, "HVSOCK_SHM_DIR": str(shm_dir), **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     drain: threading.Thread | None = None
     proc = subprocess.Popen(
         [
@@ -93,8 +105,7 @@ def run_host(
             "--unix",
             str(sock),
             f"--host-token={token}",  # the = form: a token may start with "-"
-            "--shm-dir",
-            str(shm_dir),
+            f"--shm-socket={shm_socket}",
             "--log-level",
             "DEBUG",
             *extra,
@@ -115,7 +126,7 @@ def run_host(
         # Keep draining stderr so the server never blocks on a full pipe.
         drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
         drain.start()
-        yield HostProcess(proc, f"unix:{sock}", token, shm_dir, state, log)
+        yield HostProcess(proc, f"unix:{sock}", token, shm_socket, state, log)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -127,5 +138,3 @@ def run_host(
         if drain is not None:
             drain.join()
         proc.stderr.close()
-        if like is None:
-            shutil.rmtree(shm_dir, ignore_errors=True)

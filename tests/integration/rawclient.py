@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,9 @@ from typing import Any
 
 import grpc
 
+from guest_client._handover import Handover
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from ring import shm
 
 
 class RawPartition:
@@ -28,6 +31,8 @@ class RawPartition:
         first = next(self.call)
         self.welcome = first.welcome
         self.ended: grpc.RpcError | None = None
+        #: The descriptor socket, once prove_shared_memory() connected it.
+        self.handover: Handover | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -60,10 +65,28 @@ class RawPartition:
     def event(self, timeout: float = 10) -> hvsock_pb2.AttachResponse:
         return self.events.get(timeout=timeout)
 
+    def prove_shared_memory(self) -> hvsock_pb2.AttachResponse:
+        """Fetch the probe over the host's descriptor socket and prove it."""
+        self.handover = Handover(self.welcome.shm_socket, self.welcome.session)
+        return self.request(
+            prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=self.handover.nonce)
+        )
+
+    def map_end(self, opened: hvsock_pb2.Channel) -> shm.Channel:
+        """Map this session's end of a channel opened on shared memory."""
+        assert self.handover is not None
+        fd = self.handover.take(opened.channel_id)
+        try:
+            return shm.Channel.attach_fd(fd, end=opened.shared_memory.end)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         self._requests.put(None)
         self.call.cancel()
         self.channel.close()
+        if self.handover is not None:
+            self.handover.close()
 
 
 class RelayStream:

@@ -59,9 +59,7 @@ class Parts:
         return self._open(hvsock_pb2.Hello(host=True, token=self.host.token))
 
     def _open(self, hello: hvsock_pb2.Hello) -> hv.Partition:
-        p = hv.Partition(
-            self.host.target, hello, data_path=self.data_path, shm_dir=str(self.host.shm_dir)
-        )
+        p = hv.Partition(self.host.target, hello, data_path=self.data_path)
         self.opened.append(p)
         return p
 
@@ -69,7 +67,6 @@ class Parts:
         return {
             **os.environ,
             "HVSOCK_DATA_PATH": self.data_path,
-            "HVSOCK_SHM_DIR": str(self.host.shm_dir),
         }
 
 

@@ -77,32 +77,23 @@ def open_pair(
     return connected.opened, accepted.opened
 
 
-def prove(partition: RawPartition, host: HostProcess) -> None:
-    nonce = (host.shm_dir / partition.welcome.shm_probe).read_bytes()
-    assert partition.request(
-        prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce)
-    ).HasField("ack")
+def prove(partition: RawPartition) -> None:
+    assert partition.prove_shared_memory().HasField("ack")
 
 
 def test_guest_to_host_over_shared_memory(host: HostProcess) -> None:
     vm = create_vm(host, "vm1")
     guest, root = attach_vm(host, vm), attach_host(host)
-    prove(guest, host)
-    prove(root, host)
-    assert not (host.shm_dir / guest.welcome.shm_probe).exists()
+    prove(guest)
+    prove(root)
     g, h = open_pair(guest, root)
     assert g.data_path == h.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY
     assert g.local.vm_id == vm.partition.vm_id and g.remote.service_id == SERVICE
     assert g.geometry.send_ring_pages == 2 and g.geometry.recv_ring_pages == 3
     assert h.geometry.send_ring_pages == 3 and h.geometry.recv_ring_pages == 2
-    a = shm.Channel.attach(
-        g.shared_memory.name, end=g.shared_memory.end, directory=str(host.shm_dir)
-    )
-    b = shm.Channel.attach(
-        h.shared_memory.name, end=h.shared_memory.end, directory=str(host.shm_dir)
-    )
+    a, b = guest.map_end(g), root.map_end(h)
     try:
-        assert host.segments() == []  # both ends mapped: the name is gone
+        assert len(host.segments()) == 1  # the host keeps the channel's segment mapped
         a.sendall(b"hello host")
         assert b.recv(100, timeout=5) == b"hello host"
         b.sendall(b"hello guest")

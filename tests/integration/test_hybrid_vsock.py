@@ -79,7 +79,7 @@ def setup(
         created = admin.CreatePartition(
             hvsock_pb2.CreatePartitionRequest(name="hybrid-vm"), metadata=host.metadata, timeout=10
         )
-    kwargs = {"data_path": request.param, "shm_dir": str(host.shm_dir)}
+    kwargs = {"data_path": request.param}
     vm = hv.Partition(
         host.target, hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token), **kwargs
     )
@@ -234,7 +234,6 @@ def test_command_line_endpoint(host: HostProcess, tmp_path: pathlib.Path) -> Non
     vm = hv.Partition(
         host.target,
         hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token),
-        shm_dir=str(host.shm_dir),
     )
     listener = _echo_listener(vm, hv.service_id_for_port(GUEST_PORT))
     path = str(tmp_path / "cli.sock")
@@ -254,7 +253,7 @@ def test_command_line_endpoint(host: HostProcess, tmp_path: pathlib.Path) -> Non
         ],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HVSOCK_SHM_DIR": str(host.shm_dir)},
+        env=dict(os.environ),
     )
     try:
         assert proc.stdout is not None

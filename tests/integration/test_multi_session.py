@@ -67,7 +67,6 @@ def data_path(
     """guest_client.attach() reads the data path and the shared-memory directory from the
     environment, as a program in a VM container does."""
     monkeypatch.setenv("HVSOCK_DATA_PATH", request.param)
-    monkeypatch.setenv("HVSOCK_SHM_DIR", str(host.shm_dir))
     return str(request.param)
 
 
