@@ -35,7 +35,8 @@ FROM ${RUNTIME_IMAGE}
 # One unprivileged user with a fixed uid in every container: the host's shared-memory segments
 # are 0600, so a VM container sharing the host's IPC namespace maps them only as the same uid.
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin hvsock \
-    && mkdir -p /var/lib/hvsock /run/hvsock && chown hvsock:hvsock /var/lib/hvsock /run/hvsock
+    && mkdir -p /var/lib/hvsock /run/hvsock /run/hvsock-shm \
+    && chown hvsock:hvsock /var/lib/hvsock /run/hvsock /run/hvsock-shm
 COPY --from=build /opt/hvsock /opt/hvsock
 ENV PATH=/opt/hvsock/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER hvsock

@@ -67,7 +67,7 @@ def test_testbed_comes_up_and_echoes_on_both_data_paths(testbed: ComposeProject)
     for vm_id in ids:
         # Every byte checked: the echo matched its SHA-256 and is whole.
         assert out[vm_id]["bytes"] == back[vm_id]["bytes"] == 8 * 2**20
-    # vm-linux shares the host's IPC namespace: shared memory; vm-windows does not: the relay.
+    # vm-linux mounts the host's descriptor socket: shared memory; vm-windows does not: relay.
     assert out[vm_linux["vm_id"]]["data_path"] == back[vm_linux["vm_id"]]["data_path"] == "shm"
     assert out[vm_windows["vm_id"]]["data_path"] == back[vm_windows["vm_id"]]["data_path"] == "grpc"
 
@@ -199,8 +199,10 @@ def test_vm_killed_mid_transfer(testbed: ComposeProject) -> None:
         return not testbed.hvsock("channels", "--vm", vm["vm_id"])["channels"]
 
     wait_for("the killed VM's channels to go", no_channels_left, 10)
-    # No channel is open anywhere now, so no ring segment may be left in the host's /dev/shm.
+    # No channel is open anywhere now, so the host maps no ring segment, and none has a name.
     assert not testbed.hvsock("channels")["channels"]
+    maps = testbed.exec("host", "cat", "/proc/1/maps").stdout
+    assert "memfd:hvsock-channel" not in maps
     segments = testbed.exec("host", "ls", "-A", "/dev/shm").stdout.split()
     assert not [s for s in segments if s.startswith("hvsock-")], segments
 
