@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_ring.py [--quick] [--out bench/results]
 
-Writer and reader always run in separate processes (fork). For each transport and message
+Writer and reader always run in separate processes (fork: the child inherits the ring
+segment's descriptor and maps it with ``Channel.attach_fd``). For each transport and message
 size the writer sends fixed-size messages for a fixed time, then ends the stream (FIN /
 shutdown); the reader reads into one 256 KiB buffer until EOF and times first byte to EOF.
 The ring is measured with the seed's default sizes (send ring 2 pages, receive ring 3
@@ -59,6 +60,14 @@ def ring_end(chan: ring.Channel) -> End:
     return e
 
 
+def attach_inherited(fd: int) -> End:
+    """In the forked child: map the segment through the descriptor inherited from the parent
+    (the creator's), then close that copy (the mapping keeps the memory)."""
+    chan = ring.Channel.attach_fd(fd)
+    os.close(fd)
+    return ring_end(chan)
+
+
 def sock_end(sock: socket.socket) -> End:
     e = End()
     e.send_all = sock.sendall
@@ -74,8 +83,8 @@ def make_pair(kind: str, nodelay: bool = False) -> tuple[Callable[[], End], Call
         send_pages, recv_pages = RINGS[kind]
         # The parent is end 1 (reads ring 0, the child's send ring of `send_pages` pages).
         chan = ring.Channel.create(send_pages, recv_pages, end=1)
-        name = chan.name
-        return (lambda: ring_end(chan)), (lambda: ring_end(ring.Channel.attach(name)))
+        fd = chan.fileno()
+        return (lambda: ring_end(chan)), (lambda: attach_inherited(fd))
     if kind == "tcp":
         lsock = socket.create_server(("127.0.0.1", 0))
         addr = lsock.getsockname()
@@ -183,9 +192,9 @@ def _echo(child: Callable[[], End], iters: int, ctl: Connection) -> None:
 def pingpong(kind: str, iters: int, warmup: int) -> dict[str, float]:
     if kind.startswith("ring"):
         chan = ring.Channel.create(*RINGS[kind], end=0)
-        name = chan.name
+        fd = chan.fileno()
         parent_f: Callable[[], End] = lambda: ring_end(chan)  # noqa: E731
-        child_f: Callable[[], End] = lambda: ring_end(ring.Channel.attach(name))  # noqa: E731
+        child_f: Callable[[], End] = lambda: attach_inherited(fd)  # noqa: E731
     else:
         parent_f, child_f = make_pair(kind, nodelay=True)
     ctl, child_ctl = CTX.Pipe()

@@ -2,22 +2,24 @@
 
     .venv/bin/python bench/bench_scale.py [--quick] [--connections N] [--out bench/results]
 
-Starts a real ``hvsock-host`` (Unix socket, private shared-memory directory, raised
+Starts a real ``hvsock-host`` (Unix socket, its default private descriptor socket, raised
 ``--max-socket-number``), creates one VM, attaches it and the host partition with stub-only
-clients (one attach stream each, many requests in flight), proves shared memory for both, and:
+clients (one attach stream each, many requests in flight), proves shared memory for both over
+the descriptor socket (``Welcome.shm_socket``; the host partition's session is held by the
+process that maps its ends, see 2.), and:
 
 1. the host partition listens on a service; the VM fires N Connect requests at once; the host
    partition accepts every offer as it arrives. connect+accept per second = N / (time from the
    first Connect to the last ``opened`` on both sides);
-2. both ends of every channel map their rings (``ring.shm.Channel.attach``) and exchange one
-   message each way;
+2. both ends of every channel map their rings (``ring.shm.Channel.attach_fd`` on the
+   descriptor the host handed that session) and exchange one message each way;
 3. with all N channels open and idle: host memory per connection = (growth of the host
    process's private RSS, i.e. RssAnon + RssFile from /proc/PID/status) + (shared-memory pages
    actually allocated: ``mincore`` over every segment, so pages nobody touched are not
-   counted), divided by N. The host's own view of the segments (Rss of its /dev/shm mappings in
-   /proc/PID/smaps) is reported beside it;
-4. both ends Close every channel; teardown time = until the host lists no channel, every ring
-   is unmapped and the shared-memory directory is empty.
+   counted), divided by N. The host's own view of the segments (Rss of its
+   ``/memfd:hvsock-channel`` mappings in /proc/PID/smaps) is reported beside it;
+4. both ends Close every channel; teardown time = until the host lists no channel and maps
+   no ring segment any more (no ``/memfd:hvsock-channel`` inode in /proc/PID/maps).
 
 Writes bench/results/scale.json and prints a short table. A benchmark, not a test: it reports
 missed targets but exits 0 unless the run itself failed.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import itertools
 import json
 import mmap
@@ -40,6 +43,7 @@ import resource
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,12 +59,15 @@ import grpc  # noqa: E402
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc  # noqa: E402
 from ring import shm  # noqa: E402
+from ring.handover import KIND_CHANNEL, KIND_PROBE, read_probe, receive, unix_address  # noqa: E402
 
 SERVICE = "00002a2a-facb-11e6-bd58-64006a7986d3"
 WILDCARD = "00000000-0000-0000-0000-000000000000"
 PARENT = "a42e7cda-d03f-480c-9cc2-a4de20abb878"
 TARGETS = {"connections": 10_240, "bytes_per_idle_connection": 28 * 1024, "connects_per_s": 2000}
 PAGE = os.sysconf("SC_PAGE_SIZE")
+#: How ring segments (memfds) show in /proc/PID/maps and smaps.
+SEGMENT_LABEL = "/memfd:hvsock-channel"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
@@ -88,15 +95,101 @@ def proc_status(pid: int) -> dict[str, int]:
     return fields
 
 
-def smaps_shm_rss(pid: int, shm_dir: pathlib.Path) -> int:
+def smaps_shm_rss(pid: int) -> int:
+    """Rss of process ``pid``'s ring segment mappings."""
     total, inside = 0, False
     for line in pathlib.Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        first = line.split(maxsplit=1)[0] if line else ""
-        if "-" in first and not first.endswith(":"):
-            inside = str(shm_dir) in line
-        elif inside and first == "Rss:":
-            total += int(line.split()[1]) * 1024
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            inside = len(fields) >= 6 and fields[5].startswith(SEGMENT_LABEL)
+        elif inside and fields and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
     return total
+
+
+def mapped_segments(pid: int) -> set[str]:
+    """Distinct ring segments (memfd inodes) mapped by process ``pid``."""
+    inodes = set()
+    for line in pathlib.Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(SEGMENT_LABEL):
+            inodes.add(fields[4])
+    return inodes
+
+
+class Descriptors:
+    """A session's descriptor socket (``ring.handover``), read by a thread of its own.
+
+    Not ``guest_client._handover.Handover``: that one reads only when asked for a channel and
+    keeps at most 256 descriptors for channels nobody asked for yet, while here thousands of
+    opens are in flight at once. The host never blocks on this socket: when its buffer is full
+    it opens the end on the relay instead, so the descriptors must be read as they come.
+    """
+
+    def __init__(self, address: str, secret: str) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._fds: dict[int, int] = {}
+        self._done = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        try:
+            self._sock.settimeout(10)
+            self._sock.connect(unix_address(address))
+            self._sock.sendall(secret.encode() + b"\n")
+            kind, _, fd = receive(self._sock)
+            try:
+                if kind != KIND_PROBE:
+                    raise OSError(errno.EPROTO, "no probe first on the descriptor socket")
+                #: What ProveSharedMemory sends.
+                self.nonce = read_probe(fd)
+            finally:
+                os.close(fd)
+            self._sock.settimeout(None)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                kind, channel_id, fd = receive(self._sock)
+                if kind != KIND_CHANNEL:
+                    os.close(fd)
+                    raise OSError(errno.EPROTO, "a second probe on the descriptor socket")
+                with self._cond:
+                    self._fds[channel_id] = fd
+                    self._cond.notify_all()
+        except ConnectionResetError:
+            pass  # closed (by us or the host)
+        except BaseException as exc:
+            self._error = exc
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def take(self, channel_id: int, timeout: float = 60) -> int:
+        """The descriptor of ``channel_id``'s segment (the caller closes it)."""
+        with self._cond:
+            if (
+                not self._cond.wait_for(lambda: channel_id in self._fds or self._done, timeout)
+                or channel_id not in self._fds
+            ):
+                raise RuntimeError(
+                    f"no descriptor for channel {channel_id} ({self._error or 'timeout/closed'})"
+                )
+            return self._fds.pop(channel_id)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._reader.join(30)
+        self._sock.close()
+        with self._cond:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 class Partition:
@@ -141,9 +234,7 @@ class Partition:
         self.channel.close()
 
 
-def start_host(
-    shm_dir: pathlib.Path, sock: pathlib.Path, token: str, n: int
-) -> subprocess.Popen[str]:
+def start_host(sock: pathlib.Path, token: str, n: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
             str(pathlib.Path(sys.executable).parent / "hvsock-host"),
@@ -151,18 +242,20 @@ def start_host(
             "127.0.0.1:0",
             "--unix",
             str(sock),
-            "--host-token",
-            token,
-            "--shm-dir",
-            str(shm_dir),
+            f"--host-token={token}",  # the = form: a token may start with "-"
             "--max-socket-number",
             str(n + 16),
+            # An end has the connect timeout to map the rings it was handed; here all N are
+            # opened first (1.) and mapped afterwards (2.).
+            "--connect-timeout-ms",
+            "300000",
             "--log-level",
             "INFO",
         ],
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HVSOCK_SHM_DIR": str(shm_dir)},
+        # No --shm-socket: the host's private abstract socket, reported in Welcome.shm_socket.
+        env={k: v for k, v in os.environ.items() if k != "HVSOCK_SHM_SOCKET"},
     )
     assert proc.stderr is not None
     lines = []
@@ -179,9 +272,21 @@ def start_host(
 CTX = mp.get_context("spawn")
 
 
-def acceptor_ends(pipe: Connection, shm_dir: str) -> None:
-    """The acceptor's side of every channel: map it, answer the ping, hold it until told."""
-    ends = [shm.Channel.attach(name, end=end, directory=shm_dir) for name, end in pipe.recv()]
+def map_end(descriptors: Descriptors, channel_id: int, end: int) -> shm.Channel:
+    fd = descriptors.take(channel_id)
+    try:
+        return shm.Channel.attach_fd(fd, end=end)
+    finally:
+        os.close(fd)  # the mapping keeps the memory
+
+
+def acceptor_ends(pipe: Connection, address: str, secret: str) -> None:
+    """The acceptor's side of every channel, in a process of its own: it holds the host
+    partition's descriptor socket (sends the parent the probe's nonce to prove), then maps
+    each channel it is told of, answers the ping, and holds the rings until told."""
+    descriptors = Descriptors(address, secret)
+    pipe.send(descriptors.nonce)
+    ends = [map_end(descriptors, channel_id, end) for channel_id, end in pipe.recv()]
     for end in ends:
         if end.recv(16, timeout=30) != b"ping":
             raise RuntimeError("bad ping")
@@ -189,23 +294,23 @@ def acceptor_ends(pipe: Connection, shm_dir: str) -> None:
     pipe.recv()
     for end in ends:
         end.close()
+    descriptors.close()
 
 
-def prove(partition: Partition, shm_dir: pathlib.Path) -> None:
-    nonce = (shm_dir / partition.welcome.shm_probe).read_bytes()
+def prove(partition: Partition, nonce: bytes) -> None:
     partition.send(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=nonce))
-    assert partition.get().HasField("ack")
+    response = partition.get()
+    if not response.HasField("ack"):
+        raise RuntimeError(f"shared memory not proven: {response}")
 
 
 def run(n: int) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the host inherits it too
-    shm_dir = pathlib.Path("/dev/shm") / f"hvsock-bench-{secrets.token_hex(6)}"
-    shm_dir.mkdir(mode=0o700)
     work = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"hvsock-bench-{secrets.token_hex(4)}"
     work.mkdir()
     token = secrets.token_urlsafe(16)
-    proc = start_host(shm_dir, work / "host.sock", token, n)
+    proc = start_host(work / "host.sock", token, n)
     target = f"unix:{work / 'host.sock'}"
     meta = (("x-hvsock-token", token),)
     admin_channel = grpc.insecure_channel(
@@ -213,14 +318,31 @@ def run(n: int) -> dict[str, Any]:
     )
     admin = hvsock_pb2_grpc.AdminServiceStub(admin_channel)
     ends: list[shm.Channel] = []
+    descriptors: Descriptors | None = None
+    peer: mp.process.BaseProcess | None = None
     try:
         vm = admin.CreatePartition(
             hvsock_pb2.CreatePartitionRequest(name="bench-vm"), metadata=meta, timeout=10
         )
         guest = Partition(target, hvsock_pb2.Hello(vm_id=vm.partition.vm_id, token=vm.token))
         root = Partition(target, hvsock_pb2.Hello(host=True, token=token))
-        prove(guest, shm_dir)
-        prove(root, shm_dir)
+        if not guest.welcome.shm_socket:
+            raise RuntimeError("the host offers no descriptor socket (shared memory is off)")
+        descriptors = Descriptors(guest.welcome.shm_socket, guest.welcome.session)
+        prove(guest, descriptors.nonce)
+        # The acceptor ends live in another process (Python's mmap keeps a dup of the fd per
+        # mapping, and 2 x N mappings in one process would pass the open-file limit); that
+        # process holds the host partition's descriptor socket, so the host hands the
+        # acceptor ends' descriptors straight to it.
+        parent_pipe, child_pipe = CTX.Pipe()
+        peer = CTX.Process(
+            target=acceptor_ends,
+            args=(child_pipe, root.welcome.shm_socket, root.welcome.session),
+        )
+        peer.start()
+        if not parent_pipe.poll(60):
+            raise RuntimeError("the acceptor process never reached the descriptor socket")
+        prove(root, parent_pipe.recv())
         root.send(
             listen=hvsock_pb2.Listen(
                 address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE), backlog=n
@@ -265,33 +387,28 @@ def run(n: int) -> dict[str, Any]:
             raise RuntimeError(f"{len(failures)} connects failed, first: {failures[0]}")
         listed = admin.ListChannels(hvsock_pb2.ListChannelsRequest(), metadata=meta, timeout=60)
         open_at_once = sum(c.state == hvsock_pb2.CHANNEL_STATE_OPEN for c in listed.channels)
+        relayed = sum(
+            o.data_path != hvsock_pb2.DATA_PATH_SHARED_MEMORY
+            for o in itertools.chain(guest_opened.values(), root_opened.values())
+        )
+        if relayed:
+            raise RuntimeError(f"{relayed} channel ends were opened on the relay")
 
-        # 2. Map both ends of every channel and exchange one message each way. The acceptor
-        # ends live in another process (Python's mmap keeps a dup of the fd per mapping, and
-        # 2 x N mappings in one process would pass the open-file limit).
+        # 2. Map both ends of every channel and exchange one message each way.
         started = time.perf_counter()
-        parent_pipe, child_pipe = CTX.Pipe()
-        peer = CTX.Process(target=acceptor_ends, args=(child_pipe, str(shm_dir)))
-        peer.start()
         order = list(guest_opened)
-        names = [
-            (root_opened[c].shared_memory.name, root_opened[c].shared_memory.end) for c in order
-        ]
+        parent_pipe.send([(c, root_opened[c].shared_memory.end) for c in order])
         for channel_id in order:
-            g = guest_opened[channel_id]
             ends.append(
-                shm.Channel.attach(
-                    g.shared_memory.name, end=g.shared_memory.end, directory=str(shm_dir)
-                )
+                map_end(descriptors, channel_id, guest_opened[channel_id].shared_memory.end)
             )
-        parent_pipe.send(names)
         for end in ends:
             end.sendall(b"ping")
         for end in ends:
             if end.recv(16, timeout=30) != b"pong":
                 raise RuntimeError("bad echo")
         exchange_s = time.perf_counter() - started
-        segments_left_open = len(list(shm_dir.iterdir()))
+        host_segments_open = len(mapped_segments(proc.pid))
 
         # 3. Memory with every connection open and idle.
         time.sleep(0.5)  # let the host settle (allocator, lazily freed event objects)
@@ -300,7 +417,7 @@ def run(n: int) -> dict[str, Any]:
         rss_growth = after["VmRSS"] - before["VmRSS"]
         private_growth = private(after) - private(before)
         shm_bytes = sum(resident_pages(c._mm) for c in ends) * PAGE  # one mapping per segment
-        host_shm_rss = smaps_shm_rss(proc.pid, shm_dir)
+        host_shm_rss = smaps_shm_rss(proc.pid)
         per_connection = (private_growth + shm_bytes) / n
 
         # 4. Tear everything down: both ends close; wait until nothing is left.
@@ -324,18 +441,23 @@ def run(n: int) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             left = admin.ListChannels(hvsock_pb2.ListChannelsRequest(), metadata=meta, timeout=60)
-            if not left.channels and not any(shm_dir.iterdir()):
+            if not left.channels and not mapped_segments(proc.pid):
                 break
             time.sleep(0.01)
         teardown_s = time.perf_counter() - started
         channels_left = len(left.channels)
-        segments_left = len(list(shm_dir.iterdir()))
+        segments_left = len(mapped_segments(proc.pid))
         guest.close()
         root.close()
     finally:
         for end in ends:
             with contextlib.suppress(Exception):
                 end.close()
+        if descriptors is not None:
+            descriptors.close()
+        if peer is not None and peer.is_alive():
+            peer.kill()
+            peer.join(30)
         admin_channel.close()
         proc.send_signal(signal.SIGTERM)
         try:
@@ -343,7 +465,6 @@ def run(n: int) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        shutil.rmtree(shm_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
@@ -354,7 +475,7 @@ def run(n: int) -> dict[str, Any]:
         "connect_accept_s": round(opened_s, 3),
         "connect_accept_per_s": round(rate, 1),
         "map_and_exchange_s": round(exchange_s, 3),
-        "segments_linked_while_open": segments_left_open,
+        "host_segments_mapped_while_open": host_segments_open,
         "host_rss_growth_bytes": rss_growth,
         "host_private_rss_growth_bytes": private_growth,
         "shm_allocated_bytes": shm_bytes,

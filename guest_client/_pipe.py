@@ -41,8 +41,17 @@ from ring import (
     effective_max_payload,
     packet_len,
 )
-from ring._errors import ST_AGAIN, ST_FIN_SENT, ST_RESCINDED, ST_TIMEOUT, status_error
+from ring._errors import (
+    ST_AGAIN,
+    ST_FIN_SENT,
+    ST_RESCINDED,
+    ST_TIMEOUT,
+    RingCorruptError,
+    status_error,
+)
 from ring.shm import stall_bit
+
+from . import errors
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -381,6 +390,8 @@ class RelayReceive:
         self.eof = False  # FIN (or the end of the stream) came, behind the buffered data
         self._at_eof = False
         self._rescinded = False
+        #: Raised by reads once the buffered data is read: the host found the ring corrupt.
+        self._error: OSError | None = None
 
     def read_into(self, buffer: Buffer, nbytes: int = 0, timeout: float | None = None) -> int:
         """Read up to ``nbytes`` (default ``len(buffer)``) into ``buffer``; 0 = EOF."""
@@ -404,6 +415,8 @@ class RelayReceive:
         deadline = 0.0
         with self._data:
             while not self._size:
+                if self._error is not None:
+                    raise self._error
                 if self._at_eof or self._rescinded:
                     return 0
                 if self.eof:
@@ -456,6 +469,11 @@ class RelayReceive:
         self._frames.append(data)
         self._size += len(data)
         self._data.notify_all()
+
+    def fail(self, error: OSError) -> None:
+        """``error`` behind the buffered data, for every later read (lock held)."""
+        self._error = error
+        self.end()
 
     def end(self) -> None:
         """EOF behind the buffered data (lock held)."""
@@ -594,6 +612,14 @@ class RelayPipe(_NeverStalled):
             # Say so before the EOF becomes visible, so no reader takes it for a clean end.
             if rpc_status.from_call(exc) is None:
                 self.on_lost()
+            elif exc.code() == grpc.StatusCode.DATA_LOSS:
+                reported = errors.from_rpc_error(exc)
+                with work:
+                    rx.fail(
+                        RingCorruptError.reported(
+                            reported.errno or errno.EPROTO, reported.strerror or "corrupt ring"
+                        )
+                    )
         except ValueError:  # the partition closed its gRPC channel before the stream opened
             self.on_lost()
         # The stream is over (channel closed, rescinded, or the host went away): what is

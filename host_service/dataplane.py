@@ -36,6 +36,7 @@ import grpc
 from hvsock.v1 import hvsock_pb2
 from ring import shm
 from ring._constants import MAX_PAYLOAD, PAGE_SIZE
+from ring._errors import RingCorruptError
 
 from . import metrics
 from .core import errors
@@ -96,6 +97,8 @@ class Relay:
         self.error: str | None = None
         #: Set when the host rescinds the channel (the stream then fails UNAVAILABLE).
         self.reset: str | None = None
+        #: Set when the ring this end reads is corrupt (the stream then fails DATA_LOSS).
+        self.corrupt: RingCorruptError | None = None
         self.sent = 0  # client -> ring bytes written
         self.received = 0  # ring -> client bytes
         # Cleared while the host stalls this end: the client's frames stop going into the ring
@@ -240,7 +243,16 @@ class Relay:
                 self.received += n
                 metrics.BYTES.labels("to_client").inc(n)
                 post(hvsock_pb2.ChannelDataResponse(data=bytes(memoryview(buffer)[:n])))
-        except OSError as exc:  # corrupt ring, or closed under us at teardown
+        except RingCorruptError as exc:
+            # Ring contents are the peer's to spoil: the host only reports it. The channel is
+            # rescinded (which also wakes this end's writer) and the client gets the error the
+            # shared-memory reader would get, not a clean EOF that hides truncated data.
+            log.warning("relay read on %s: %s: rescinding the channel", self.vm_id, exc)
+            self.corrupt = exc
+            self.reset = self.reset or str(exc)
+            self.end.rescind()
+            self.halt_writer()  # it may be waiting for the client's frames, not the ring
+        except OSError as exc:  # closed under us at teardown
             log.warning("relay read on %s ended: %s", self.vm_id, exc)
             post(hvsock_pb2.ChannelDataResponse(fin=True))
         finally:

@@ -978,6 +978,16 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     self.host.core.rescind, channel_id, reason=f"protocol error: {relay.error}"
                 )
             await abort(context, errors.InvalidArgument(relay.error))
+        if relay.corrupt is not None:
+            with contextlib.suppress(errors.HvError):
+                self.host.call(self.host.core.rescind, channel_id, reason=str(relay.corrupt))
+            await context.abort_with_status(
+                rich_status(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"channel {channel_id}: {relay.corrupt.strerror}",
+                    relay.corrupt.errno,
+                )
+            )
         if relay.reset is not None:
             await context.abort_with_status(
                 rich_status(

@@ -67,6 +67,14 @@ class RingCorruptError(OSError):
         super().__init__(err, "corrupt ring: " + fmt.format(a=a, b=b))
         self.reason = reason
 
+    @classmethod
+    def reported(cls, err: int, message: str) -> RingCorruptError:
+        """The error another process found in a ring this end reads through it (the host
+        service, for a relayed end): ``err`` and ``message`` as that process reported them."""
+        exc = cls(CORRUPT_PEER)
+        exc.errno, exc.strerror = err, message
+        return exc
+
 
 def status_error(status: int, reason: int = 0, a: int = 0, b: int = 0, *, op: str = "") -> OSError:
     """Return the exception for a failed ``status`` (the one conversion point)."""

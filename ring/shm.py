@@ -41,6 +41,7 @@ import stat
 import struct
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 from ._constants import (
@@ -134,6 +135,7 @@ class Channel:
     end: int | None
     is_creator: bool
     _fd: int | None  # creator only, until close_fd(): the descriptor to hand over
+    _fd_finalizer: weakref.finalize[[int], Channel] | None
     _mm: mmap.mmap
     _view: memoryview
     _slices: list[memoryview]
@@ -158,6 +160,8 @@ class Channel:
     ) -> Channel:
         self = cls.__new__(cls)
         self.end, self.is_creator, self._fd = end, fd is not None, fd
+        # A creator dropped without close() still gives its descriptor back.
+        self._fd_finalizer = None if fd is None else weakref.finalize(self, os.close, fd)
         self._mm = mm
         self._view = memoryview(mm)
         self._slices = []
@@ -289,9 +293,9 @@ class Channel:
 
     def close_fd(self) -> None:
         """Drop the creator's descriptor (the mapping stays): every end has been handed one."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        self._fd = None
+        if self._fd_finalizer is not None:
+            self._fd_finalizer()  # closes it, once
 
     @property
     def rings(self) -> tuple[Ring, Ring]:

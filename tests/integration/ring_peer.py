@@ -1,13 +1,18 @@
 """Peer process for tests/integration/test_ring_xproc.py (run as a script, not collected).
 
-Usage: python ring_peer.py COMMAND DIR NAME [ARGS...]; prints one line per event on stdout.
+Usage: python ring_peer.py COMMAND FD [ARGS...]; prints one line per event on stdout.
+FD is a descriptor the test handed over with ``subprocess.Popen(pass_fds=[FD])``: the ring
+segment to attach (``Channel.attach_fd``), except for ``create-and-hold``, where it is a Unix
+socket to send the new segment's descriptor on (SCM_RIGHTS), or ``-`` to keep it to itself.
 Sequencing with the test goes through stdout lines and stdin, never through sleeps.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import socket
 import sys
 import time
 
@@ -83,21 +88,29 @@ def timed_read(chan: ring.Channel, timeout: float) -> None:
         print(f"timeout:{e.errno}", repr(time.monotonic() - t0), flush=True)
 
 
-def hold(chan: ring.Channel) -> None:
+def hold(chan: ring.Channel, message: str = "") -> None:
+    """Optionally write ``message`` first; then hold the segment until told (or killed)."""
+    if message:
+        chan.sendall(message.encode())
     print("ready", flush=True)
     sys.stdin.readline()  # until the test says so (or kills us)
 
 
 def main() -> None:
-    cmd, directory, name, *args = sys.argv[1:]
+    cmd, fd_arg, *args = sys.argv[1:]
     if cmd == "create-and-hold":
-        chan = ring.Channel.create(directory=directory)
-        print(chan.name, flush=True)
-        if args:
+        # ARGS: [MESSAGE]: once the test has attached, write MESSAGE to it.
+        chan = ring.Channel.create()
+        if fd_arg != "-":
+            with socket.socket(fileno=int(fd_arg)) as sock:
+                socket.send_fds(sock, [b"fd"], [chan.fileno()])
+            chan.close_fd()  # handed over: the test's descriptor and our mapping remain
             chan.wait_peer(timeout=30)
-        hold(chan)
+        hold(chan, *args)
         return
-    chan = ring.Channel.attach(name, directory=directory)
+    fd = int(fd_arg)
+    chan = ring.Channel.attach_fd(fd)
+    os.close(fd)  # the mapping keeps the memory
     {
         "stream-write": lambda: stream_write(chan, int(args[0]), int(args[1])),
         "stream-read": lambda: stream_read(chan, int(args[0])),
@@ -105,7 +118,7 @@ def main() -> None:
         "block-write": lambda: block_write(chan),
         "write-then-report": lambda: write_then_report(chan, int(args[0])),
         "timed-read": lambda: timed_read(chan, float(args[0])),
-        "hold": lambda: hold(chan),
+        "hold": lambda: hold(chan, *args),
     }[cmd]()
     chan.close()
 

@@ -12,7 +12,6 @@ import grpc
 import pytest
 
 from hvsock.v1 import hvsock_pb2
-from ring import shm
 
 from .hostproc import HostProcess, run_host
 from .rawclient import RawPartition, RelayStream
