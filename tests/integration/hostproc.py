@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,6 +60,14 @@ class HostProcess:
         """The ring segments the host has mapped (memfd inodes in its /proc maps)."""
         return mapped_segments(self.proc.pid)
 
+    def no_segments_within(self, timeout: float = 10.0) -> list[str]:
+        """Poll until the host maps no ring segment (channels are reclaimed after they end, off
+        the event loop), for at most ``timeout`` seconds; returns what is still mapped."""
+        deadline = time.monotonic() + timeout
+        while (left := self.segments()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return left
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -66,13 +75,17 @@ class HostProcess:
 
 
 def mapped_segments(pid: int) -> list[str]:
-    """Distinct ring segments (memfd inodes) mapped by process ``pid``."""
+    """Distinct ring segments (memfd inodes) mapped by process ``pid`` (none once it exited:
+    anonymous memory goes with its last holder)."""
     inodes = set()
-    with open(f"/proc/{pid}/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and fields[5].startswith("/memfd:hvsock-channel"):
-                inodes.add(fields[4])
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].startswith("/memfd:hvsock-channel"):
+                    inodes.add(fields[4])
+    except FileNotFoundError:
+        pass
     return sorted(inodes)
 
 

@@ -106,7 +106,7 @@ def assert_healthy(host: HostProcess, *allowed_probes: RawPartition) -> None:
         root.close()
     guest.close()
     wait_for_no_channels(host)
-    assert host.segments() == []
+    assert host.no_segments_within() == []
 
 
 def wait_for_no_channels(host: HostProcess, vm_id: str = "") -> None:

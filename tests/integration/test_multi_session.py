@@ -186,7 +186,7 @@ def test_two_attachments_of_one_vm_in_one_process(host: HostProcess, data_path: 
             partition.close()
     wait_for_sessions(host, vm_id, 0)
     wait_for_no_channels(host)
-    assert host.segments() == []
+    assert host.no_segments_within() == []
 
 
 def test_an_attachment_in_another_process_ends_alone(host: HostProcess, data_path: str) -> None:

@@ -210,7 +210,7 @@ def test_an_end_that_never_maps_its_rings_is_reset_within_the_connect_timeout(
     assert notice.kind == hvsock_pb2.ChannelNotice.KIND_RESCINDED
     assert "did not map its rings" in notice.reason
     wait_for_no_channels(host)
-    assert host.segments() == []
+    assert host.no_segments_within() == []
     server.close()
     guest.close()
     root.close()
@@ -257,7 +257,7 @@ def test_failing_to_open_one_end_fails_that_channel_only(
     vm.close()
     root.close()
     wait_for_no_channels(host)
-    assert host.segments() == []
+    assert host.no_segments_within() == []
 
 
 def test_descriptor_socket_refuses_strangers_and_second_connections(host: HostProcess) -> None:
