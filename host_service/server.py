@@ -74,6 +74,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
     config = HostConfig(
         max_socket_number=args.max_socket_number,
         max_sessions_per_partition=args.max_sessions_per_partition,
+        max_partitions=args.max_partitions,
         send_ring_page=args.send_ring_page,
         recv_ring_page=args.recv_ring_page,
         strict_registry=args.strict_registry,
@@ -93,6 +94,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
                 token_sha256=record.token_sha256,
                 state=record.state,
                 created_at=0.0,
+                auto_created=record.auto_created,
             )
         for service in store.services():
             core.register_service(service.service_id, service.element_name, 0.0)

@@ -733,7 +733,12 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         info = self.host.core.get_partition(vm_id)
         self.host.store.put_partition(
             PartitionRecord(
-                vm_id, info.name, info.personality.value, info.state.value, hash_token(token)
+                vm_id,
+                info.name,
+                info.personality.value,
+                info.state.value,
+                hash_token(token),
+                auto_created=info.auto_created,
             )
         )
 
@@ -938,6 +943,7 @@ def limits_pb(core: HostCore) -> hvsock_pb2.Limits:
         connect_timeout_ms=int(config.connect_timeout * 1000),
         close_timeout_ms=int(config.close_timeout * 1000),
         max_sessions_per_partition=config.max_sessions_per_partition,
+        max_partitions=config.max_partitions,
     )
 
 
