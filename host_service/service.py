@@ -696,11 +696,22 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             elif hello.vm_id:
                 session, _ = host.call(core.attach, hello.vm_id, hello.token)
             else:
-                session, new_token, _ = host.call(
+                session, new_token, events = host.call(
                     core.attach_new,
                     name=hello.name or None,
                     personality=_PERSONALITY_FROM_PB.get(hello.personality, Personality.LINUX),
                 )
+                if any(
+                    isinstance(event, PartitionChanged) and event.change == "taken_over"
+                    for event in events
+                ):
+                    # Worth a line of its own: the VM's previous token stops working here.
+                    log.info(
+                        "took over idle VM %s (%s) by name for %s: new token issued",
+                        session.vm_id,
+                        hello.name,
+                        context.peer(),
+                    )
                 self._persist_new(session.vm_id, new_token)
         except errors.HvError as err:
             await abort(context, err)
