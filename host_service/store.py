@@ -71,7 +71,10 @@ class StateStore:
             "SELECT vm_id, name, personality, state, token_sha256, auto_created"
             " FROM partitions ORDER BY rowid"
         )
-        return [PartitionRecord(*row[:5], auto_created=bool(row[5])) for row in rows]
+        return [
+            PartitionRecord(vm_id, name, personality, state, digest, auto_created=bool(auto))
+            for vm_id, name, personality, state, digest, auto in rows
+        ]
 
     def services(self) -> list[ServiceRecord]:
         rows = self._db.execute("SELECT service_id, element_name FROM services ORDER BY rowid")
