@@ -97,7 +97,11 @@ class ChannelEnd:
     def ended_by_reset(self) -> bool:
         """At EOF: whether the end is a reset rather than a FIN or a host rescind. A rescinded
         ring whose cause this partition has not heard of yet waits (bounded) to hear it."""
-        if not self.reset and self.pipe.rx.is_rescinded and not self.settled.is_set():
+        if (
+            not self.reset
+            and (self.pipe.rx.is_rescinded or getattr(self.pipe, "ended_by_host", False))
+            and not self.settled.is_set()
+        ):
             self.settled.wait(_SETTLE_TIMEOUT)
         return self.reset
 

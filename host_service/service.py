@@ -199,6 +199,9 @@ class Host:
         self._timer_deadline: float | None = None  # the core deadline _timer is armed for
         self._watchers: set[asyncio.Queue[Event | None]] = set()
         self._probe_ids = itertools.count(1)
+        #: Shutting down: attaches are refused (UNAVAILABLE/ECONNRESET) so that programs wait
+        #: for the next host rather than attach to this one as it goes.
+        self.draining = False
 
     # -- driving the core ------------------------------------------------------------------
 
@@ -689,6 +692,8 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         core = host.core
         new_token = ""
         try:
+            if host.draining:
+                raise errors.ConnectionReset("the host service is shutting down")
             if hello.host:
                 if hello.vm_id:
                     raise errors.InvalidArgument("hello: give either host or vm_id, not both")
