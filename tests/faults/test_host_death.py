@@ -46,7 +46,8 @@ def partition(host: HostProcess, hello: hvsock_pb2.Hello, data_path: str) -> hv.
 class Blocked:
     """A call run on its own thread; what it raised (or returned) when it ended."""
 
-    def __init__(self, call: Callable[[], object]) -> None:
+    def __init__(self, name: str, call: Callable[[], object]) -> None:
+        self.name = name
         self.outcome: object = None
         self.started = threading.Event()
 
@@ -97,10 +98,12 @@ def test_sockets_reset_and_the_partition_attaches_to_the_next_host(
     (sender, sender_peer), (reader, reader_peer), (idle, idle_peer) = pairs
     assert {sender.data_path, reader.data_path} == {"shm" if data_path == "shm" else "grpc"}
 
-    sending = Blocked(lambda: sender.sendall(BULK))  # the peer never reads: blocks
+    sending = Blocked("send", lambda: sender.sendall(BULK))  # the peer never reads: blocks
     until_not_writable(sender)
-    receiving = Blocked(lambda: reader.recv(100))  # nothing ever comes: blocks
-    peer_receiving = Blocked(lambda: reader_peer.recv(100))  # the host program's side too
+    receiving = Blocked("recv", lambda: reader.recv(100))  # nothing ever comes: blocks
+    peer_receiving = Blocked(
+        "peer recv", lambda: reader_peer.recv(100)
+    )  # the host program's side too
 
     if how == "kill":
         host.proc.kill()
@@ -111,7 +114,7 @@ def test_sockets_reset_and_the_partition_attaches_to_the_next_host(
 
     for blocked in (sending, receiving, peer_receiving):
         outcome = blocked.result(within=5)
-        assert isinstance(outcome, ConnectionResetError), repr(outcome)
+        assert isinstance(outcome, ConnectionResetError), (blocked.name, outcome)
     assert time.monotonic() - gone < 5
     # Every later call on a socket open at that moment is a reset too, idle ones included.
     for sock in (sender, reader, idle, sender_peer, idle_peer):
