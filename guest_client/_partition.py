@@ -99,7 +99,17 @@ class ChannelEnd:
     def ended_by_reset(self) -> bool:
         """At EOF: whether the end is a reset rather than a FIN or a host rescind. A rescinded
         ring whose cause this partition has not heard of yet waits (bounded) to hear it."""
-        if not self.reset and self.pipe.rx.is_rescinded and not self.settled.is_set():
+        pipe = self.pipe
+        if (
+            not self.reset
+            and not self.settled.is_set()
+            # Either ring (a failed send sees its own), or a relay stream the host ended.
+            and (
+                pipe.rx.is_rescinded
+                or pipe.tx.is_rescinded
+                or getattr(pipe, "ended_by_host", False)
+            )
+        ):
             self.settled.wait(_SETTLE_TIMEOUT)
         return self.reset
 

@@ -536,6 +536,9 @@ class RelayPipe(_NeverStalled):
         self._fin_sent = False  # the FIN frame is out
         self._closed = False
         self._over = False  # the response stream ended
+        #: The host ended the stream with a status (the channel rescinded, or the host going
+        #: away); the attach stream says which: ChannelEnd.ended_by_reset waits to hear it.
+        self.ended_by_host = False
         #: Called (on the inbound thread) when the stream fails without word from the host.
         self.on_lost: Callable[[], None] = lambda: None
         opening = hvsock_pb2.ChannelDataRequest(
@@ -612,14 +615,16 @@ class RelayPipe(_NeverStalled):
             # Say so before the EOF becomes visible, so no reader takes it for a clean end.
             if rpc_status.from_call(exc) is None:
                 self.on_lost()
-            elif exc.code() == grpc.StatusCode.DATA_LOSS:
-                reported = errors.from_rpc_error(exc)
-                with work:
-                    rx.fail(
-                        RingCorruptError.reported(
-                            reported.errno or errno.EPROTO, reported.strerror or "corrupt ring"
+            else:
+                self.ended_by_host = True
+                if exc.code() == grpc.StatusCode.DATA_LOSS:
+                    reported = errors.from_rpc_error(exc)
+                    with work:
+                        rx.fail(
+                            RingCorruptError.reported(
+                                reported.errno or errno.EPROTO, reported.strerror or "corrupt ring"
+                            )
                         )
-                    )
         except ValueError:  # the partition closed its gRPC channel before the stream opened
             self.on_lost()
         # The stream is over (channel closed, rescinded, or the host went away): what is

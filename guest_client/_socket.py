@@ -341,6 +341,13 @@ class HvSocket:
             return end.pipe.tx.write(data, timeout)
         except TimeoutError:
             raise TimeoutError("timed out") from None
+        except BrokenPipeError:
+            # The ring says rescinded; if that is the host going away (heard now, or within
+            # the settle wait: the peer's process may have heard it first and rescinded the
+            # shared ring), the program sees the reset the README promises, not EPIPE.
+            if end.ended_by_reset():
+                raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer") from None
+            raise
         finally:
             if self._readiness is not None:
                 self._readiness.update()
@@ -353,7 +360,9 @@ class HvSocket:
             end = self._connected_end()  # raises the right error
         if self._shut_rd:
             return 0
-        if end.reset and not end.pipe.rx.readable():
+        if end.reset:
+            # The host went away: a reset, as TCP's RST, drops what was still unread, so
+            # every call after it fails alike (a rescind, by contrast, drains then EOF).
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         # One delivery is at most one VMBus packet's payload (16 KiB), as with hv_sock, whose
         # dequeue copies from a single packet per recvmsg.

@@ -174,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     vms = commands.add_parser("vms", help="manage VM partitions")
     vm_commands = vms.add_subparsers(dest="vms_command", required=True, metavar="ACTION")
     create = command(vm_commands, "create", cmd_vms_create, "create a VM; prints its id and token")
-    create.add_argument("--name", required=True, help="the VM's name (element name)")
+    create.add_argument(
+        "--name",
+        required=True,
+        help="the VM's name (element name): at most 64 letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit; unique on the host",
+    )
     create.add_argument(
         "--personality",
         choices=sorted(PERSONALITIES),

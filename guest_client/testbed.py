@@ -281,8 +281,9 @@ def host_main(args: argparse.Namespace) -> int:
 
 def vm_main(args: argparse.Namespace) -> int:
     # A VM created on this attach is named PREFIX-HOSTNAME (a container's hostname is its id),
-    # so that scaled replicas tell apart; HVSOCK_VM_NAME overrides it.
-    name = os.environ.get("HVSOCK_VM_NAME") or f"{args.name_prefix}-{socket.gethostname()}"
+    # so that scaled replicas tell apart; HVSOCK_VM_NAME overrides it.  Cut to the host's 64
+    # characters: a machine's hostname may be that long by itself (a container's is 12).
+    name = os.environ.get("HVSOCK_VM_NAME") or f"{args.name_prefix}-{socket.gethostname()}"[:64]
     vm = hv.attach(name=name)
     _say(f"VM {vm.name} ({vm.vm_id}, {vm.personality}) attached to {vm.target}")
     while True:

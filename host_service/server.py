@@ -41,6 +41,8 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients ping every 30 s
     ("grpc.max_receive_message_length", 1 << 20),
 ]
+#: How long a draining host waits for its attach streams to end before rescinding the rest.
+_DRAIN_STREAMS_TIMEOUT = 2.0
 
 
 class _JsonFormatter(logging.Formatter):
@@ -75,6 +77,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
     config = HostConfig(
         max_socket_number=args.max_socket_number,
         max_sessions_per_partition=args.max_sessions_per_partition,
+        max_partitions=args.max_partitions,
         send_ring_page=args.send_ring_page,
         recv_ring_page=args.recv_ring_page,
         strict_registry=args.strict_registry,
@@ -94,6 +97,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
                 token_sha256=record.token_sha256,
                 state=record.state,
                 created_at=0.0,
+                auto_created=record.auto_created,
             )
         for service in store.services():
             core.register_service(service.service_id, service.element_name, 0.0)
@@ -158,13 +162,23 @@ async def serve(args: argparse.Namespace, token: str) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("draining")
+    # From here on an attach is refused (UNAVAILABLE): a program re-attaching after its stream
+    # ended must wait for the next host, not be welcomed by this one in its last seconds.
+    host.draining = True
     await health_servicer.enter_graceful_shutdown()
+    # End every attach stream before any channel is rescinded, so that each program hears
+    # "the host went away" (its sockets reset, ECONNRESET, as when the host dies) and never
+    # an ordinary rescind (EOF, then EPIPE) first.  The handlers then detach their sessions,
+    # which rescinds every channel; the wait is bounded for a client that does not read.
+    for attachment in list(host.attachments.values()):
+        attachment.end("host shutting down")
+    handlers = [a.task for a in host.attachments.values() if a.task is not None]
+    if handlers:
+        await asyncio.wait(handlers, timeout=_DRAIN_STREAMS_TIMEOUT)
     try:
         host.call(host.core.rescind_all, reason="host shutting down")
     except HvError:
         log.exception("rescinding channels at shutdown")
-    for attachment in list(host.attachments.values()):
-        attachment.end("host shutting down")
     await server.stop(grace=2)
     host.close()
     if host.store is not None:

@@ -210,6 +210,9 @@ class Host:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None  # the core deadline _timer is armed for
         self._watchers: set[asyncio.Queue[Event | None]] = set()
+        #: Shutting down: attaches are refused (UNAVAILABLE/ECONNRESET) so that programs wait
+        #: for the next host rather than attach to this one as it goes.
+        self.draining = False
 
     def start(self) -> None:
         """Start what needs the running event loop."""
@@ -737,6 +740,8 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         core = host.core
         new_token = ""
         try:
+            if host.draining:
+                raise errors.ConnectionReset("the host service is shutting down")
             if hello.host:
                 if hello.vm_id:
                     raise errors.InvalidArgument("hello: give either host or vm_id, not both")
@@ -744,11 +749,22 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             elif hello.vm_id:
                 session, _ = host.call(core.attach, hello.vm_id, hello.token)
             else:
-                session, new_token, _ = host.call(
+                session, new_token, events = host.call(
                     core.attach_new,
                     name=hello.name or None,
                     personality=_PERSONALITY_FROM_PB.get(hello.personality, Personality.LINUX),
                 )
+                if any(
+                    isinstance(event, PartitionChanged) and event.change == "taken_over"
+                    for event in events
+                ):
+                    # Worth a line of its own: the VM's previous token stops working here.
+                    log.info(
+                        "took over idle VM %s (%s) by name for %s: new token issued",
+                        session.vm_id,
+                        hello.name,
+                        context.peer(),
+                    )
                 self._persist_new(session.vm_id, new_token)
         except errors.HvError as err:
             await abort(context, err)
@@ -781,7 +797,12 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         info = self.host.core.get_partition(vm_id)
         self.host.store.put_partition(
             PartitionRecord(
-                vm_id, info.name, info.personality.value, info.state.value, hash_token(token)
+                vm_id,
+                info.name,
+                info.personality.value,
+                info.state.value,
+                hash_token(token),
+                auto_created=info.auto_created,
             )
         )
 
@@ -1010,6 +1031,7 @@ def limits_pb(core: HostCore) -> hvsock_pb2.Limits:
         connect_timeout_ms=int(config.connect_timeout * 1000),
         close_timeout_ms=int(config.close_timeout * 1000),
         max_sessions_per_partition=config.max_sessions_per_partition,
+        max_partitions=config.max_partitions,
     )
 
 

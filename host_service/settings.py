@@ -131,6 +131,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="most attach sessions (attached processes) one partition may have at once",
     )
     p.option(
+        "--max-partitions",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="most VMs the host keeps (created by the admin API or on attach)",
+    )
+    p.option(
         "--send-ring-page",
         type=_positive_int,
         default=2,

@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS partitions (
     name TEXT NOT NULL,
     personality TEXT NOT NULL,
     state TEXT NOT NULL,
-    token_sha256 TEXT NOT NULL
+    token_sha256 TEXT NOT NULL,
+    auto_created INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS services (
     service_id TEXT PRIMARY KEY,
@@ -34,6 +35,8 @@ class PartitionRecord:
     personality: str
     state: str
     token_sha256: str
+    #: Created by an anonymous attach: the only kind a later attach may take over by name.
+    auto_created: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +55,26 @@ class StateStore:
         os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(partitions)")}
+        if "auto_created" not in columns:
+            # A file from before auto_created: its VMs count as operator-made (never taken
+            # over by name), the safe reading of a fact that was not recorded.
+            self._db.execute(
+                "ALTER TABLE partitions ADD COLUMN auto_created INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         self._db.close()
 
     def partitions(self) -> list[PartitionRecord]:
         rows = self._db.execute(
-            "SELECT vm_id, name, personality, state, token_sha256 FROM partitions ORDER BY rowid"
+            "SELECT vm_id, name, personality, state, token_sha256, auto_created"
+            " FROM partitions ORDER BY rowid"
         )
-        return [PartitionRecord(*row) for row in rows]
+        return [
+            PartitionRecord(vm_id, name, personality, state, digest, auto_created=bool(auto))
+            for vm_id, name, personality, state, digest, auto in rows
+        ]
 
     def services(self) -> list[ServiceRecord]:
         rows = self._db.execute("SELECT service_id, element_name FROM services ORDER BY rowid")
@@ -68,11 +82,11 @@ class StateStore:
 
     def put_partition(self, record: PartitionRecord) -> None:
         self._db.execute(
-            "INSERT INTO partitions (vm_id, name, personality, state, token_sha256)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(vm_id) DO UPDATE SET"
+            "INSERT INTO partitions (vm_id, name, personality, state, token_sha256,"
+            " auto_created) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(vm_id) DO UPDATE SET"
             " name=excluded.name, personality=excluded.personality, state=excluded.state,"
-            " token_sha256=excluded.token_sha256",
-            dataclasses.astuple(record),
+            " token_sha256=excluded.token_sha256, auto_created=excluded.auto_created",
+            (*dataclasses.astuple(record)[:5], int(record.auto_created)),
         )
 
     def set_partition_state(self, vm_id: str, state: str) -> None:

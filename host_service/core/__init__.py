@@ -53,6 +53,7 @@ from host_service.core.errors import (
     PermissionDenied,
     ProtocolError,
     ServiceNotRegistered,
+    TooManyPartitions,
     TooManySessions,
     Unauthenticated,
 )
@@ -162,6 +163,7 @@ __all__ = [
     "SessionChanged",
     "SessionEnded",
     "Side",
+    "TooManyPartitions",
     "TooManySessions",
     "Unauthenticated",
     "guid_from_bytes_le",

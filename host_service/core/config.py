@@ -27,6 +27,10 @@ class HostConfig:
     max_socket_number: int = 1024
     #: Live sessions (attach streams: processes) one partition may have at once.
     max_sessions_per_partition: int = 64
+    #: VM partitions the host keeps at once (the host partition not counted).  Bounds what
+    #: anonymous attaches can create under ``auto_create_on_attach``: every VM costs memory
+    #: and a row in the state file for ever.
+    max_partitions: int = 1024
     #: Default pages of the guest's send ring (guest -> host), control page included.
     send_ring_page: int = 2
     #: Default pages of the guest's receive ring (host -> guest), control page included.
@@ -56,6 +60,7 @@ class HostConfig:
         positive_ints = {
             "max_socket_number": self.max_socket_number,
             "max_sessions_per_partition": self.max_sessions_per_partition,
+            "max_partitions": self.max_partitions,
             "send_ring_page": self.send_ring_page,
             "recv_ring_page": self.recv_ring_page,
             "max_ring_pages": self.max_ring_pages,

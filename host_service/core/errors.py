@@ -26,6 +26,7 @@ Tree::
     +-- AddressNotAvailable                EADDRNOTAVAIL RESOURCE_EXHAUSTED
     +-- NoBuffers                          ENOBUFS       RESOURCE_EXHAUSTED
     |   +-- TooManySessions                ENOBUFS       RESOURCE_EXHAUSTED
+    |   +-- TooManyPartitions              ENOBUFS       RESOURCE_EXHAUSTED
     +-- Unauthenticated                    EACCES        UNAUTHENTICATED
     +-- PermissionDenied                   EACCES        PERMISSION_DENIED
     |   +-- ServiceNotRegistered           EACCES        PERMISSION_DENIED
@@ -72,6 +73,7 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "ServiceNotRegistered",
+    "TooManyPartitions",
     "TooManySessions",
     "Unauthenticated",
 ]
@@ -155,7 +157,7 @@ class NotFound(HvError):
 
 
 class AlreadyExists(HvError):
-    """A partition with that VM id already exists."""
+    """A partition with that VM id, or that name, already exists."""
 
     errno = _errno.EEXIST
     status = "ALREADY_EXISTS"
@@ -186,6 +188,12 @@ class TooManySessions(NoBuffers):
     """The partition already has ``max_sessions_per_partition`` live sessions (attach streams,
     one per process of the VM); another attach must wait until one ends.  ENOBUFS, like every
     per-partition resource limit (and what a client infers from RESOURCE_EXHAUSTED alone)."""
+
+
+class TooManyPartitions(NoBuffers):
+    """The host already keeps ``max_partitions`` VMs; delete one before creating another.
+    ENOBUFS, like every other count limit of the host (and what a client infers from
+    RESOURCE_EXHAUSTED alone)."""
 
 
 class Unauthenticated(HvError):

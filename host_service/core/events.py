@@ -168,7 +168,8 @@ class ConnectRefused(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PartitionChanged(Event):
-    """created / deleted / paused / resumed / stopped / started / attached / detached.
+    """created / deleted / paused / resumed / stopped / started / attached / detached /
+    taken_over (an anonymous attach took an idle auto-created VM over by name: new token).
 
     "attached" marks the partition's first live session, "detached" the end of its last one;
     :class:`SessionChanged` reports every session in between.

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -94,6 +95,7 @@ from host_service.core.errors import (
     PermissionDenied,
     ProtocolError,
     ServiceNotRegistered,
+    TooManyPartitions,
     TooManySessions,
     Unauthenticated,
 )
@@ -146,12 +148,21 @@ from host_service.core.types import (
     Side,
 )
 
-__all__ = ["HOST_NAME", "HOST_VM_ID", "MAX_NAME_LENGTH", "HostCore"]
+__all__ = ["HOST_NAME", "HOST_VM_ID", "MAX_NAME_LENGTH", "NAME_PATTERN", "HostCore"]
 
 #: The host partition's VM id: PARENT, the address by which every VM reaches it.
 HOST_VM_ID = PARENT
 HOST_NAME = "host"
-MAX_NAME_LENGTH = 256
+#: Longest partition name.  Names are labels people type (``hvsock bridge ... hv:NAME:80``,
+#: ``hvsock vms list``), not payloads: a short bound keeps a hostile attach from parking
+#: kilobytes per VM in memory and in the state file.
+MAX_NAME_LENGTH = 64
+#: A partition name: a letter or digit, then letters, digits, '.', '_' or '-' -- a hostname-like
+#: token (a container hostname fits), safe in logs, tables and ``hv:NAME:SERVICE`` endpoints.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Names persisted by versions before NAME_PATTERN were checked only for this length; such
+#: partitions are restored as they are, so that an existing state file still loads.
+_LEGACY_MAX_NAME_LENGTH = 256
 #: Attempts to find a free ephemeral local address (vsock's MAX_PORT_RETRIES).
 _LOCAL_ID_RETRIES = 24
 _MAX_VSOCK_PORT = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_PORT_ANY
@@ -279,11 +290,54 @@ class HostCore:
 
     @staticmethod
     def _check_name(name: object) -> str:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("a partition name must be a non-empty string")
+        # Length first: the message below quotes the name, and only a short one.
+        if len(name) > MAX_NAME_LENGTH:
+            raise InvalidArgument(
+                f"a partition name is at most {MAX_NAME_LENGTH} characters, got {len(name)}"
+            )
+        if NAME_PATTERN.fullmatch(name) is None:
+            raise InvalidArgument(
+                f"bad partition name {name!r}: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return name
+
+    @staticmethod
+    def _check_legacy_name(name: object) -> str:
         if not isinstance(name, str) or not name.strip():
             raise InvalidArgument("a partition name must be a non-empty string")
-        if len(name) > MAX_NAME_LENGTH:
-            raise InvalidArgument(f"a partition name is at most {MAX_NAME_LENGTH} characters")
+        if len(name) > _LEGACY_MAX_NAME_LENGTH:
+            raise InvalidArgument(
+                f"a persisted partition name is at most {_LEGACY_MAX_NAME_LENGTH} characters"
+            )
         return name
+
+    def _named(self, name: str) -> _Partition | None:
+        """The partition called ``name``, ignoring case ("Web" and "web" would be one VM to a
+        person reading ``hvsock vms list``); the host partition's name counts too."""
+        folded = name.casefold()
+        for partition in self._partitions.values():
+            if partition.name.casefold() == folded:
+                return partition
+        return None
+
+    def _check_name_free(self, name: str) -> None:
+        owner = self._named(name)
+        if owner is not None:
+            raise AlreadyExists(
+                f"a partition named {owner.name!r} already exists ({owner.vm_id}); "
+                "names are unique on a host"
+            )
+
+    def _check_room(self) -> None:
+        vms = len(self._partitions) - 1  # the host partition is not counted
+        if vms >= self.config.max_partitions:
+            raise TooManyPartitions(
+                f"the host keeps {vms} VMs, the max_partitions limit; "
+                "delete one before creating another"
+            )
 
     @staticmethod
     def _check_personality(personality: object) -> Personality:
@@ -315,21 +369,44 @@ class HostCore:
         """Create a running VM.  Returns its info, its token (shown only here) and events.
 
         Raises:
-            InvalidArgument: bad name or personality.  BadAddress: malformed or well-known id.
-            AlreadyExists: ``vm_id`` is taken.
+            InvalidArgument: bad name (see NAME_PATTERN, MAX_NAME_LENGTH) or personality.
+            BadAddress: malformed or well-known id.
+            AlreadyExists: ``vm_id`` is taken, or another partition has that name.
+            TooManyPartitions: the host keeps ``max_partitions`` VMs already.
         """
-        checked_name = self._check_name(name)
-        checked_personality = self._check_personality(personality)
-        canonical = self._check_new_vm_id(vm_id) if vm_id is not None else self._fresh_vm_id()
+        return self._create(
+            self._check_name(name),
+            self._check_personality(personality),
+            now,
+            vm_id=vm_id,
+            auto_created=False,
+        )
+
+    def _create(
+        self,
+        name: str,
+        personality: Personality,
+        now: float,
+        *,
+        vm_id: str | None,
+        auto_created: bool,
+    ) -> tuple[PartitionInfo, str, list[Event]]:
+        # Bad input first, then a clash, then the count: the most specific answer wins.
+        canonical = self._check_new_vm_id(vm_id) if vm_id is not None else None
+        self._check_name_free(name)
+        self._check_room()
+        if canonical is None:
+            canonical = self._fresh_vm_id()
         token = self._token_factory()
         partition = _Partition(
             vm_id=canonical,
-            name=checked_name,
-            personality=checked_personality,
+            name=name,
+            personality=personality,
             state=PartitionState.RUNNING,
             is_host=False,
             token_sha256=hash_token(token),
             created_at=now,
+            auto_created=auto_created,
         )
         self._partitions[canonical] = partition
         out: list[Event] = []
@@ -352,8 +429,15 @@ class HostCore:
         token_sha256: str,
         state: PartitionState | str,
         created_at: float,
+        auto_created: bool = False,
     ) -> PartitionInfo:
-        """Re-create a persisted VM (adapter start-up).  No events: nothing happened."""
+        """Re-create a persisted VM (adapter start-up).  No events: nothing happened.
+
+        What was persisted is restored even where today's rules would refuse it, so that a
+        state file written before them still loads: a name of the old rules (any non-blank
+        text up to 256 characters), a name another partition has, more VMs than
+        ``max_partitions`` (then nothing more can be created until some are deleted).
+        """
         canonical = self._check_new_vm_id(vm_id)
         if (
             not isinstance(token_sha256, str)
@@ -367,12 +451,13 @@ class HostCore:
             raise InvalidArgument(f"unknown partition state {state!r}") from None
         partition = _Partition(
             vm_id=canonical,
-            name=self._check_name(name),
+            name=self._check_legacy_name(name),
             personality=self._check_personality(personality),
             state=checked_state,
             is_host=False,
             token_sha256=token_sha256.lower(),
             created_at=created_at,
+            auto_created=bool(auto_created),
         )
         self._partitions[canonical] = partition
         return partition.info()
@@ -600,20 +685,77 @@ class HostCore:
     ) -> tuple[Session, str, list[Event]]:
         """Attach without a VM id: create a VM and attach it (``auto_create_on_attach`` only).
 
-        Returns the session, the new VM's token and events.
+        Returns the session, the VM's token and events.  The VM is named ``name`` (the same
+        rules and limits as ``create_partition``), or ``vm-`` and the start of its id.
+
+        A name that is taken is refused (AlreadyExists) unless the VM of that name was itself
+        created by an anonymous attach, has no live session and is not off: then this attach
+        takes that VM over -- same VM id, a new token (returned, as for a new VM), the
+        personality asked for.  That is a VM container recreated without its identity file
+        (``docker compose up --force-recreate``): it comes back as the same VM instead of
+        being locked out of its own name.  Nothing is taken from anyone: such a VM had no
+        process attached, and anyone may create VMs anonymously on this host anyway; a VM an
+        operator created is never taken over.
+
+        Raises:
+            PermissionDenied: the host does not create VMs on attach.
+            InvalidArgument: bad name or personality.
+            AlreadyExists: the name belongs to a partition that cannot be taken over.
+            PartitionNotRunning: the VM of that name is off.
+            TooManyPartitions: the host keeps ``max_partitions`` VMs already.
         """
         if not self.config.auto_create_on_attach:
             raise PermissionDenied(
                 "attaching without a VM id needs auto_create_on_attach; create the VM first"
             )
-        vm_id = self._fresh_vm_id()
-        info, token, out = self.create_partition(
-            name if name is not None else f"vm-{vm_id[:8]}",
-            now,
-            vm_id=vm_id,
-            personality=personality,
+        checked_personality = self._check_personality(personality)
+        if name is None:
+            vm_id = self._fresh_vm_id()
+            checked_name = f"vm-{vm_id[:8]}"
+            for _ in range(_LOCAL_ID_RETRIES):
+                if self._named(checked_name) is None:
+                    break
+                # Someone chose a name of this shape: another id gives another default name.
+                vm_id = self._fresh_vm_id()
+                checked_name = f"vm-{vm_id[:8]}"
+        else:
+            vm_id = None
+            checked_name = self._check_name(name)
+            owner = self._named(checked_name)
+            if owner is not None:
+                return self._take_over(owner, checked_personality, now)
+        info, token, out = self._create(
+            checked_name, checked_personality, now, vm_id=vm_id, auto_created=True
         )
         session, more = self.attach(info.vm_id, token, now)
+        return session, token, out + more
+
+    def _take_over(
+        self, partition: _Partition, personality: Personality, now: float
+    ) -> tuple[Session, str, list[Event]]:
+        """``attach_new`` of a name an idle auto-created VM has: re-issue its token."""
+        if partition.is_host or not partition.auto_created:
+            raise AlreadyExists(
+                f"a partition named {partition.name!r} already exists ({partition.vm_id}) and "
+                "was not created on attach; attach it with its VM id and token, or choose "
+                "another name"
+            )
+        if partition.sessions:
+            raise AlreadyExists(
+                f"VM {partition.name!r} ({partition.vm_id}) exists and is attached "
+                f"({len(partition.sessions)} sessions); attach it with its VM id and token "
+                "(HVSOCK_VM_IDENTITY), or choose another name"
+            )
+        if partition.state is PartitionState.OFF:
+            # Checked before the token changes: a refused attach must leave the VM as it was.
+            raise PartitionNotRunning(f"VM {partition.vm_id} is off; start it first")
+        token = self._token_factory()
+        partition.token_sha256 = hash_token(token)
+        # No session, so no listener or channel depends on the personality it had.
+        partition.personality = personality
+        out: list[Event] = []
+        self._emit_partition(out, partition, "taken_over", now)
+        session, more = self.attach(partition.vm_id, token, now)
         return session, token, out + more
 
     def detach(self, session: Session, now: float, *, reason: str = "detached") -> list[Event]:

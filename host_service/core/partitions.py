@@ -90,6 +90,9 @@ class _Partition:
     is_host: bool
     token_sha256: str
     created_at: float
+    #: Created by an anonymous attach (``attach_new``), not by an operator: only such a VM may
+    #: be taken over by name by a later anonymous attach (see ``HostCore.attach_new``).
+    auto_created: bool = False
     #: Live sessions by id (attach order).  At most max_sessions_per_partition.
     sessions: dict[int, Session] = field(default_factory=dict)
     listeners: dict[int, _Listener] = field(default_factory=dict)
@@ -122,6 +125,7 @@ class _Partition:
             created_at=self.created_at,
             sockets=self.sockets,
             token_sha256=self.token_sha256,
+            auto_created=self.auto_created,
         )
 
 

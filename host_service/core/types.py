@@ -108,6 +108,8 @@ class PartitionInfo:
     sockets: int
     #: sha256 hex of the token; what persistence stores (the token itself is shown once).
     token_sha256: str
+    #: Created by an anonymous attach (auto_create_on_attach), not by an operator.
+    auto_created: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,9 @@ from guest_client.testing import socketpair
 from hvsock.v1 import hvsock_pb2
 
 from ..integration.hostproc import HostProcess, run_host
+
+#: Partition names are unique on a host, and a host serves a whole module: number them.
+_VM_NUMBERS = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,8 @@ class Env:
 
     def vm(self, personality: str = "linux", name: str = "vm") -> hv.Partition:
         assert self.host is not None
-        created = self.host.create_vm(name, personality)
+        # Names are unique on a host, and the host outlives a test: number them.
+        created = self.host.create_vm(f"{name}-{next(_VM_NUMBERS)}", personality)
         partition = hv.Partition(
             self.host.target,
             hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pathlib
 import secrets
@@ -20,6 +21,8 @@ from guest_client._partition import PERSONALITIES
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
 BIN = pathlib.Path(sys.executable).parent
+#: Partition names are unique on a host: tests that do not care get vm-1, vm-2, ...
+_VM_NUMBERS = itertools.count(1)
 
 
 @dataclass
@@ -41,9 +44,12 @@ class HostProcess:
         return (("x-hvsock-token", self.token),)
 
     def create_vm(
-        self, name: str = "vm", personality: str = "linux"
+        self, name: str | None = None, personality: str = "linux"
     ) -> hvsock_pb2.CreatePartitionResponse:
-        """Create a VM with the admin API; its id and its token are in the answer."""
+        """Create a VM with the admin API; its id and its token are in the answer.  Without a
+        name, a fresh one (names are unique on a host)."""
+        if name is None:
+            name = f"vm-{next(_VM_NUMBERS)}"
         channel, admin = self.admin()
         with channel:
             created: hvsock_pb2.CreatePartitionResponse = admin.CreatePartition(

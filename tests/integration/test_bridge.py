@@ -47,7 +47,8 @@ class Parts:
         self.host, self.data_path = host, data_path
         self.opened: list[hv.Partition] = []
 
-    def create_vm(self, personality: str = "linux", name: str = "bridge-vm") -> tuple[str, str]:
+    def create_vm(self, personality: str = "linux", name: str | None = None) -> tuple[str, str]:
+        # No name: a fresh one (names are unique on a host, and the host serves the module).
         created = self.host.create_vm(name, personality)
         return created.partition.vm_id, created.token
 

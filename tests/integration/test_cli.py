@@ -376,7 +376,7 @@ class Pair:
     """A VM and the host partition with one open relay channel between them."""
 
     def __init__(self, cli: Cli, service: str) -> None:
-        created = new_vm(cli, "chan-vm")
+        created = new_vm(cli, f"chan-vm-{uuid.uuid4().hex[:8]}")  # names are unique
         self.vm_id = created["vm_id"]
         target = cli.host.target
         self.guest = RawPartition(
@@ -497,8 +497,8 @@ def test_events_replay(cli: Cli) -> None:
     last = cli.ok("events", "--json", "--replay", "1", "--count", "1").strip().splitlines()
     assert len(last) == 1
     assert json.loads(last[0])["kind"] == "created" and json.loads(last[0])["vm_id"] == vm_id
-    for _ in range(3):  # at least three events to replay, whatever ran before
-        new_vm(cli, "evented")
+    for number in range(3):  # at least three events to replay, whatever ran before
+        new_vm(cli, f"evented-{number}")
     text = cli.ok("events", "--replay", "3", "--count", "3").splitlines()
     assert len(text) == 3
     assert all(re.match(r"^\d{4}-\d\d-\d\dT\S+Z\s+\S+", line) for line in text), text
@@ -520,8 +520,8 @@ def test_events_follow_until_ctrl_c(cli: Cli) -> None:
         created: list[str] = []
         selector = selectors.DefaultSelector()
         selector.register(proc.stdout, selectors.EVENT_READ)
-        for _ in range(20):
-            created.append(new_vm(cli, name)["vm_id"])
+        for number in range(20):
+            created.append(new_vm(cli, f"{name}-{number}")["vm_id"])
             if selector.select(timeout=1):
                 line = proc.stdout.readline()
                 seen = json.loads(line)

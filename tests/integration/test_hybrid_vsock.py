@@ -74,11 +74,7 @@ def _echo(conn: hv.HvSocket) -> None:
 def setup(
     request: pytest.FixtureRequest, host: HostProcess, tmp_path: pathlib.Path
 ) -> Iterator[Setup]:
-    channel, admin = host.admin()
-    with channel:
-        created = admin.CreatePartition(
-            hvsock_pb2.CreatePartitionRequest(name="hybrid-vm"), metadata=host.metadata, timeout=10
-        )
+    created = host.create_vm()  # a fresh name: names are unique, and the host is shared
     kwargs = {"data_path": request.param}
     vm = hv.Partition(
         host.target, hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token), **kwargs

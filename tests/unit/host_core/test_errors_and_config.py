@@ -30,6 +30,7 @@ EXPECTED = {
     "AddressNotAvailable": (errno.EADDRNOTAVAIL, "RESOURCE_EXHAUSTED"),
     "NoBuffers": (errno.ENOBUFS, "RESOURCE_EXHAUSTED"),
     "TooManySessions": (errno.ENOBUFS, "RESOURCE_EXHAUSTED"),
+    "TooManyPartitions": (errno.ENOBUFS, "RESOURCE_EXHAUSTED"),
     "Unauthenticated": (errno.EACCES, "UNAUTHENTICATED"),
     "PermissionDenied": (errno.EACCES, "PERMISSION_DENIED"),
     "ServiceNotRegistered": (errno.EACCES, "PERMISSION_DENIED"),
@@ -81,6 +82,7 @@ def test_config_defaults_are_the_seed_values() -> None:
     assert config.allow_guest_to_guest is False
     assert config.default_backlog == 128
     assert config.max_sessions_per_partition == 64
+    assert config.max_partitions == 1024
 
 
 def test_config_is_frozen() -> None:
@@ -105,6 +107,7 @@ def test_config_is_frozen() -> None:
         ("event_log_size", 0, "positive integer"),
         ("max_sessions_per_partition", 0, "positive integer"),
         ("max_sessions_per_partition", 2.5, "positive integer"),
+        ("max_partitions", 0, "positive integer"),
     ],
 )
 def test_config_validation(field: str, value: object, message: str) -> None:

@@ -91,7 +91,7 @@ def test_well_known_ids_cannot_be_vm_ids(world: World, vm_id: str) -> None:
     ("kwargs", "error", "message"),
     [
         ({"name": ""}, InvalidArgument, "non-empty"),
-        ({"name": "x" * 257}, InvalidArgument, "at most 256"),
+        ({"name": "x" * 65}, InvalidArgument, "at most 64"),
         ({"name": "ok", "personality": "beos"}, InvalidArgument, "linux' or 'windows"),
         ({"name": "ok", "vm_id": "nope"}, BadAddress, "VM id"),
     ],
