@@ -41,6 +41,7 @@ from ring._constants import MAX_PAYLOAD, PAGE_SIZE
 from . import metrics
 from .core import errors
 from .core.types import RingGeometry, Session, Side
+from .wire import MalformedRequest
 from .workers import WorkerPool
 
 log = logging.getLogger("hvsock.host.dataplane")
@@ -110,12 +111,19 @@ class Relay:
         self._receive_limit: int | None = None
         self._receive_credit = threading.Condition()
         self._stopping = False
+        # Frames read from the ring and not yet sent to the client (released as they go, and
+        # by stop(): a reader waiting here must not outlive a stream nobody drains).
+        self._in_flight = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
         self._inbound: queue.SimpleQueue[bytes | _Fin | _Stop] = queue.SimpleQueue()
         self._pumps: list[threading.Event] = []  # set when each pump has returned
         # Set by the service: tell the core this end sent FIN / closed. Called on the event
         # loop, only once the FIN is in the ring — never ahead of data still being written.
         self.on_fin: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
+        #: Set by the service: the stream ended some other way (cancelled, deadline, broken
+        #: connection, an exception) with the channel still up. Nobody will read or write this
+        #: end again, so the channel is torn down (rescinded), as for an end that crashed.
+        self.on_abort: Callable[[str], None] = lambda reason: None
 
     async def run(
         self,
@@ -124,26 +132,33 @@ class Relay:
     ) -> AsyncIterator[hvsock_pb2.ChannelDataResponse]:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[hvsock_pb2.ChannelDataResponse] = asyncio.Queue()
-        in_flight = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
+        in_flight = self._in_flight
         # The first credit is granted before any frame is read, so the pump's checks never
         # see a limit the client has not been told.
         state = _WriterState(limit=self.end.tx.writable())
-        yield hvsock_pb2.ChannelDataResponse(send_limit=state.limit)
 
         def post(message: hvsock_pb2.ChannelDataResponse) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
                 loop.call_soon_threadsafe(out.put_nowait, message)
 
-        self._pumps = [
-            _WORKERS.run(lambda: self._read_ring(post, in_flight), "hvsock-relay-rx"),
-            _WORKERS.run(lambda: self._write_ring(post, state), "hvsock-relay-tx"),
-        ]
-        pump = asyncio.create_task(self._pump_requests(request_iterator, state))
-        pump.add_done_callback(lambda _: out.put_nowait(_PUMP_DONE))
-        reader_done = writer_done = pump_done = closed = False
+        pump: asyncio.Task[None] | None = None
+        reader_done = writer_done = pump_done = closed = ended = False
+        # Everything from the first yield on is inside the try: the stream may end at any
+        # await or yield, and this relay is its to reclaim from the moment it was claimed.
         try:
-            # A rescinded channel ends the stream without waiting for the client's half-close.
-            while not (reader_done and writer_done and (pump_done or self.reset is not None)):
+            yield hvsock_pb2.ChannelDataResponse(send_limit=state.limit)
+            self._pumps = [
+                _WORKERS.run(lambda: self._read_ring(post, in_flight), "hvsock-relay-rx"),
+                _WORKERS.run(lambda: self._write_ring(post, state), "hvsock-relay-tx"),
+            ]
+            pump = asyncio.create_task(self._pump_requests(request_iterator, state))
+            pump.add_done_callback(lambda _: out.put_nowait(_PUMP_DONE))
+            # A rescinded channel ends the stream without waiting for the client's half-close;
+            # a client that broke the protocol gets no more data once its frames are done with.
+            while not (
+                (reader_done and writer_done and (pump_done or self.reset is not None))
+                or (state.error is not None and pump_done and writer_done)
+            ):
                 message = await out.get()
                 if message is _READER_DONE:
                     reader_done = True
@@ -164,13 +179,20 @@ class Relay:
                     self.on_close()
             # The servicer turns a protocol error or a rescind into the stream's status.
             self.error = state.error
+            ended = True
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-            self._inbound.put(_STOP)
-            # This stream owns the relay's pumps and mapping from the moment it was claimed.
-            _WORKERS.run(self.stop, "hvsock-reclaim")
+            try:
+                if not ended and self.reset is None and state.error is None:
+                    self.on_abort("the relayed end's data stream ended without closing it")
+                if pump is not None:
+                    pump.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pump
+            finally:
+                self._inbound.put(_STOP)
+                # This stream owns the relay's pumps and mapping from the moment it was
+                # claimed, however it ends.
+                _WORKERS.run(self.stop, "hvsock-reclaim")
 
     async def _pump_requests(
         self, request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest], state: _WriterState
@@ -211,6 +233,11 @@ class Relay:
                     self._inbound.put(_STOP)
                     self.end.rescind()
                     return
+        except MalformedRequest as err:
+            # A frame that is not a ChannelDataRequest: a protocol error like those above.
+            state.error = err.message
+            self._inbound.put(_STOP)
+            self.end.rescind()
         finally:
             if not state.fin:
                 # The client went away without FIN: its end is as good as closed.
@@ -309,6 +336,8 @@ class Relay:
                 return
             self._stopping = True
             self._receive_credit.notify_all()
+        for _ in range(MAX_FRAMES_IN_FLIGHT):
+            self._in_flight.release()  # a reader waiting for the stream to take its frames
         self.send_running.set()
         self.recv_running.set()
         self._inbound.put(_STOP)

@@ -64,6 +64,7 @@ from .core.types import (
 from .dataplane import DataPlane, EndPath
 from .status import abort, errno_detail, error_message, in_stream_error, rich_status
 from .store import PartitionRecord, ServiceRecord, StateStore
+from .wire import MalformedRequest
 
 log = logging.getLogger("hvsock.host")
 
@@ -674,11 +675,15 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     break
                 yield response
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            host.unregister(attachment, attachment.ended or reason)
+            try:
+                if reader is not None:
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        # Re-raises what ended the reader (a malformed frame, a bug) -- after
+                        # the session is released below, never instead of it.
+                        await reader
+            finally:
+                host.unregister(attachment, attachment.ended or reason)
         if attachment.ended not in (None, "attach stream ended"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, attachment.ended)
 
@@ -741,6 +746,8 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         self, request_iterator: AsyncIterator[hvsock_pb2.AttachRequest], attachment: Attachment
     ) -> None:
         try:
+            # A frame that does not decode raises wire.MalformedRequest here; it ends the
+            # stream (INVALID_ARGUMENT) through Attach, which detaches the session first.
             async for request in request_iterator:
                 if attachment.ended is not None:
                     return
@@ -758,6 +765,9 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     continue
                 response.request_id = request.request_id
                 attachment.send(response)
+        except MalformedRequest as err:
+            attachment.end(err.message)  # the reason the session is detached with
+            raise
         finally:
             attachment.end("attach stream ended")
 
@@ -904,10 +914,17 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
 
             return call
 
+        def abandon(reason: str) -> None:
+            with contextlib.suppress(errors.HvError):  # gone already: nothing to tear down
+                host.call(host.core.rescind, channel_id, reason=reason)
+
         relay.on_fin = tell_core(host.core.shutdown)
         relay.on_close = tell_core(host.core.close)
-        async for response in relay.run(request_iterator, context):
-            yield response
+        relay.on_abort = abandon
+        # Closed explicitly however this stream ends, so the relay is reclaimed now.
+        async with contextlib.aclosing(relay.run(request_iterator, context)) as frames:
+            async for response in frames:
+                yield response
         if relay.error is not None:
             # A protocol violation closes the channel for both ends, as the core's machine
             # does for a bad request (both ends get a rescind notice).
