@@ -9,10 +9,14 @@ normal connection with no channel or shared-memory segment left behind.
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
+import functools
 import pathlib
 import queue
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -26,6 +30,7 @@ from ..integration.hostproc import HostProcess, run_host
 from ..integration.rawclient import RawPartition
 from ..integration.test_host_api import attach_host, attach_vm, create_vm
 from ..integration.test_host_badinput import assert_healthy
+from . import abnormal
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -432,3 +437,107 @@ def _leftovers_go_away(host: HostProcess) -> None:
                 return
             assert time.monotonic() < deadline, channels
             time.sleep(0.1)
+
+
+# -- streams that end abnormally (issue 16) ---------------------------------------------------
+#
+# Each test ends streams every way but the normal one, several at once (so the deadlines run
+# concurrently and each test takes a few seconds), then polls the host's own counts (sessions,
+# channels, segments from its API and shm dir; threads and fds from /proc) until they are back
+# at the baseline taken before, attaches the same VM the normal way, and checks the log holds no
+# traceback. Idle relay workers leave after workers.IDLE_TIMEOUT, hence the wait's bound.
+
+#: How long the host may take to release everything after the last stream ended.
+RELEASE_TIMEOUT = 15.0
+
+
+@pytest.fixture
+def target(tmp_path: pathlib.Path) -> Iterator[abnormal.Target]:
+    # A short close timeout: channels whose peer never closes are removed quickly.
+    with run_host(tmp_path, "--close-timeout-ms", "500") as host:
+        channel = grpc.insecure_channel(host.target)
+        with channel:
+            yield abnormal.Target(host, channel, create_vm(host, "abnormal"))
+
+
+def _concurrently(jobs: list[Callable[[], grpc.StatusCode]]) -> list[grpc.StatusCode]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+def _assert_released(target: abnormal.Target, baseline: abnormal.Counts) -> None:
+    admin = hvsock_pb2_grpc.AdminServiceStub(target.channel)
+    now, waited = abnormal.wait_for(target.host, admin, baseline, RELEASE_TIMEOUT)
+    assert now.within(baseline), f"after {waited:.1f} s: {now} (baseline {baseline})"
+    # The VM attaches again the normal way (a leak would have used up its sessions).
+    again = abnormal.Attached(target.channel, target.vm_hello)
+    again.stream.cancel()
+    assert_healthy(target.host)
+    bad = [
+        line
+        for line in target.host.log
+        if "Traceback" in line or "unexpected" in line.lower() or " ERROR " in line
+    ]
+    assert not bad, bad[:5]
+
+
+def _baseline(target: abnormal.Target) -> abnormal.Counts:
+    return abnormal.counts(target.host, hvsock_pb2_grpc.AdminServiceStub(target.channel))
+
+
+def _ends() -> list[tuple[str, bytes]]:
+    """Every way to end: each malformed pattern, a cancel, a deadline."""
+    return [
+        *(("malformed", raw) for raw in abnormal.MALFORMED.values()),
+        ("cancel", b""),
+        ("deadline", b""),
+    ]
+
+
+def test_attach_streams_ending_abnormally_in_every_state_release_their_session(
+    target: abnormal.Target,
+) -> None:
+    baseline = _baseline(target)
+    jobs = [
+        functools.partial(abnormal.attach_ends, target, state, how, raw)
+        for state in abnormal.ATTACH_STATES
+        for how, raw in _ends()
+    ]
+    # Each state twice over: more sessions than the partition may hold at once would show a
+    # leak as a refused attach too (max_sessions_per_partition is 64).
+    assert len(_concurrently(jobs * 2)) == 2 * len(jobs)
+    _assert_released(target, baseline)
+
+
+def test_channel_data_streams_ending_abnormally_release_their_channel(
+    target: abnormal.Target,
+) -> None:
+    baseline = _baseline(target)
+    jobs = [
+        functools.partial(abnormal.channel_data_ends, target, how, raw, backlog=backlog)
+        for how, raw in _ends()
+        for backlog in (False, True)
+    ]
+    _concurrently(jobs)
+    _assert_released(target, baseline)
+
+
+def test_watch_streams_ending_abnormally_are_released(target: abnormal.Target) -> None:
+    baseline = _baseline(target)
+    _concurrently(
+        [functools.partial(abnormal.watch_ends, target, how, raw) for how, raw in _ends()]
+    )
+    _assert_released(target, baseline)
+
+
+def test_malformed_protobuf_on_every_rpc_is_invalid_argument(target: abnormal.Target) -> None:
+    baseline = _baseline(target)
+    methods = abnormal.every_method(target.host)
+    assert len(methods) >= 20
+    for method in methods:
+        for name, raw in abnormal.MALFORMED.items():
+            error = abnormal.malformed_call(target.channel, method, raw, target.host.metadata)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, name, error)
+            assert "malformed request" in (error.details() or ""), (method, name, error)
+            assert abnormal.errno_of(error) == errno.EINVAL, (method, name, error)
+    _assert_released(target, baseline)
