@@ -28,7 +28,7 @@ import logging
 import pathlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -129,7 +129,7 @@ class Relay:
         self,
         request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[hvsock_pb2.ChannelDataResponse]:
+    ) -> AsyncGenerator[hvsock_pb2.ChannelDataResponse, None]:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[hvsock_pb2.ChannelDataResponse] = asyncio.Queue()
         in_flight = self._in_flight

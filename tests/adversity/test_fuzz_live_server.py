@@ -15,7 +15,6 @@ import functools
 import pathlib
 import queue
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
