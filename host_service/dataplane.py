@@ -79,6 +79,7 @@ _STOP = _Stop()
 _READER_DONE = hvsock_pb2.ChannelDataResponse()
 _WRITER_DONE = hvsock_pb2.ChannelDataResponse()
 _PUMP_DONE = hvsock_pb2.ChannelDataResponse()
+_RESCINDED = hvsock_pb2.ChannelDataResponse()
 
 #: Hands a frame or a marker to the event loop.
 _Post = Callable[[hvsock_pb2.ChannelDataResponse], None]
@@ -116,6 +117,8 @@ class Relay:
         self._in_flight = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
         self._inbound: queue.SimpleQueue[bytes | _Fin | _Stop] = queue.SimpleQueue()
         self._pumps: list[threading.Event] = []  # set when each pump has returned
+        #: The running stream's queue on the event loop (None before and after it runs).
+        self._out: asyncio.Queue[hvsock_pb2.ChannelDataResponse] | None = None
         # Set by the service: tell the core this end sent FIN / closed. Called on the event
         # loop, only once the FIN is in the ring — never ahead of data still being written.
         self.on_fin: Callable[[], None] = lambda: None
@@ -132,6 +135,7 @@ class Relay:
     ) -> AsyncGenerator[hvsock_pb2.ChannelDataResponse, None]:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[hvsock_pb2.ChannelDataResponse] = asyncio.Queue()
+        self._out = out
         in_flight = self._in_flight
         # The first credit is granted before any frame is read, so the pump's checks never
         # see a limit the client has not been told.
@@ -168,6 +172,8 @@ class Relay:
                         self.on_fin()
                 elif message is _PUMP_DONE:
                     pump_done = True
+                elif message is _RESCINDED:
+                    pass  # only to look at the loop's condition again
                 elif message is not None:
                     if message.data:
                         in_flight.release()
@@ -181,6 +187,7 @@ class Relay:
             self.error = state.error
             ended = True
         finally:
+            self._out = None
             try:
                 if not ended and self.reset is None and state.error is None:
                     self.on_abort("the relayed end's data stream ended without closing it")
@@ -318,6 +325,13 @@ class Relay:
             log.debug("relay write on %s ended: %s", self.vm_id, exc)
         finally:
             post(_WRITER_DONE)
+
+    def rescinded(self, reason: str) -> None:
+        """The host rescinded the channel (called on the event loop). The stream may be waiting
+        for nothing but this (both pumps done, a client that never half-closes): wake it."""
+        self.reset = self.reset or reason
+        if self._out is not None:
+            self._out.put_nowait(_RESCINDED)
 
     def halt_writer(self) -> None:
         """End the writer thread (the ring is rescinded); the reader still drains."""
@@ -460,7 +474,7 @@ class DataPlane:
         rings = self._channels.get(channel_id)
         if rings is not None:
             for relay in rings.relays.values():
-                relay.reset = relay.reset or reason
+                relay.rescinded(reason)
             rings.broker.rescind()
 
     def remove(self, channel_id: int) -> None:

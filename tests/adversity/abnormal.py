@@ -47,6 +47,8 @@ ATTACH_STATES = ("welcomed", "listening", "connecting", "open")
 ENDS = ("malformed", "cancel", "deadline")
 #: Long enough to set a stream up on a loaded machine, short enough to wait for.
 DEADLINE = 1.5
+#: Bound on waiting for the host to end a stream it should end by itself.
+PEER_DEADLINE = 30.0
 
 
 def _identity(raw: bytes) -> bytes:
@@ -274,6 +276,7 @@ def channel_data_ends(
     ``backlog`` the peer first sends more frames than the host keeps in flight, unread."""
     timeout = DEADLINE if how == "deadline" else None
     guest, root, channel_id = open_relayed(target)
+    peer: RawStream | None = None
     try:
         stream = RawStream(
             target.channel, CHANNEL_DATA, hvsock_pb2.ChannelDataResponse.FromString, timeout
@@ -285,8 +288,13 @@ def channel_data_ends(
         )
         assert stream.next().send_limit > 0
         if backlog:
+            # The peer never half-closes its stream: the host must end it when the channel
+            # goes (a bounded deadline, so a host that does not fails this, not hangs).
             peer = RawStream(
-                target.channel, CHANNEL_DATA, hvsock_pb2.ChannelDataResponse.FromString
+                target.channel,
+                CHANNEL_DATA,
+                hvsock_pb2.ChannelDataResponse.FromString,
+                timeout=PEER_DEADLINE,
             )
             peer.send(
                 hvsock_pb2.ChannelDataRequest(
@@ -299,10 +307,17 @@ def channel_data_ends(
             assert limit >= 800
             # The guest's stream sees the first of them: the host's reader is running.
             assert stream.next().data
-        return _end(stream, how, malformed)
+        code = _end(stream, how, malformed)
+        if peer is not None:
+            # Rescinded (the malformed frame, the cancel or the deadline ended the channel).
+            error = peer.error()
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        return code
     finally:
         guest.stream.cancel()
         root.stream.cancel()
+        if peer is not None:
+            peer.cancel()
 
 
 def watch_ends(target: Target, how: str, malformed: bytes) -> grpc.StatusCode:

@@ -517,7 +517,12 @@ def test_channel_data_streams_ending_abnormally_release_their_channel(
         for how, raw in _ends()
         for backlog in (False, True)
     ]
-    _concurrently(jobs)
+    # Many malformed ends with a peer streaming: a peer stream the host failed to wake when
+    # the channel was rescinded (a race) stayed open in about one such end in seven.
+    race = functools.partial(
+        abnormal.channel_data_ends, target, "malformed", abnormal.MALFORMED["garbage"], backlog=True
+    )
+    _concurrently(jobs + [race] * 40)
     _assert_released(target, baseline)
 
 
