@@ -35,7 +35,7 @@ from enum import StrEnum
 import grpc
 
 from hvsock.v1 import hvsock_pb2
-from ring import shm
+from ring import RingCorruptError, shm
 from ring._constants import MAX_PAYLOAD, PAGE_SIZE
 
 from . import metrics
@@ -124,8 +124,9 @@ class Relay:
         self.on_fin: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
         #: Set by the service: the stream ended some other way (cancelled, deadline, broken
-        #: connection, an exception) with the channel still up. Nobody will read or write this
-        #: end again, so the channel is torn down (rescinded), as for an end that crashed.
+        #: connection, an exception) with the channel still up, or the ring this end writes is
+        #: corrupt. Nobody will read or write this end again, so the channel is torn down
+        #: (rescinded), as for an end that crashed.
         self.on_abort: Callable[[str], None] = lambda reason: None
 
     async def run(
@@ -168,6 +169,8 @@ class Relay:
                     reader_done = True
                 elif message is _WRITER_DONE:
                     writer_done = True
+                    if state.corrupt is not None:
+                        self.on_abort(state.corrupt)  # rescinds the channel (both ends told)
                     if state.fin_written:
                         self.on_fin()
                 elif message is _PUMP_DONE:
@@ -321,7 +324,14 @@ class Relay:
                 metrics.BYTES.labels("from_client").inc(len(item))
                 if self._inbound.empty():
                     grant()
-        except OSError as exc:  # rescinded (EPIPE) or corrupt
+        except RingCorruptError as exc:
+            # The ring's control page is impossible (someone mapping the memory wrote it): the
+            # channel is rescinded, nothing more. Wake this end's waiters now; the stream tells
+            # the core once the writer is done (on the event loop).
+            log.warning("relay write on %s: %s", self.vm_id, exc)
+            state.corrupt = str(exc)
+            self.end.rescind()
+        except OSError as exc:  # rescinded (EPIPE)
             log.debug("relay write on %s ended: %s", self.vm_id, exc)
         finally:
             post(_WRITER_DONE)
@@ -366,6 +376,7 @@ class _WriterState:
     fin: bool = False  # the client sent FIN
     fin_written: bool = False  # ... and it is in the ring
     error: str | None = None
+    corrupt: str | None = None  # the ring the writer writes is corrupt: why
 
 
 @dataclass(eq=False)

@@ -12,9 +12,13 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import functools
+import mmap
+import os
 import pathlib
 import queue
+import struct
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -544,4 +548,61 @@ def test_malformed_protobuf_on_every_rpc_is_invalid_argument(target: abnormal.Ta
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, name, error)
             assert "malformed request" in (error.details() or ""), (method, name, error)
             assert abnormal.errno_of(error) == errno.EINVAL, (method, name, error)
+    _assert_released(target, baseline)
+
+
+def test_a_corrupt_read_index_rescinds_a_relayed_writers_channel_only(
+    target: abnormal.Target,
+) -> None:
+    """Someone mapping the segment scribbles over the read index of the ring a relayed end
+    writes: that channel is rescinded (both streams end UNAVAILABLE saying why), the host's
+    other channels and sessions carry on, and nothing is left behind."""
+    baseline = _baseline(target)
+    guest, root, channel_id = abnormal.open_relayed(target)
+    # The host's own descriptor of the channel's memory (a name in the shm dir is unlinked
+    # once both ends are mapped): opening it through /proc maps the very same pages.
+    fd_dir = pathlib.Path(f"/proc/{target.host.proc.pid}/fd")
+    (segment,) = {
+        os.readlink(fd): fd
+        for fd in fd_dir.iterdir()
+        if "hvsock-" in os.readlink(fd) and "probe" not in os.readlink(fd)
+    }.values()
+    streams = []
+    for attached in (guest, root):
+        stream = abnormal.RawStream(
+            target.channel,
+            abnormal.CHANNEL_DATA,
+            hvsock_pb2.ChannelDataResponse.FromString,
+            timeout=abnormal.PEER_DEADLINE,
+        )
+        stream.send(
+            hvsock_pb2.ChannelDataRequest(
+                open=hvsock_pb2.ChannelDataOpen(session=attached.session, channel_id=channel_id)
+            ).SerializeToString()
+        )
+        assert stream.next().send_limit > 0
+        streams.append(stream)
+    # Ring 0 (connector -> acceptor) starts after the segment's header page; its read index is
+    # the control page's second word. 3 is not 8-aligned: impossible for a real reader.
+    with open(segment, "r+b") as file, mmap.mmap(file.fileno(), 0) as mem:
+        struct.pack_into("<I", mem, mmap.PAGESIZE + 4, 3)
+    streams[0].send(hvsock_pb2.ChannelDataRequest(data=b"x" * 1000).SerializeToString())
+    for stream in streams:
+        error = stream.error()
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        assert "corrupt ring" in (error.details() or ""), error.details()
+    notice = root.stream.next()
+    while not notice.HasField("notice"):  # past the auto-accepted opening
+        notice = root.stream.next()
+    assert notice.notice.kind == hvsock_pb2.ChannelNotice.KIND_RESCINDED, notice
+    assert "corrupt ring" in notice.notice.reason, notice
+    # The sessions are untouched: the guest still listens and answers.
+    answer = guest.request(
+        listen=hvsock_pb2.Listen(
+            address=hvsock_pb2.Address(vm_id=abnormal.WILDCARD, service_id=str(uuid.uuid4()))
+        )
+    )
+    assert answer.HasField("listening"), answer
+    guest.stream.cancel()
+    root.stream.cancel()
     _assert_released(target, baseline)
