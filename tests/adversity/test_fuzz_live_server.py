@@ -606,3 +606,42 @@ def test_a_corrupt_read_index_rescinds_a_relayed_writers_channel_only(
     guest.stream.cancel()
     root.stream.cancel()
     _assert_released(target, baseline)
+
+
+def test_a_watcher_that_stops_reading_is_cut_off(target: abnormal.Target) -> None:
+    """A watcher that stops reading costs the host at most MAX_WATCH_BACKLOG queued events: then
+    it is cut off, RESOURCE_EXHAUSTED, once it reads again."""
+    from host_service.service import MAX_WATCH_BACKLOG
+
+    baseline = _baseline(target)
+    # No BDP probing: the transport's window stays at its first 64 KiB, so the events the
+    # watcher does not read queue in the host rather than in this process.
+    slow = grpc.insecure_channel(target.host.target, options=[("grpc.http2.bdp_probe", 0)])
+    with slow:
+        watch = hvsock_pb2_grpc.AdminServiceStub(slow).WatchEvents(
+            hvsock_pb2.WatchEventsRequest(), metadata=target.host.metadata, timeout=60
+        )
+        guest = abnormal.Attached(target.channel, target.vm_hello)
+        # Two events (listen, unlisten) per round; the unlisten is a notification.
+        service = str(uuid.uuid4())
+        for _ in range(MAX_WATCH_BACKLOG // 2 + 1_000):
+            answer = guest.request(
+                listen=hvsock_pb2.Listen(
+                    address=hvsock_pb2.Address(vm_id=abnormal.WILDCARD, service_id=service)
+                )
+            )
+            guest.stream.send(
+                hvsock_pb2.AttachRequest(
+                    unlisten=hvsock_pb2.Unlisten(listener_id=answer.listening.listener_id)
+                ).SerializeToString()
+            )
+        guest.stream.cancel()
+        got = 0
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in watch:
+                got += 1
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value
+    assert f"fell {MAX_WATCH_BACKLOG} events behind" in (ended.value.details() or "")
+    assert abnormal.errno_of(ended.value) == errno.ENOBUFS
+    assert got < MAX_WATCH_BACKLOG, got  # what the transport held before the host queued
+    _assert_released(target, baseline)
