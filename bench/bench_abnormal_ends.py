@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import json
@@ -72,6 +73,14 @@ def kinds(target: abnormal.Target) -> list[tuple[str, Callable[[], grpc.StatusCo
     return out
 
 
+def thread_names(pid: int) -> dict[str, int]:
+    names: collections.Counter[str] = collections.Counter()
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            names[(task / "comm").read_text().strip()] += 1
+    return dict(names)
+
+
 def run(ends: int, parallel: int) -> dict[str, object]:
     abnormal.DEADLINE = DEADLINE
     with (
@@ -89,6 +98,7 @@ def run(ends: int, parallel: int) -> dict[str, object]:
         admin = hvsock_pb2_grpc.AdminServiceStub(channel)
         target = abnormal.Target(host, channel, host.create_vm("storm"))
         baseline = abnormal.counts(host, admin)
+        names_before = thread_names(host.proc.pid)
         mix = kinds(target)
         plan = list(itertools.islice(itertools.cycle(mix), ends))
         statuses: collections.Counter[str] = collections.Counter()
@@ -111,6 +121,7 @@ def run(ends: int, parallel: int) -> dict[str, object]:
                 peak = abnormal.Counts(*(max(a, b) for a, b in pairs))
         wall = time.monotonic() - started
         left, waited = abnormal.wait_for(host, admin, baseline, timeout=60)
+        names_after = thread_names(host.proc.pid)
         # And the VM still attaches the normal way.
         again = abnormal.Attached(channel, target.vm_hello)
         again.stream.cancel()
@@ -132,6 +143,12 @@ def run(ends: int, parallel: int) -> dict[str, object]:
         "left": asdict(left),
         "back_at_baseline": left.within(baseline),
         "release_wait_s": round(waited, 2),
+        # By the kernel's thread name: gRPC's own (event_engine, ...) or ours (python's).
+        "threads_by_name_before": names_before,
+        "threads_by_name_left": names_after,
+        # Python's threads carry the process's name; gRPC's core names its own.
+        "host_python_threads_back": names_after.get("hvsock-host", 0)
+        <= names_before.get("hvsock-host", 0),
         "statuses": dict(statuses),
         "client_side_failures": dict(failures),
         "host_log_error_lines": len(bad_lines),
