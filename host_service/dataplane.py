@@ -27,20 +27,20 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import grpc
 
 from hvsock.v1 import hvsock_pb2
-from ring import shm
+from ring import RingCorruptError, shm
 from ring._constants import MAX_PAYLOAD, PAGE_SIZE
-from ring._errors import RingCorruptError
 
 from . import metrics
 from .core import errors
 from .core.types import RingGeometry, Session, Side
+from .wire import MalformedRequest
 from .workers import WorkerPool
 
 log = logging.getLogger("hvsock.host.dataplane")
@@ -78,6 +78,7 @@ _STOP = _Stop()
 _READER_DONE = hvsock_pb2.ChannelDataResponse()
 _WRITER_DONE = hvsock_pb2.ChannelDataResponse()
 _PUMP_DONE = hvsock_pb2.ChannelDataResponse()
+_RESCINDED = hvsock_pb2.ChannelDataResponse()
 
 #: Hands a frame or a marker to the event loop.
 _Post = Callable[[hvsock_pb2.ChannelDataResponse], None]
@@ -112,49 +113,71 @@ class Relay:
         self._receive_limit: int | None = None
         self._receive_credit = threading.Condition()
         self._stopping = False
+        # Frames read from the ring and not yet sent to the client (released as they go, and
+        # by stop(): a reader waiting here must not outlive a stream nobody drains).
+        self._in_flight = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
         self._inbound: queue.SimpleQueue[bytes | _Fin | _Stop] = queue.SimpleQueue()
         self._pumps: list[threading.Event] = []  # set when each pump has returned
+        #: The running stream's queue on the event loop (None before and after it runs).
+        self._out: asyncio.Queue[hvsock_pb2.ChannelDataResponse] | None = None
         # Set by the service: tell the core this end sent FIN / closed. Called on the event
         # loop, only once the FIN is in the ring — never ahead of data still being written.
         self.on_fin: Callable[[], None] = lambda: None
         self.on_close: Callable[[], None] = lambda: None
+        #: Set by the service: the stream ended some other way (cancelled, deadline, broken
+        #: connection, an exception) with the channel still up, or the ring this end writes is
+        #: corrupt. Nobody will read or write this end again, so the channel is torn down
+        #: (rescinded), as for an end that crashed.
+        self.on_abort: Callable[[str], None] = lambda reason: None
 
     async def run(
         self,
         request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[hvsock_pb2.ChannelDataResponse]:
+    ) -> AsyncGenerator[hvsock_pb2.ChannelDataResponse, None]:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[hvsock_pb2.ChannelDataResponse] = asyncio.Queue()
-        in_flight = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
+        self._out = out
+        in_flight = self._in_flight
         # The first credit is granted before any frame is read, so the pump's checks never
         # see a limit the client has not been told.
         state = _WriterState(limit=self.end.tx.writable())
-        yield hvsock_pb2.ChannelDataResponse(send_limit=state.limit)
 
         def post(message: hvsock_pb2.ChannelDataResponse) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
                 loop.call_soon_threadsafe(out.put_nowait, message)
 
-        self._pumps = [
-            _WORKERS.run(lambda: self._read_ring(post, in_flight), "hvsock-relay-rx"),
-            _WORKERS.run(lambda: self._write_ring(post, state), "hvsock-relay-tx"),
-        ]
-        pump = asyncio.create_task(self._pump_requests(request_iterator, state))
-        pump.add_done_callback(lambda _: out.put_nowait(_PUMP_DONE))
-        reader_done = writer_done = pump_done = closed = False
+        pump: asyncio.Task[None] | None = None
+        reader_done = writer_done = pump_done = closed = ended = False
+        # Everything from the first yield on is inside the try: the stream may end at any
+        # await or yield, and this relay is its to reclaim from the moment it was claimed.
         try:
-            # A rescinded channel ends the stream without waiting for the client's half-close.
-            while not (reader_done and writer_done and (pump_done or self.reset is not None)):
+            yield hvsock_pb2.ChannelDataResponse(send_limit=state.limit)
+            self._pumps = [
+                _WORKERS.run(lambda: self._read_ring(post, in_flight), "hvsock-relay-rx"),
+                _WORKERS.run(lambda: self._write_ring(post, state), "hvsock-relay-tx"),
+            ]
+            pump = asyncio.create_task(self._pump_requests(request_iterator, state))
+            pump.add_done_callback(lambda _: out.put_nowait(_PUMP_DONE))
+            # A rescinded channel ends the stream without waiting for the client's half-close;
+            # a client that broke the protocol gets no more data once its frames are done with.
+            while not (
+                (reader_done and writer_done and (pump_done or self.reset is not None))
+                or (state.error is not None and pump_done and writer_done)
+            ):
                 message = await out.get()
                 if message is _READER_DONE:
                     reader_done = True
                 elif message is _WRITER_DONE:
                     writer_done = True
+                    if state.corrupt is not None:
+                        self.on_abort(state.corrupt)  # rescinds the channel (both ends told)
                     if state.fin_written:
                         self.on_fin()
                 elif message is _PUMP_DONE:
                     pump_done = True
+                elif message is _RESCINDED:
+                    pass  # only to look at the loop's condition again
                 elif message is not None:
                     if message.data:
                         in_flight.release()
@@ -166,13 +189,21 @@ class Relay:
                     self.on_close()
             # The servicer turns a protocol error or a rescind into the stream's status.
             self.error = state.error
+            ended = True
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-            self._inbound.put(_STOP)
-            # This stream owns the relay's pumps and mapping from the moment it was claimed.
-            _WORKERS.run(self.stop, "hvsock-reclaim")
+            self._out = None
+            try:
+                if not ended and self.reset is None and state.error is None:
+                    self.on_abort("the relayed end's data stream ended without closing it")
+                if pump is not None:
+                    pump.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pump
+            finally:
+                self._inbound.put(_STOP)
+                # This stream owns the relay's pumps and mapping from the moment it was
+                # claimed, however it ends.
+                _WORKERS.run(self.stop, "hvsock-reclaim")
 
     async def _pump_requests(
         self, request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest], state: _WriterState
@@ -213,6 +244,11 @@ class Relay:
                     self._inbound.put(_STOP)
                     self.end.rescind()
                     return
+        except MalformedRequest as err:
+            # A frame that is not a ChannelDataRequest: a protocol error like those above.
+            state.error = err.message
+            self._inbound.put(_STOP)
+            self.end.rescind()
         finally:
             if not state.fin:
                 # The client went away without FIN: its end is as good as closed.
@@ -298,10 +334,24 @@ class Relay:
                 metrics.BYTES.labels("from_client").inc(len(item))
                 if self._inbound.empty():
                     grant()
-        except OSError as exc:  # rescinded (EPIPE) or corrupt
+        except RingCorruptError as exc:
+            # The ring's control page is impossible (someone mapping the memory wrote it): the
+            # channel is rescinded, nothing more. Wake this end's waiters now; the stream tells
+            # the core once the writer is done (on the event loop).
+            log.warning("relay write on %s: %s", self.vm_id, exc)
+            state.corrupt = str(exc)
+            self.end.rescind()
+        except OSError as exc:  # rescinded (EPIPE)
             log.debug("relay write on %s ended: %s", self.vm_id, exc)
         finally:
             post(_WRITER_DONE)
+
+    def rescinded(self, reason: str) -> None:
+        """The host rescinded the channel (called on the event loop). The stream may be waiting
+        for nothing but this (both pumps done, a client that never half-closes): wake it."""
+        self.reset = self.reset or reason
+        if self._out is not None:
+            self._out.put_nowait(_RESCINDED)
 
     def halt_writer(self) -> None:
         """End the writer thread (the ring is rescinded); the reader still drains."""
@@ -320,6 +370,8 @@ class Relay:
                 return
             self._stopping = True
             self._receive_credit.notify_all()
+        for _ in range(MAX_FRAMES_IN_FLIGHT):
+            self._in_flight.release()  # a reader waiting for the stream to take its frames
         self.send_running.set()
         self.recv_running.set()
         self._inbound.put(_STOP)
@@ -334,6 +386,7 @@ class _WriterState:
     fin: bool = False  # the client sent FIN
     fin_written: bool = False  # ... and it is in the ring
     error: str | None = None
+    corrupt: str | None = None  # the ring the writer writes is corrupt: why
 
 
 @dataclass(eq=False)
@@ -467,7 +520,7 @@ class DataPlane:
         rings = self._channels.get(channel_id)
         if rings is not None:
             for relay in rings.relays.values():
-                relay.reset = relay.reset or reason
+                relay.rescinded(reason)
             rings.broker.rescind()
 
     def remove(self, channel_id: int) -> None:

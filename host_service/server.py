@@ -27,6 +27,7 @@ from .handover import default_address
 from .service import AdminServicer, Host, HostServicer, new_core
 from .settings import parse_args
 from .store import StateStore
+from .wire import RejectMalformed
 
 log = logging.getLogger("hvsock.host")
 
@@ -127,7 +128,8 @@ def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | Non
 
 async def serve(args: argparse.Namespace, token: str) -> None:
     host = build_host(args, token)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    # Every service's requests, ours and health's and reflection's, decode through one check.
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RejectMalformed()])
     hvsock_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(host), server)
     hvsock_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(host, token), server)
     health_servicer = health.aio.HealthServicer()

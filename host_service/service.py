@@ -63,6 +63,7 @@ from .dataplane import DataPlane, EndPath
 from .handover import NONCE_SIZE, DescriptorServer
 from .status import abort, errno_detail, error_message, in_stream_error, rich_status
 from .store import PartitionRecord, ServiceRecord, StateStore
+from .wire import MalformedRequest
 
 log = logging.getLogger("hvsock.host")
 
@@ -74,6 +75,9 @@ TOKEN_METADATA = "x-hvsock-token"
 MAX_QUEUED_RESPONSES = 65536
 #: Most auto-accept credit a listener may hold (the kernel's somaxconn-like bound).
 MAX_ACCEPT_CREDIT = 65535
+#: Events queued for one WatchEvents stream before the host cuts off a watcher that does not
+#: keep up (RESOURCE_EXHAUSTED): a watcher that stopped reading must not grow host memory.
+MAX_WATCH_BACKLOG = 10_000
 
 _PERSONALITY_TO_PB = {
     Personality.LINUX: hvsock_pb2.PERSONALITY_LINUX,
@@ -174,6 +178,15 @@ class Attachment:
             self.responses.put_nowait(None)
 
 
+@dataclass(eq=False)
+class Watcher:
+    """One WatchEvents stream: its queue of events not yet sent (None: the stream is over)."""
+
+    queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
+    #: Set when the host cut the watcher off: how many events it had not taken.
+    behind: int | None = None
+
+
 class Host:
     """The emulated host: the core plus everything with I/O around it."""
 
@@ -209,7 +222,7 @@ class Host:
         self._by_secret: dict[str, Attachment] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None  # the core deadline _timer is armed for
-        self._watchers: set[asyncio.Queue[Event | None]] = set()
+        self._watchers: set[Watcher] = set()
         #: Shutting down: attaches are refused (UNAVAILABLE/ECONNRESET) so that programs wait
         #: for the next host rather than attach to this one as it goes.
         self.draining = False
@@ -279,8 +292,11 @@ class Host:
     def dispatch(self, events: list[Event] | tuple[Event, ...]) -> None:
         for event in events:
             self._dispatch_one(event)
-            for watcher in self._watchers:
-                watcher.put_nowait(event)
+            for watcher in tuple(self._watchers):
+                if watcher.queue.qsize() >= MAX_WATCH_BACKLOG:
+                    self._cut_off(watcher)
+                else:
+                    watcher.queue.put_nowait(event)
 
     def _to(self, event: PartitionEvent) -> Attachment | None:
         """The attach stream of the session an event is addressed to, if it is still live."""
@@ -497,13 +513,23 @@ class Host:
 
     # -- watchers --------------------------------------------------------------------------
 
-    def watch(self) -> asyncio.Queue[Event | None]:
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        self._watchers.add(queue)
-        return queue
+    def watch(self) -> Watcher:
+        watcher = Watcher()
+        self._watchers.add(watcher)
+        return watcher
 
-    def unwatch(self, queue: asyncio.Queue[Event | None]) -> None:
-        self._watchers.discard(queue)
+    def unwatch(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def _cut_off(self, watcher: Watcher) -> None:
+        """The watcher fell MAX_WATCH_BACKLOG events behind: drop what it has not taken (the
+        memory goes now) and end its stream once it gets to the end marker."""
+        self._watchers.discard(watcher)
+        watcher.behind = watcher.queue.qsize()
+        while not watcher.queue.empty():
+            watcher.queue.get_nowait()
+        watcher.queue.put_nowait(None)
+        log.warning("cut off an event watcher %d events behind", watcher.behind)
 
     # -- attachments -----------------------------------------------------------------------
 
@@ -725,11 +751,15 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     break
                 yield response
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            host.unregister(attachment, attachment.ended or reason)
+            try:
+                if reader is not None:
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        # Re-raises what ended the reader (a malformed frame, a bug) -- after
+                        # the session is released below, never instead of it.
+                        await reader
+            finally:
+                host.unregister(attachment, attachment.ended or reason)
         if attachment.ended not in (None, "attach stream ended"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, attachment.ended)
 
@@ -810,6 +840,8 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         self, request_iterator: AsyncIterator[hvsock_pb2.AttachRequest], attachment: Attachment
     ) -> None:
         try:
+            # A frame that does not decode raises wire.MalformedRequest here; it ends the
+            # stream (INVALID_ARGUMENT) through Attach, which detaches the session first.
             async for request in request_iterator:
                 if attachment.ended is not None:
                     return
@@ -827,6 +859,9 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     continue
                 response.request_id = request.request_id
                 attachment.send(response)
+        except MalformedRequest as err:
+            attachment.end(err.message)  # the reason the session is detached with
+            raise
         finally:
             attachment.end("attach stream ended")
 
@@ -987,10 +1022,17 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
 
             return call
 
+        def abandon(reason: str) -> None:
+            with contextlib.suppress(errors.HvError):  # gone already: nothing to tear down
+                host.call(host.core.rescind, channel_id, reason=reason)
+
         relay.on_fin = tell_core(host.core.shutdown)
         relay.on_close = tell_core(host.core.close)
-        async for response in relay.run(request_iterator, context):
-            yield response
+        relay.on_abort = abandon
+        # Closed explicitly however this stream ends, so the relay is reclaimed now.
+        async with contextlib.aclosing(relay.run(request_iterator, context)) as frames:
+            async for response in frames:
+                yield response
         if relay.error is not None:
             # A protocol violation closes the channel for both ends, as the core's machine
             # does for a bad request (both ends get a rescind notice).
@@ -1234,18 +1276,26 @@ class AdminServicer(hvsock_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
     ) -> AsyncIterator[hvsock_pb2.WatchEventsResponse]:
         await self._authorize(context)
         host = self.host
-        queue = host.watch()
+        watcher = host.watch()
         try:
             if request.replay:
                 for event in host.core.events_since(0)[-request.replay :]:
                     yield host.event_pb(event)
             while True:
-                next_event = await queue.get()
+                next_event = await watcher.queue.get()
                 if next_event is None:
-                    return
+                    break
                 yield host.event_pb(next_event)
         finally:
-            host.unwatch(queue)
+            host.unwatch(watcher)
+        if watcher.behind is not None:
+            await abort(
+                context,
+                errors.NoBuffers(
+                    f"watcher fell {watcher.behind} events behind (the host holds at most "
+                    f"{MAX_WATCH_BACKLOG} for a watcher); watch again, with replay to catch up"
+                ),
+            )
 
     async def RescindChannel(
         self, request: hvsock_pb2.RescindChannelRequest, context: grpc.aio.ServicerContext

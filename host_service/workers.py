@@ -6,8 +6,15 @@ client's attach-stream reader, for every relayed channel end. A pool hands a job
 worker instead (a queue put) and starts a thread only when none is idle. A job may block for
 as long as it likes (a relay pump lives as long as its channel): it holds its worker that long.
 
+A worker that finds no job for ``idle_timeout`` seconds exits, so the thread count comes back
+down after a burst (thousands of channels opened and closed, a storm of cancelled streams). A
+pool that has been idle that long serves less than a job per ``idle_timeout``, where the cost of
+starting a thread again no longer matters.
+
 Invariant: ``_idle`` never exceeds the number of workers blocked in, or on their way to,
-``_jobs.get()``, so every job put behind a decrement of ``_idle`` is taken by one of them.
+``_jobs.get()``, so every job put behind a decrement of ``_idle`` is taken by one of them. A
+worker whose wait timed out leaves only by taking one off ``_idle`` (under the lock); when
+``_idle`` is 0 every waiting worker has a job promised, so it waits again for it.
 """
 
 from __future__ import annotations
@@ -23,10 +30,14 @@ log = logging.getLogger("hvsock.workers")
 
 _Job = tuple[Callable[[], object], str, threading.Event]
 
+#: Seconds an idle worker waits for a job before its thread ends.
+IDLE_TIMEOUT = 2.0
+
 
 class WorkerPool:
-    def __init__(self, max_idle: int = 64) -> None:
+    def __init__(self, max_idle: int = 64, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._max_idle = max_idle
+        self._idle_timeout = idle_timeout
         self._reset()
         _pools.add(self)
 
@@ -51,7 +62,14 @@ class WorkerPool:
     def _work(self) -> None:
         me = threading.current_thread()
         while True:
-            fn, me.name, done = self._jobs.get()
+            try:
+                fn, me.name, done = self._jobs.get(timeout=self._idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle:
+                        self._idle -= 1
+                        return
+                continue  # a job is promised to the waiting workers: this one takes it
             try:
                 fn()
             except BaseException:

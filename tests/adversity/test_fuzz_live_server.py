@@ -9,10 +9,16 @@ normal connection with no channel or shared-memory segment left behind.
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
+import functools
+import mmap
 import pathlib
 import queue
+import struct
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -26,6 +32,7 @@ from ..integration.hostproc import HostProcess, run_host
 from ..integration.rawclient import RawPartition
 from ..integration.test_host_api import attach_host, attach_vm, create_vm
 from ..integration.test_host_badinput import assert_healthy
+from . import abnormal
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -432,3 +439,218 @@ def _leftovers_go_away(host: HostProcess) -> None:
                 return
             assert time.monotonic() < deadline, channels
             time.sleep(0.1)
+
+
+# -- streams that end abnormally (issue 16) ---------------------------------------------------
+#
+# Each test ends streams every way but the normal one, several at once (so the deadlines run
+# concurrently and each test takes a few seconds), then polls the host's own counts (sessions,
+# channels, segments from the memfd mappings in its /proc maps; threads and fds from /proc) until they are back
+# at the baseline taken before, attaches the same VM the normal way, and checks the log holds no
+# traceback. Idle relay workers leave after workers.IDLE_TIMEOUT, hence the wait's bound.
+
+#: How long the host may take to release everything after the last stream ended.
+RELEASE_TIMEOUT = 15.0
+
+
+@pytest.fixture
+def target(tmp_path: pathlib.Path) -> Iterator[abnormal.Target]:
+    # A short close timeout: channels whose peer never closes are removed quickly.
+    with run_host(tmp_path, "--close-timeout-ms", "500") as host:
+        channel = grpc.insecure_channel(host.target)
+        with channel:
+            yield abnormal.Target(host, channel, create_vm(host, "abnormal"))
+
+
+def _concurrently(jobs: list[Callable[[], grpc.StatusCode]]) -> list[grpc.StatusCode]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+def _assert_released(target: abnormal.Target, baseline: abnormal.Counts) -> None:
+    admin = hvsock_pb2_grpc.AdminServiceStub(target.channel)
+    now, waited = abnormal.wait_for(target.host, admin, baseline, RELEASE_TIMEOUT)
+    assert now.within(baseline), f"after {waited:.1f} s: {now} (baseline {baseline})"
+    # The VM attaches again the normal way (a leak would have used up its sessions).
+    again = abnormal.Attached(target.channel, target.vm_hello)
+    again.stream.cancel()
+    assert_healthy(target.host)
+    bad = [
+        line
+        for line in target.host.log
+        if "Traceback" in line or "unexpected" in line.lower() or " ERROR " in line
+    ]
+    assert not bad, bad[:5]
+
+
+def _baseline(target: abnormal.Target) -> abnormal.Counts:
+    return abnormal.counts(target.host, hvsock_pb2_grpc.AdminServiceStub(target.channel))
+
+
+def _ends() -> list[tuple[str, bytes]]:
+    """Every way to end: each malformed pattern, a cancel, a deadline."""
+    return [
+        *(("malformed", raw) for raw in abnormal.MALFORMED.values()),
+        ("cancel", b""),
+        ("deadline", b""),
+    ]
+
+
+def test_attach_streams_ending_abnormally_in_every_state_release_their_session(
+    target: abnormal.Target,
+) -> None:
+    baseline = _baseline(target)
+    jobs = [
+        functools.partial(abnormal.attach_ends, target, state, how, raw)
+        for state in abnormal.ATTACH_STATES
+        for how, raw in _ends()
+    ]
+    # Each state twice over: more sessions than the partition may hold at once would show a
+    # leak as a refused attach too (max_sessions_per_partition is 64).
+    assert len(_concurrently(jobs * 2)) == 2 * len(jobs)
+    _assert_released(target, baseline)
+
+
+def test_channel_data_streams_ending_abnormally_release_their_channel(
+    target: abnormal.Target,
+) -> None:
+    baseline = _baseline(target)
+    jobs = [
+        functools.partial(abnormal.channel_data_ends, target, how, raw, backlog=backlog)
+        for how, raw in _ends()
+        for backlog in (False, True)
+    ]
+    # Many malformed ends with a peer streaming: a peer stream the host failed to wake when
+    # the channel was rescinded (a race) stayed open in about one such end in seven.
+    race = functools.partial(
+        abnormal.channel_data_ends, target, "malformed", abnormal.MALFORMED["garbage"], backlog=True
+    )
+    _concurrently(jobs + [race] * 40)
+    _assert_released(target, baseline)
+
+
+def test_watch_streams_ending_abnormally_are_released(target: abnormal.Target) -> None:
+    baseline = _baseline(target)
+    _concurrently(
+        [functools.partial(abnormal.watch_ends, target, how, raw) for how, raw in _ends()]
+    )
+    _assert_released(target, baseline)
+
+
+def test_malformed_protobuf_on_every_rpc_is_invalid_argument(target: abnormal.Target) -> None:
+    baseline = _baseline(target)
+    methods = abnormal.every_method(target.host)
+    assert len(methods) >= 20
+    for method in methods:
+        for name, raw in abnormal.MALFORMED.items():
+            error = abnormal.malformed_call(target.channel, method, raw, target.host.metadata)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, name, error)
+            assert "malformed request" in (error.details() or ""), (method, name, error)
+            assert abnormal.errno_of(error) == errno.EINVAL, (method, name, error)
+    _assert_released(target, baseline)
+
+
+def test_a_corrupt_read_index_rescinds_a_relayed_writers_channel_only(
+    target: abnormal.Target,
+) -> None:
+    """Someone mapping the segment scribbles over the read index of the ring a relayed end
+    writes: that channel is rescinded (both streams end UNAVAILABLE saying why), the host's
+    other channels and sessions carry on, and nothing is left behind."""
+    baseline = _baseline(target)
+    guest, root, channel_id = abnormal.open_relayed(target)
+    # The host's own mapping of the channel's memory (it has no name anywhere): opening it
+    # through /proc/<pid>/map_files maps the very same pages.
+    pid = target.host.proc.pid
+    with open(f"/proc/{pid}/maps") as maps:
+        ranges = {
+            line.split()[4]: line.split()[0]
+            for line in maps
+            if line.rstrip().endswith("/memfd:hvsock-channel (deleted)")
+        }
+    ((_inode, span),) = ranges.items()
+    segment = pathlib.Path(f"/proc/{pid}/map_files/{span}")
+    streams = []
+    for attached in (guest, root):
+        stream = abnormal.RawStream(
+            target.channel,
+            abnormal.CHANNEL_DATA,
+            hvsock_pb2.ChannelDataResponse.FromString,
+            timeout=abnormal.PEER_DEADLINE,
+        )
+        stream.send(
+            hvsock_pb2.ChannelDataRequest(
+                open=hvsock_pb2.ChannelDataOpen(session=attached.session, channel_id=channel_id)
+            ).SerializeToString()
+        )
+        assert stream.next().send_limit > 0
+        streams.append(stream)
+    # Ring 0 (connector -> acceptor) starts after the segment's header page; its read index is
+    # the control page's second word. 3 is not 8-aligned: impossible for a real reader.
+    with open(segment, "r+b") as file, mmap.mmap(file.fileno(), 0) as mem:
+        struct.pack_into("<I", mem, mmap.PAGESIZE + 4, 3)
+    streams[0].send(hvsock_pb2.ChannelDataRequest(data=b"x" * 1000).SerializeToString())
+    # The writer's stream ends UNAVAILABLE (rescinded); the reader's either so, or DATA_LOSS
+    # when it reads the ring the writer marked corrupt first (a relayed reader of a corrupt
+    # ring gets RingCorruptError, as a shared-memory reader does).
+    for stream, codes in zip(
+        streams,
+        [{grpc.StatusCode.UNAVAILABLE}, {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS}],
+        strict=True,
+    ):
+        error = stream.error()
+        assert error.code() in codes, error
+        assert "corrupt ring" in (error.details() or ""), error.details()
+    notice = root.stream.next()
+    while not notice.HasField("notice"):  # past the auto-accepted opening
+        notice = root.stream.next()
+    assert notice.notice.kind == hvsock_pb2.ChannelNotice.KIND_RESCINDED, notice
+    assert "corrupt ring" in notice.notice.reason, notice
+    # The sessions are untouched: the guest still listens and answers.
+    answer = guest.request(
+        listen=hvsock_pb2.Listen(
+            address=hvsock_pb2.Address(vm_id=abnormal.WILDCARD, service_id=str(uuid.uuid4()))
+        )
+    )
+    assert answer.HasField("listening"), answer
+    guest.stream.cancel()
+    root.stream.cancel()
+    _assert_released(target, baseline)
+
+
+def test_a_watcher_that_stops_reading_is_cut_off(target: abnormal.Target) -> None:
+    """A watcher that stops reading costs the host at most MAX_WATCH_BACKLOG queued events: then
+    it is cut off, RESOURCE_EXHAUSTED, once it reads again."""
+    from host_service.service import MAX_WATCH_BACKLOG
+
+    baseline = _baseline(target)
+    # No BDP probing: the transport's window stays at its first 64 KiB, so the events the
+    # watcher does not read queue in the host rather than in this process.
+    slow = grpc.insecure_channel(target.host.target, options=[("grpc.http2.bdp_probe", 0)])
+    with slow:
+        watch = hvsock_pb2_grpc.AdminServiceStub(slow).WatchEvents(
+            hvsock_pb2.WatchEventsRequest(), metadata=target.host.metadata, timeout=60
+        )
+        guest = abnormal.Attached(target.channel, target.vm_hello)
+        # Two events (listen, unlisten) per round; the unlisten is a notification.
+        service = str(uuid.uuid4())
+        for _ in range(MAX_WATCH_BACKLOG // 2 + 1_000):
+            answer = guest.request(
+                listen=hvsock_pb2.Listen(
+                    address=hvsock_pb2.Address(vm_id=abnormal.WILDCARD, service_id=service)
+                )
+            )
+            guest.stream.send(
+                hvsock_pb2.AttachRequest(
+                    unlisten=hvsock_pb2.Unlisten(listener_id=answer.listening.listener_id)
+                ).SerializeToString()
+            )
+        guest.stream.cancel()
+        got = 0
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in watch:
+                got += 1
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value
+    assert f"fell {MAX_WATCH_BACKLOG} events behind" in (ended.value.details() or "")
+    assert abnormal.errno_of(ended.value) == errno.ENOBUFS
+    assert got < MAX_WATCH_BACKLOG, got  # what the transport held before the host queued
+    _assert_released(target, baseline)
