@@ -59,7 +59,7 @@ import grpc  # noqa: E402
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc  # noqa: E402
 from ring import shm  # noqa: E402
-from ring.handover import KIND_CHANNEL, KIND_PROBE, read_probe, receive, unix_address  # noqa: E402
+from ring.handover import KIND_CHANNEL, connect, receive  # noqa: E402
 
 SERVICE = "00002a2a-facb-11e6-bd58-64006a7986d3"
 WILDCARD = "00000000-0000-0000-0000-000000000000"
@@ -127,27 +127,13 @@ class Descriptors:
     """
 
     def __init__(self, address: str, secret: str) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._fds: dict[int, int] = {}
         self._done = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        try:
-            self._sock.settimeout(10)
-            self._sock.connect(unix_address(address))
-            self._sock.sendall(secret.encode() + b"\n")
-            kind, _, fd = receive(self._sock)
-            try:
-                if kind != KIND_PROBE:
-                    raise OSError(errno.EPROTO, "no probe first on the descriptor socket")
-                #: What ProveSharedMemory sends.
-                self.nonce = read_probe(fd)
-            finally:
-                os.close(fd)
-            self._sock.settimeout(None)
-        except BaseException:
-            self._sock.close()
-            raise
+        #: ``nonce`` is what ProveSharedMemory sends.
+        self._sock, self.nonce = connect(address, secret, 10)
+        self._sock.settimeout(None)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

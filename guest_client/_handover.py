@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 
-from ring.handover import KIND_CHANNEL, KIND_PROBE, read_probe, receive, unix_address
+from ring.handover import KIND_CHANNEL, connect, receive
 
 #: Seconds to wait for the probe, or for a channel's descriptor (already sent when we look).
 TIMEOUT = 5.0
@@ -32,23 +32,9 @@ class Handover:
         """Connect, present the session secret and read the probe: :attr:`nonce` is what
         ``ProveSharedMemory`` sends. Raises OSError when this process cannot reach the socket
         or map what comes over it (the session then uses the relay)."""
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._sock, self.nonce = connect(address, secret, timeout)
         self._lock = threading.Lock()
         self._stash: collections.OrderedDict[int, int] = collections.OrderedDict()
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(unix_address(address))
-            self._sock.sendall(secret.encode() + b"\n")
-            kind, _, fd = receive(self._sock)
-            try:
-                if kind != KIND_PROBE:
-                    raise OSError(errno.EPROTO, "the descriptor socket sent no probe first")
-                self.nonce = read_probe(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            self._sock.close()
-            raise
 
     def take(self, channel_id: int, timeout: float = TIMEOUT) -> int:
         """The descriptor of ``channel_id``'s segment (the caller closes it)."""

@@ -60,3 +60,25 @@ def read_probe(fd: int) -> bytes:
         raise OSError(errno.EPROTO, f"probe of {size} bytes")
     with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
         return bytes(mm)
+
+
+def connect(address: str, secret: str, timeout: float) -> tuple[socket.socket, bytes]:
+    """Connect to the host's descriptor socket as the session ``secret``, receive the probe and
+    map it: returns the connected socket (blocking, ``timeout`` set) and the probe's nonce,
+    which ``ProveSharedMemory`` sends. Raises OSError if this process cannot reach the socket
+    or map what comes over it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(unix_address(address))
+        sock.sendall(secret.encode() + b"\n")
+        kind, _, fd = receive(sock)
+        try:
+            if kind != KIND_PROBE:
+                raise OSError(errno.EPROTO, "the descriptor socket sent no probe first")
+            return sock, read_probe(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        sock.close()
+        raise

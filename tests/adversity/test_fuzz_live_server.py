@@ -445,7 +445,7 @@ def _leftovers_go_away(host: HostProcess) -> None:
 #
 # Each test ends streams every way but the normal one, several at once (so the deadlines run
 # concurrently and each test takes a few seconds), then polls the host's own counts (sessions,
-# channels, segments from the memfd mappings in its /proc maps; threads and fds from /proc) until they are back
+# channels, ring segments mapped, threads and fds, from its API and /proc) until they are back
 # at the baseline taken before, attaches the same VM the normal way, and checks the log holds no
 # traceback. Idle relay workers leave after workers.IDLE_TIMEOUT, hence the wait's bound.
 
