@@ -239,6 +239,7 @@ class Partition:
         self._channel = self._open_channel()
         self._attach()
         if self._attach_error is not None:
+            self._closed = True
             self._channel.close()
             raise self._attach_error
 
@@ -292,10 +293,15 @@ class Partition:
         if welcome.shm_socket and self.data_path != "grpc":
             self._prove_shared_memory(self.shm_socket or welcome.shm_socket, welcome.session)
         if self.data_path == "shm" and not self.shm:
-            raise OSError(
+            # End this session (its reader, one generation behind now, lets it go quietly).
+            self._generation += 1
+            self._requests.put(None)
+            call.cancel()
+            self._attach_error = OSError(
                 errno.EOPNOTSUPP,
                 "HVSOCK_DATA_PATH=shm but this process cannot map the host's shared memory",
             )
+            return
         self._lost.clear()
         self._attached.set()
 

@@ -6,6 +6,7 @@ expects: every VM attached and echoing).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -37,6 +38,13 @@ def _vm_named(bed: ComposeProject, prefix: str) -> dict[str, Any]:
     matches = [p for name, p in _vms(bed).items() if name.startswith(prefix)]
     assert len(matches) == 1, matches
     return matches[0]
+
+
+def _docker_time(text: str) -> float:
+    """An RFC 3339 time as Docker prints it (nanoseconds, ``Z``) as a Unix time."""
+    seconds, _, fraction = text.rstrip("Z").partition(".")
+    whole = datetime.datetime.fromisoformat(seconds).replace(tzinfo=datetime.UTC)
+    return whole.timestamp() + float(f"0.{fraction or 0}")
 
 
 def _echoed_both_ways(bed: ComposeProject, vm_ids: set[str], after: float = 0.0) -> bool:
@@ -183,8 +191,16 @@ def test_vm_killed_mid_transfer(testbed: ComposeProject) -> None:
         first = stream.stdout.readline()
         assert first.startswith("STREAMING"), first + stream.stdout.read()
         assert "shared memory" in first
-        killed_at = time.time()
         testbed.run("kill", "-s", "SIGKILL", "vm-linux")
+        # When the VM's process died, by Docker's clock (not when the compose CLI started).
+        (container,) = testbed.container_ids("vm-linux")
+        finished = subprocess.run(
+            ["docker", "inspect", "--format", "{{.State.FinishedAt}}", container],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        killed_at = _docker_time(finished)
         lines = stream.stdout.read().splitlines()
     finally:
         stream.kill()

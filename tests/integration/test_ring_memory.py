@@ -334,3 +334,41 @@ def test_relayed_reader_of_a_corrupt_ring_gets_ring_corrupt_error(host: HostProc
     wait_for_no_channels(host)
     vm.close()
     root.close()
+
+
+def test_a_program_that_cannot_reach_the_descriptor_socket_uses_the_relay(
+    host: HostProcess, tmp_path: pathlib.Path
+) -> None:
+    created = host.create_vm("vm1")
+    hello = hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token)
+    elsewhere = str(tmp_path / "not-mounted-here.sock")
+    vm = hv.Partition(host.target, hello, shm_socket=elsewhere)
+    root = hv.Partition(host.target, hvsock_pb2.Hello(host=True, token=host.token))
+    assert not vm.shm and root.shm
+    listener, service = _listener(root)
+    client, server = _connected(vm, listener, service)
+    assert (client.data_path, server.data_path) == ("grpc", "shm")
+    client.sendall(b"over the relay")
+    assert server.recv(100) == b"over the relay"
+    for sock in (client, server, listener):
+        sock.close()
+    # Forcing shared memory where it cannot work is a clear error, not a silent relay.
+    with pytest.raises(OSError) as info:
+        hv.Partition(host.target, hello, shm_socket=elsewhere, data_path="shm")
+    assert info.value.errno == errno.EOPNOTSUPP
+    vm.close()
+    root.close()
+    # ... and the session it opened is gone, not leaked.
+    channel, admin = host.admin()
+    with channel:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            got = admin.GetPartition(
+                hvsock_pb2.GetPartitionRequest(vm_id=created.partition.vm_id),
+                metadata=host.metadata,
+                timeout=10,
+            )
+            if got.partition.session_count == 0:
+                break
+            assert time.monotonic() < deadline, got
+            time.sleep(0.02)
