@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e bench-bridge bench-ceiling demo e2e clean
+.PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e bench-bridge bench-ceiling bench-abnormal demo e2e clean
 
 # Reinstall when the build inputs change (protos, Cython sources, build configuration).
 $(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h)
@@ -61,6 +61,11 @@ bench-ceiling: $(STAMP)
 # Throughput through `hvsock bridge` vs a direct hv connection, on both data paths.
 bench-bridge: $(STAMP)
 	$(PY) bench/bench_bridge.py $(if $(QUICK),--quick)
+
+# 10,000 streams ended abnormally (malformed frames, cancels, deadlines), 100 at a time, against
+# one host: the sessions, segments, threads and fds it holds afterwards (QUICK=1: 1,000).
+bench-abnormal: $(STAMP)
+	$(PY) bench/bench_abnormal_ends.py $(if $(QUICK),--ends 1000)
 
 # A private host service, two VMs in their own processes (shared memory, gRPC relay), echoes.
 demo: $(STAMP)
