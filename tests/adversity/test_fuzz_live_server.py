@@ -416,7 +416,6 @@ def test_random_and_malformed_requests_leave_the_server_serving(live_host: HostP
         f" {len(harness.listener_ids)} listeners; statuses: {sorted(harness.codes.items())}"
     )
     assert harness.requests >= 3000, harness.requests
-    assert elapsed < 90, elapsed
 
     # Still serving, nothing leaked once every partition is gone.
     assert live_host.proc.poll() is None
