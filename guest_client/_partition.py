@@ -232,6 +232,8 @@ class Partition:
         self._channels: dict[int, ChannelEnd] = {}
         self._listeners: dict[int, Listener] = {}
         self._closed = False
+        self._stopping = False  # shutdown() under way: the end of the stream is no loss
+        self._reader: threading.Thread | None = None
         self._generation = 0
         self._attached = threading.Event()
         self._lost = threading.Event()  # set from losing the host until attached again
@@ -288,6 +290,7 @@ class Partition:
             target=self._read, args=(call, self._generation), name="hvsock-attach", daemon=True
         )
         reader.start()
+        self._reader = reader
         # Attached only once the proof is done: a connect made as soon as wait_attached()
         # returns must already get shared memory.
         if welcome.shm_socket and self.data_path != "grpc":
@@ -333,7 +336,7 @@ class Partition:
             reason = f"{exc.code().name}: {exc.details()}"
         else:
             reason = "attach stream ended"
-        if self._closed or generation != self._generation:
+        if self._closed or self._stopping or generation != self._generation:
             return
         log.info("partition %s lost the host (%s); attaching again", self.vm_id, reason)
         self._connection_lost(reason)
@@ -576,6 +579,33 @@ class Partition:
         from ._socket import HvSocket
 
         return HvSocket(self, family, type, proto)
+
+    def shutdown(self, timeout: float = 1.0) -> None:
+        """Stop as a program asked to stop (SIGTERM) should: stop listening, close every open
+        channel as each socket's ``close()`` would (a FIN: the peer reads what was sent, then
+        EOF, not a reset), then detach (``close()``).
+
+        ``close()`` alone treats the channels as lost (this end's sockets reset) and leaves the
+        host to rescind them when the attach stream ends. Threads still blocked in a call on
+        one of these sockets wake when the peer's FIN or the host's rescind arrives. ``timeout``
+        bounds the wait for the host to carry the closes out."""
+        with self._lock:
+            channels = list(self._channels.values())
+            listeners = list(self._listeners.values())
+        for listener in listeners:
+            listener.close()
+        for end in channels:
+            end.close()
+        # End the request stream and wait (bounded) for the host to end its answers: the host
+        # carries out every request in order first, so the closes above are done (a FIN, not
+        # a rescind for a lost partition) before the session is detached. The reader thread
+        # must not take the stream's end for a lost host and attach again meanwhile.
+        self._stopping = True
+        reader = self._reader
+        if reader is not None and self._attached.is_set():
+            self._requests.put(None)
+            reader.join(timeout)
+        self.close()
 
     def close(self) -> None:
         if self._closed:

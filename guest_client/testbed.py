@@ -29,6 +29,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -61,6 +62,65 @@ def _say(text: str) -> None:
     with _OUTPUT:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+
+
+class _Stopper:
+    """A clean stop on SIGTERM (``docker stop``, ``docker compose down``) and SIGINT.
+
+    These programs run as PID 1 in their containers, and the kernel gives PID 1 no default
+    action for SIGTERM: without a handler ``docker stop`` waits its 10 s and kills the
+    program, and the host rescinds its channels as for a crash. Here the first signal
+    closes every socket of the program's partitions (the peers read EOF, as from a socket
+    closed by its program), detaches them, and exits 0 at once, wherever the workload's
+    threads are: everything they hold on the host's side has been given back by then.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._partitions: list[hv.Partition] = []
+        self._stopping = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def add(self, partition: hv.Partition) -> hv.Partition:
+        with self._lock:
+            stopping = self._stopping
+            self._partitions.append(partition)
+        if stopping:  # attached while the stop was under way: give it back too
+            partition.shutdown()
+        return partition
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # The handler runs in the main thread between two bytecodes, possibly inside a lock
+        # the closing needs (a socket's, the output's): the stop runs in a thread of its own.
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        threading.Thread(target=self._stop, args=(signum,), name="stop", daemon=True).start()
+
+    def _stop(self, signum: int) -> None:
+        with self._lock:
+            partitions = list(self._partitions)
+        for partition in partitions:
+            partition.shutdown()
+        # Whole lines only: a RESULT line half written by a workload thread would break the
+        # scripts that parse the log. Bounded, so that a stuck writer cannot hold the exit.
+        held = _OUTPUT.acquire(timeout=1.0)
+        try:
+            sys.stdout.write(f"stopped ({signal.Signals(signum).name})\n")
+            sys.stdout.flush()
+        finally:
+            if held:
+                _OUTPUT.release()
+        # Not sys.exit: the workload's threads may be blocked anywhere (an accept, a grpc
+        # call); nothing of theirs is left to clean up on the host's side.
+        os._exit(0)
+
+
+_STOPPER = _Stopper()
 
 
 def _emit(line: str, record: dict[str, Any]) -> None:
@@ -270,7 +330,7 @@ def summary_table(rows: Iterable[tuple[str, dict[str, Any]]]) -> str:
 
 
 def host_main(args: argparse.Namespace) -> int:
-    partition = hv.attach_host()
+    partition = _STOPPER.add(hv.attach_host())
     _say(f"host program attached to {partition.target}")
     HostProgram(partition, Admin(partition.target), args.bytes).run()
     return 0
@@ -284,7 +344,7 @@ def vm_main(args: argparse.Namespace) -> int:
     # so that scaled replicas tell apart; HVSOCK_VM_NAME overrides it.  Cut to the host's 64
     # characters: a machine's hostname may be that long by itself (a container's is 12).
     name = os.environ.get("HVSOCK_VM_NAME") or f"{args.name_prefix}-{socket.gethostname()}"[:64]
-    vm = hv.attach(name=name)
+    vm = _STOPPER.add(hv.attach(name=name))
     _say(f"VM {vm.name} ({vm.vm_id}, {vm.personality}) attached to {vm.target}")
     while True:
         vm.wait_attached()
@@ -345,7 +405,7 @@ def _targets(partition: hv.Partition, to: str) -> list[tuple[str, str]]:
 
 
 def echo_main(args: argparse.Namespace) -> int:
-    partition = hv.attach_from_env()
+    partition = _STOPPER.add(hv.attach_from_env())
     ok = True
     for vm_id, name in _targets(partition, args.to):
         service = HOST_ECHO if name == "host" else VM_ECHO
@@ -372,7 +432,7 @@ def echo_main(args: argparse.Namespace) -> int:
 def stream_main(args: argparse.Namespace) -> int:
     """Send and read back echoes until the connection fails; report how and when (wall clock,
     so that a test can compare it with the moment it killed the other side)."""
-    partition = hv.attach_from_env()
+    partition = _STOPPER.add(hv.attach_from_env())
     service = HOST_ECHO if args.to == "host" else VM_ECHO
     target = hv.HV_GUID_PARENT if args.to == "host" else args.to
     record: dict[str, Any] = {"role": "stream", "to": target, "bytes": 0}
@@ -425,10 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args(argv)
     run = {"host": host_main, "vm": vm_main, "echo": echo_main, "stream": stream_main}
-    try:
-        return run[args.command](args)
-    except KeyboardInterrupt:
-        return 130
+    _STOPPER.install()
+    return run[args.command](args)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ MAX_FRAME = 65536
 MAX_FRAMES_IN_FLIGHT = 4
 
 _END_OF_SIDE = {Side.CONNECTOR: 0, Side.ACCEPTOR: 1}
+#: The most a byte count reported from a ring can be (what a Prometheus or int64 reader takes).
+_MAX_REPORTED_BYTES = 2**63 - 1
 
 #: The relay pumps and reclaim jobs of every channel (started threads would cost the event
 #: loop a wait for each to run).
@@ -407,6 +409,8 @@ class _ChannelRings:
     #: Stalls in force per ring (StallRing): ring r stalls end r's sends and the peer's receives.
     ring_stalls: list[int] = field(default_factory=lambda: [0, 0])
     stalled_mask: int = 0
+    #: Last bytes_written reported per shared-memory end (the report never goes backwards).
+    shm_bytes: dict[Side, int] = field(default_factory=dict)
 
 
 class DataPlane:
@@ -558,9 +562,25 @@ class DataPlane:
         ) % ring1.data_size
 
     def bytes_sent(self, channel_id: int, side: Side) -> int:
+        """Bytes ``side`` has written into its send ring: counted by the relay for a relayed
+        end; for an end on shared memory, which writes the ring itself, the ring's own
+        bytes_written counter (ring/_layout.pxd)."""
         rings = self._channels.get(channel_id)
-        relay = rings.relays.get(side) if rings is not None else None
-        return relay.sent if relay is not None else 0
+        if rings is None:
+            return 0
+        relay = rings.relays.get(side)
+        if relay is not None:
+            return relay.sent
+        if side not in rings.shm_ends or rings.broker.closed:
+            return 0
+        counted = rings.broker.rings[_END_OF_SIDE[side]].bytes_written_total
+        # The counter lives in memory the end writes: only reported, and kept sane for the
+        # report (never above int64, never going backwards).
+        last = rings.shm_bytes.get(side, 0)
+        if last <= counted <= _MAX_REPORTED_BYTES:
+            rings.shm_bytes[side] = counted
+            return counted
+        return last
 
     # -- stalls --------------------------------------------------------------------------
     #

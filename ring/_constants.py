@@ -19,6 +19,8 @@ Ring = one 4096-byte control page + a data area of whole 4 KiB pages (VMBus ``hv
     0x0C8  u32 space_watchers   observers (readiness watchers) asleep on space_seq
     0x100  u32 rescinded        1 = channel rescinded: writes fail, reads drain then EOF
     0x104  u32 corrupt          non-zero = an end found the ring corrupt (reason code)
+    0x140  u64 bytes_written    payload bytes written since initialisation (writer only; the
+                                host reports it, never trusts it)
     0x180  u32 magic            RING_MAGIC, written at initialisation
     0x184  u32 version          RING_VERSION
     0x188  u32 data_size        size of the data area, so an attacher can check its mapping
@@ -49,6 +51,7 @@ OFF_SPACE_WAITERS = 0x0C4
 OFF_SPACE_WATCHERS = 0x0C8
 OFF_RESCINDED = 0x100
 OFF_CORRUPT = 0x104
+OFF_BYTES_WRITTEN = 0x140
 OFF_MAGIC = 0x180
 OFF_VERSION = 0x184
 OFF_DATA_SIZE = 0x188

@@ -46,6 +46,8 @@ static inline void hv_store_seq(uint32_t *p, uint32_t v) { __atomic_store_n(p, v
 static inline uint32_t hv_fetch_add(uint32_t *p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline uint32_t hv_fetch_sub(uint32_t *p, uint32_t v) { return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST); }
 static inline uint32_t hv_fetch_or(uint32_t *p, uint32_t v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t hv_load64_acquire(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void hv_store64_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline void hv_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 /* Polite busy-wait hint: lets the sibling hyper-thread run and saves power while spinning. */

@@ -15,6 +15,11 @@
 #   0x0C8 space_watchers  observers asleep on space_seq (see "Observers" below)
 #   0x100 rescinded      0/1, set by whoever rescinds (host), never cleared
 #   0x104 corrupt        0 or the reason code of the first corruption an end detected
+#   0x140 bytes_written  u64 (two words, low first), written only by the writer: payload bytes
+#                        written into this ring since it was initialised (FINs count 0), stored
+#                        with release after each packet is published; a writer that attaches
+#                        goes on from the shared value. Reported by the host (ListChannels)
+#                        for ends that move bytes themselves; never used for any decision.
 #   0x180 magic, 0x184 version, 0x188 data_size: identity, written at initialisation
 #
 # Invariants (all offsets are data-area offsets):
@@ -68,6 +73,8 @@ cdef extern from "_hvring.h" nogil:
     uint32_t hv_fetch_add(uint32_t *p, uint32_t v)
     uint32_t hv_fetch_sub(uint32_t *p, uint32_t v)
     uint32_t hv_fetch_or(uint32_t *p, uint32_t v)
+    uint64_t hv_load64_acquire(const uint64_t *p)
+    void hv_store64_release(uint64_t *p, uint64_t v)
     void hv_fence()
     void hv_cpu_relax()
     void hv_yield()
@@ -93,6 +100,7 @@ cdef enum:
     W_SPACE_WATCHERS = 50  # byte offset 0x0C8
     W_RESCINDED = 64  # byte offset 0x100
     W_CORRUPT = 65  # byte offset 0x104
+    W_BYTES_WRITTEN = 80  # byte offset 0x140, a u64 (words 80 and 81)
     W_MAGIC = 96  # byte offset 0x180
     W_VERSION = 97  # byte offset 0x184
     W_DATA_SIZE = 98  # byte offset 0x188
@@ -161,6 +169,7 @@ cdef struct hvring:
     uint32_t w_local     # writer's private copy of write_index
     uint32_t r_local     # reader's private copy of read_index
     uint32_t partial     # reader: bytes of the head packet's payload already consumed
+    uint64_t total_written  # writer's private copy of the control page's bytes_written
     int eof              # reader: FIN consumed
     int fin_sent         # writer: FIN written
     int64_t spin_max_ns  # adaptive spin bounds; spin_max_ns == 0 disables spinning

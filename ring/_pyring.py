@@ -89,6 +89,7 @@ W_SPACE_WAITERS = 49
 W_SPACE_WATCHERS = 50
 W_RESCINDED = 64
 W_CORRUPT = 65
+W_BYTES_WRITTEN = 80  # a u64: words 80 (low) and 81 (high)
 W_MAGIC = 96
 W_VERSION = 97
 W_DATA_SIZE = 98
@@ -222,6 +223,8 @@ class Ring:
             )
         self._mv = mv
         self._ctl = mv[:CONTROL_PAGE_SIZE].cast("I")
+        # The u64 bytes_written word as one 8-byte item (aligned: one store, not two halves).
+        self._written = mv[4 * W_BYTES_WRITTEN : 4 * W_BYTES_WRITTEN + 8].cast("Q")
         self._data = mv[CONTROL_PAGE_SIZE:]
         self._size = size = length - CONTROL_PAGE_SIZE
         ctl = self._ctl
@@ -238,6 +241,7 @@ class Ring:
         self._max_payload = min(max_payload, (size - WRITE_RESERVE) & ~7)
         self._w_local = ctl[W_WRITE_INDEX]
         self._r_local = ctl[W_READ_INDEX]
+        self._total_written = self._written[0]
         self._partial = 0
         self._eof = False
         self._fin_sent = False
@@ -268,7 +272,7 @@ class Ring:
         words = self.__dict__.get("_futex_words")
         if words is not None:
             words.clear()  # ctypes views export the buffer: drop them first
-        for name in ("_ctl", "_data", "_mv"):
+        for name in ("_ctl", "_written", "_data", "_mv"):
             view = self.__dict__.pop(name, None)
             if view is not None:
                 view.release()
@@ -500,6 +504,8 @@ class Ring:
                     done += p
                     self._stats["bytes_written"] += p
                     self._stats["packets_written"] += 1
+                    self._total_written += p
+                    self._written[0] = self._total_written
                 if done == n or (done > 0 and not all_):
                     return done
                 need = packet_len(min(self._max_payload, n - done)) + FIN_PACKET_LEN + 8
@@ -833,6 +839,12 @@ class Ring:
     @property
     def feature_bits(self) -> int:
         return self._word(W_FEATURE_BITS)
+
+    @property
+    def bytes_written_total(self) -> int:
+        """The control page's bytes_written (see ring/_layout.pxd): untrusted, report only."""
+        self._check_open()
+        return int(self._written[0])
 
     def stats(self) -> dict[str, int]:
         return dict(self._stats)

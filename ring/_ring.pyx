@@ -338,6 +338,8 @@ cdef int ring_write(hvring *rg, const uint8_t *src, size_t n, int64_t deadline,
             done[0] += p
             rg.bytes_written += p
             rg.packets_written += 1
+            rg.total_written += p
+            hv_store64_release(<uint64_t *>&rg.ctl[W_BYTES_WRITTEN], rg.total_written)
         if done[0] == n or (done[0] > start and not all_):
             return ST_OK
         left = n - done[0]
@@ -613,6 +615,7 @@ cdef class Ring:
             self.rg.max_payload = min(<uint32_t>max_payload, (size - WRITE_RESERVE) & ~(<uint32_t>7))
             self.rg.w_local = hv_load_acquire(&ctl[W_WRITE_INDEX])
             self.rg.r_local = hv_load_acquire(&ctl[W_READ_INDEX])
+            self.rg.total_written = hv_load64_acquire(<uint64_t *>&ctl[W_BYTES_WRITTEN])
             self.rg.spin_max_ns = spin
             self.rg.spin_ns = spin
         except BaseException:
@@ -900,6 +903,14 @@ cdef class Ring:
     @property
     def feature_bits(self):
         return self._word(W_FEATURE_BITS)
+
+    @property
+    def bytes_written_total(self):
+        """The control page's bytes_written: payload bytes every writer of this ring wrote
+        into it since it was initialised. Written by the writer, so untrusted: report it,
+        never decide with it."""
+        self._check_open()
+        return hv_load64_acquire(<uint64_t *>&self.rg.ctl[W_BYTES_WRITTEN])
 
     def stats(self):
         """Counters of this end (not shared): bytes/packets moved, signals, sleeps."""

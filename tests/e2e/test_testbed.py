@@ -270,6 +270,72 @@ def test_scale_to_eight_vms(testbed: ComposeProject) -> None:
     wait_for("every new VM to echo both ways", lambda: _echoed_both_ways(testbed, new, since), 240)
 
 
+def _stop_with_sigterm(container: str) -> tuple[float, int]:
+    """(seconds from SIGTERM to exit, by Docker's clock for the exit, exit code)."""
+    sent = time.time()
+    subprocess.run(["docker", "kill", "--signal", "SIGTERM", container], check=True, timeout=30)
+
+    def exited() -> list[str] | None:
+        state = subprocess.run(
+            [
+                "docker",
+                "inspect",
+                "--format",
+                "{{.State.Running}} {{.State.FinishedAt}} {{.State.ExitCode}}",
+                container,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        return state if state[0] == "false" else None
+
+    _, finished, code = wait_for(f"container {container} to stop", exited, 15, every=0.1)
+    return _docker_time(finished) - sent, int(code)
+
+
+# In the order `down` stops them: the programs before the host they are attached to.
+STOPPED_IN_ORDER = (
+    "web-bridge",
+    "vm-web-vsock",
+    "vm-web",
+    "hostprog",
+    "vm-windows",
+    "vm-linux",
+    "host",
+)
+
+
+def test_every_container_stops_cleanly_on_sigterm_and_down_is_quick(
+    testbed: ComposeProject,
+) -> None:
+    """``docker stop`` sends SIGTERM and waits 10 s before SIGKILL; every program (PID 1 in
+    its container, so with no default SIGTERM action) must stop by itself within 2 s with
+    exit 0. Runs last: it takes the testbed down."""
+    times: dict[str, list[float]] = {}
+    for service in STOPPED_IN_ORDER:
+        for container in testbed.container_ids(service):
+            seconds, code = _stop_with_sigterm(container)
+            assert code == 0, (service, code, testbed.logs(service)[-2000:])
+            times.setdefault(service, []).append(round(seconds, 2))
+    print("seconds from SIGTERM to exit:", times)
+    slow = {s: t for s, t in times.items() if max(t) >= 2.0}
+    assert not slow, times
+    assert set(times) == set(STOPPED_IN_ORDER), times
+
+    # The testbed as `up` makes it (one vm-linux: the scaling test left eight) running again,
+    # the VMs attached and echoing, then `down` as a user runs it.
+    since = time.time()
+    testbed.run("up", "--detach", "--no-recreate", "--scale", "vm-linux=1", timeout=300)
+    ids = {p["vm_id"] for p in _echo_vms(testbed).values()}
+    wait_for("the VMs to echo again", lambda: _echoed_both_ways(testbed, ids, since), 240)
+    start = time.monotonic()
+    testbed.run("down", "--volumes", "--remove-orphans", timeout=60)
+    took = time.monotonic() - start
+    print(f"down -v: {took:.1f} s")
+    assert took < 5.0, took
+
+
 def test_the_same_file_deploys_to_swarm() -> None:
     """``docker stack deploy`` reads the file with its own (stricter) loader; check it loads
     and keeps every service, with the published ports Swarm needs."""

@@ -415,3 +415,30 @@ def test_an_observer_is_signalled_when_room_for_a_write_appears(impl: ModuleType
     assert r.pending_send_sz == 0  # nothing of the writer's was touched
     assert struct.unpack_from("<I", buf, C.OFF_SPACE_WATCHERS)[0] == 0
     r.close()
+
+
+def test_bytes_written_counter_in_the_control_page(new_ring) -> None:  # type: ignore[no-untyped-def]
+    """The writer keeps a u64 count of payload bytes in the control page (0x140), across
+    wraps and across a writer that attaches again; FINs count nothing; the reader only reads."""
+    buf, r = new_ring(2)  # 4 KiB of data: 10 KiB sent below wrap the ring twice
+    assert r.bytes_written_total == 0
+    sent = 0
+    for size in (1, 1000, 4000, 3000, 2240):
+        assert r.write(b"x" * size) == size
+        sent += size
+        assert r.bytes_written_total == sent
+        assert struct.unpack_from("<Q", buf, C.OFF_BYTES_WRITTEN)[0] == sent
+        assert len(r.read(65536)) == size  # the same ring's reader: room for the next write
+    r.close()
+    # A writer attaching to the ring goes on from the shared value (the host's relay does).
+    r = type(r)(buf, spin_ns=0)
+    assert r.bytes_written_total == sent
+    r.write(b"y" * 10)
+    r.fin()
+    assert r.bytes_written_total == sent + 10
+    assert r.read(100) == b"y" * 10 and r.read(100) == b""
+    assert r.bytes_written_total == sent + 10
+    # A value poked into the page (a corrupt or hostile writer) is only read back, never acted on.
+    struct.pack_into("<Q", buf, C.OFF_BYTES_WRITTEN, 2**64 - 1)
+    assert r.bytes_written_total == 2**64 - 1
+    r.close()
