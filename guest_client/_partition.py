@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -596,6 +597,13 @@ class Partition:
             listener.close()
         for end in channels:
             end.close()
+        # A relayed end's close travels on its data stream, not the attach stream: wait for the
+        # host to end that stream (it has closed the end then), or it could see the session end
+        # first and rescind the channel instead.
+        deadline = time.monotonic() + timeout
+        for end in channels:
+            if isinstance(end.pipe, _pipe.RelayPipe):
+                end.pipe.wait_over(max(deadline - time.monotonic(), 0))
         # End the request stream and wait (bounded) for the host to end its answers: the host
         # carries out every request in order first, so the closes above are done (a FIN, not
         # a rescind for a lost partition) before the session is detached. The reader thread

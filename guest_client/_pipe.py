@@ -637,6 +637,12 @@ class RelayPipe(_NeverStalled):
 
     # -- lifetime ----------------------------------------------------------------------------
 
+    def wait_over(self, timeout: float) -> bool:
+        """Wait until the host ended the data stream (after a close: it has written everything
+        and closed this end); False on timeout."""
+        with self._work:
+            return self._work.wait_for(lambda: self._over, timeout)
+
     def rescind(self) -> None:
         """Sends fail from now on. The receive side is left to the stream: data the host
         drained from the rescinded ring may still be on its way, and EOF follows it."""

@@ -92,6 +92,15 @@ class _Stopper:
             partition.shutdown()
         return partition
 
+    def park_if_stopping(self) -> None:
+        """Called by a workload loop whose sockets just failed: if that is the stop closing
+        them, wait here for the exit rather than take it for a lost host (and attach again, or
+        fail on the closed partition and exit non-zero first)."""
+        with self._lock:
+            stopping = self._stopping
+        if stopping:
+            threading.Event().wait()
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         # The handler runs in the main thread between two bytecodes, possibly inside a lock
         # the closing needs (a socket's, the output's): the stop runs in a thread of its own.
@@ -214,12 +223,16 @@ class HostProgram:
             try:
                 listener.bind((hv.HV_GUID_WILDCARD, HOST_ECHO))
                 listener.listen(64)
-            except ConnectionResetError:
+            except OSError as exc:
+                _STOPPER.park_if_stopping()
+                if not isinstance(exc, ConnectionResetError):
+                    raise
                 continue  # lost the host again before listening: wait for the next attach
             _say(f"host program: echo service {HOST_ECHO} listening")
             accepting = serve_echo(listener, self._echoed_back)
             self._watch_vms(accepting)
             listener.close()
+            _STOPPER.park_if_stopping()
             _say("host program: lost the host service; attaching again")
 
     def _watch_vms(self, accepting: threading.Thread) -> None:
@@ -352,12 +365,16 @@ def vm_main(args: argparse.Namespace) -> int:
         try:
             listener.bind((hv.HV_GUID_WILDCARD, VM_ECHO))
             listener.listen(64)
-        except ConnectionResetError:
+        except OSError as exc:
+            _STOPPER.park_if_stopping()
+            if not isinstance(exc, ConnectionResetError):
+                raise
             continue
         accepting = serve_echo(listener)
         _vm_echo_with_host(vm, args.bytes, args.wait)
         accepting.join()  # the accept loop ends when the host service goes away
         listener.close()
+        _STOPPER.park_if_stopping()
         _say(f"VM {vm.name}: lost the host service; attaching again")
 
 
