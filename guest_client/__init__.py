@@ -19,10 +19,11 @@ from socket import SHUT_RD, SHUT_RDWR, SHUT_WR, SOCK_STREAM
 
 import grpc
 
-from host_service.core import addresses as _addresses
 from hvsock.v1 import hvsock_pb2
+from hvsock_common import addresses as _addresses
+from hvsock_common.conventions import DEFAULT_TARGET
 
-from ._partition import DEFAULT_TARGET, PERSONALITIES, Partition
+from ._partition import PERSONALITIES, Partition
 from ._socket import (
     AF_HYPERV,
     AF_VSOCK,

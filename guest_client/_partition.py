@@ -35,7 +35,6 @@ from ._handover import Handover
 
 log = logging.getLogger("hvsock.client")
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 #: Personality names (attach(), the CLI) -> the API's values.
 PERSONALITIES = {
     "linux": hvsock_pb2.PERSONALITY_LINUX,

@@ -13,9 +13,9 @@ import socket as _socket
 import threading
 from typing import Any
 
-from host_service.core import addresses
-from host_service.core.errors import HvError
 from hvsock.v1 import hvsock_pb2
+from hvsock_common import addresses
+from hvsock_common.errors import HvError
 
 from . import errors
 from ._partition import ChannelEnd, Listener, Partition

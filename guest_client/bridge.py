@@ -40,7 +40,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from host_service.core import addresses as _addresses
+from hvsock_common import addresses as _addresses
+from hvsock_common.conventions import TOKEN_METADATA
 
 from . import Partition
 
@@ -726,7 +727,7 @@ def _cli_partition(args: Any) -> Partition:
 
 def _vm_resolver(args: Any) -> Callable[[str], str]:
     """Look a VM up by name with the admin API (so it needs the host token)."""
-    from .cli import TOKEN_METADATA, find_token, open_channel
+    from .cli import find_token, open_channel
 
     def resolve(name: str) -> str:
         import grpc

@@ -27,13 +27,11 @@ import grpc
 from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
 
-from host_service.settings import default_host_token_file
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.conventions import DEFAULT_TARGET, TOKEN_METADATA, default_host_token_file
 
 from ._partition import PERSONALITIES
 
-DEFAULT_HOST = "127.0.0.1:50051"
-TOKEN_METADATA = "x-hvsock-token"
 PAGE = 4096
 
 DIRECTIONS = {
@@ -67,9 +65,9 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument(
         "--host",
-        default=default(os.environ.get("HVSOCK_HOST", DEFAULT_HOST)),
+        default=default(os.environ.get("HVSOCK_HOST", DEFAULT_TARGET)),
         metavar="HOST:PORT",
-        help=f"host service address, or unix:PATH (default {DEFAULT_HOST}; env HVSOCK_HOST)",
+        help=f"host service address, or unix:PATH (default {DEFAULT_TARGET}; env HVSOCK_HOST)",
     )
     group.add_argument(
         "--token",

@@ -43,6 +43,7 @@ import grpc
 
 import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.conventions import TOKEN_METADATA
 
 HOST_ECHO_PORT = 7001  # the host's echo service (a vsock-template service id)
 VM_ECHO_PORT = 7002  # each VM's echo service
@@ -70,7 +71,7 @@ class LocalHost:
 
     @property
     def metadata(self) -> tuple[tuple[str, str]]:
-        return (("x-hvsock-token", self.token),)
+        return ((TOKEN_METADATA, self.token),)
 
     def create_vm(self, name: str) -> tuple[str, str]:
         """Create a VM; returns (vm_id, token)."""
