@@ -37,6 +37,7 @@ from ._socket import (
     VMADDR_PORT_ANY,
     HvSocket,
 )
+from ._token import find_token
 
 __all__ = [
     "AF_HYPERV",
@@ -174,8 +175,6 @@ def attach_host(
     """Attach the host (root) partition (``token`` defaults to HVSOCK_HOST_TOKEN, then to the
     file a local ``hvsock-host`` wrote its generated token to)."""
     if token is None:
-        from .cli import find_token
-
         token = find_token(None) or ""
     hello = hvsock_pb2.Hello(host=True, token=token, client="guest_client")
     return Partition(_target(target), hello, credentials=credentials or _credentials())

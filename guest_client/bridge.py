@@ -44,6 +44,7 @@ from hvsock_common import addresses as _addresses
 from hvsock_common.conventions import TOKEN_METADATA
 
 from . import Partition
+from ._token import find_token
 
 log = logging.getLogger("hvsock.bridge")
 
@@ -706,7 +707,6 @@ def _cli_partition(args: Any) -> Partition:
     import grpc
 
     from . import attach, attach_host
-    from .cli import find_token
 
     credentials = None
     if args.tls_ca is not None:
@@ -727,7 +727,7 @@ def _cli_partition(args: Any) -> Partition:
 
 def _vm_resolver(args: Any) -> Callable[[str], str]:
     """Look a VM up by name with the admin API (so it needs the host token)."""
-    from .cli import find_token, open_channel
+    from .cli import open_channel
 
     def resolve(name: str) -> str:
         import grpc

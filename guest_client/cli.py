@@ -28,9 +28,10 @@ from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-from hvsock_common.conventions import DEFAULT_TARGET, TOKEN_METADATA, default_host_token_file
+from hvsock_common.conventions import DEFAULT_TARGET, TOKEN_METADATA
 
 from ._partition import PERSONALITIES
+from ._token import find_token
 
 PAGE = 4096
 
@@ -252,20 +253,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # -------------------------------------------------------------------------------------------
 # Connection
 # -------------------------------------------------------------------------------------------
-
-
-def find_token(explicit: str | None) -> str | None:
-    """--token, else HVSOCK_HOST_TOKEN, else the file hvsock-host writes a generated token to."""
-    if explicit:
-        return explicit
-    if env := os.environ.get("HVSOCK_HOST_TOKEN"):
-        return env
-    path_text = os.environ.get("HVSOCK_HOST_TOKEN_FILE")
-    path = pathlib.Path(path_text) if path_text else default_host_token_file()
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
 
 
 def _read(path: pathlib.Path) -> bytes:

@@ -42,7 +42,7 @@ import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.conventions import TOKEN_METADATA
 
-from .cli import find_token
+from ._token import find_token
 from .demo import CHUNK, HOST_ECHO_PORT, VM_ECHO_PORT, WINDOW, echo_client, serve_echo
 
 HOST_ECHO = hv.service_id_for_port(HOST_ECHO_PORT)
