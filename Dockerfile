@@ -20,6 +20,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY ring/ ring/
+COPY hvsock_common/ hvsock_common/
 COPY host_service/ host_service/
 COPY guest_client/ guest_client/
 RUN set -eu; \
@@ -29,7 +30,7 @@ RUN set -eu; \
     python3 -m venv /opt/hvsock; \
     /opt/hvsock/bin/pip wheel --no-deps --wheel-dir /dist /src; \
     /opt/hvsock/bin/pip install /dist/hvsock_emulator-*.whl; \
-    cd / && /opt/hvsock/bin/python -c "import ring._ring, hvsock.v1.hvsock_pb2_grpc, guest_client"
+    cd / && /opt/hvsock/bin/python -c "import ring._ring, hvsock.v1.hvsock_pb2_grpc, hvsock_common.workers, guest_client"
 
 FROM ${RUNTIME_IMAGE}
 # One unprivileged user with a fixed uid in every container: the host's shared-memory segments

@@ -26,7 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy -p host_service -p guest_client -p ring
+	$(PY) -m mypy -p hvsock_common -p host_service -p guest_client -p ring
 
 # Debug build of the ring (asserts, CYTHON_TRACE), in place.
 debug: $(STAMP)

@@ -37,7 +37,7 @@ from guest_client.demo import local_host
 
 CHUNK = 64 * 1024
 RING = 63 * 4096  # 64-page rings, asked for with SO_SNDBUF/SO_RCVBUF
-DATA_PATHS = ["shm", "grpc"]
+DATA_PATHS = ["shm", "relay"]
 
 
 def writer(kind: str, target: str, token: str, data_path: str, address: Any, nbytes: int) -> None:

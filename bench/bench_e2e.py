@@ -63,10 +63,10 @@ CONNECT_KINDS = ["shm", "relay", "relay-vm", "tcp", "unix"]
 HV_KINDS = {
     "shm": ("shm", "shm", 63 * 4096),  # pages = bytes // 4096 + 1 = 64
     "shm-default": ("shm", "shm", 0),
-    "relay": ("grpc", "grpc", 63 * 4096),
-    "relay-default": ("grpc", "grpc", 0),
-    "relay-vm": ("grpc", "shm", 63 * 4096),
-    "relay-vm-default": ("grpc", "shm", 0),
+    "relay": ("relay", "relay", 63 * 4096),
+    "relay-default": ("relay", "relay", 0),
+    "relay-vm": ("relay", "shm", 63 * 4096),
+    "relay-vm-default": ("relay", "shm", 0),
 }
 # Round trips and connects: default rings.
 RTT_HV_KIND = {"shm": "shm-default", "relay": "relay-default", "relay-vm": "relay-vm-default"}

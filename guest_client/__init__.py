@@ -19,10 +19,11 @@ from socket import SHUT_RD, SHUT_RDWR, SHUT_WR, SOCK_STREAM
 
 import grpc
 
-from host_service.core import addresses as _addresses
 from hvsock.v1 import hvsock_pb2
+from hvsock_common import addresses as _addresses
+from hvsock_common.conventions import DEFAULT_TARGET
 
-from ._partition import DEFAULT_TARGET, PERSONALITIES, Partition
+from ._partition import PERSONALITIES, Partition
 from ._socket import (
     AF_HYPERV,
     AF_VSOCK,
@@ -36,6 +37,7 @@ from ._socket import (
     VMADDR_PORT_ANY,
     HvSocket,
 )
+from ._token import find_token
 
 __all__ = [
     "AF_HYPERV",
@@ -173,8 +175,6 @@ def attach_host(
     """Attach the host (root) partition (``token`` defaults to HVSOCK_HOST_TOKEN, then to the
     file a local ``hvsock-host`` wrote its generated token to)."""
     if token is None:
-        from .cli import find_token
-
         token = find_token(None) or ""
     hello = hvsock_pb2.Hello(host=True, token=token, client="guest_client")
     return Partition(_target(target), hello, credentials=credentials or _credentials())

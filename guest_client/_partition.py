@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,7 +37,12 @@ from ._handover import Handover
 
 log = logging.getLogger("hvsock.client")
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+#: What ``data_path=`` / HVSOCK_DATA_PATH may say: choose per end, force shared memory, or force
+#: the relay. "relay" is also what ``HvSocket.data_path`` and ``hvsock channels`` report.
+DATA_PATHS = ("auto", "shm", "relay")
+#: The relay's name before it had one name everywhere; accepted for one more release.
+_OLD_RELAY_NAME = "grpc"
+
 #: Personality names (attach(), the CLI) -> the API's values.
 PERSONALITIES = {
     "linux": hvsock_pb2.PERSONALITY_LINUX,
@@ -206,6 +212,23 @@ class Listener:
         self.notify()
 
 
+def _data_path_choice(argument: str | None) -> str:
+    """The data path asked for by ``argument``, else by HVSOCK_DATA_PATH, else "auto"."""
+    choice = argument or os.environ.get("HVSOCK_DATA_PATH", "auto")
+    if choice == _OLD_RELAY_NAME:
+        where = "data_path=" if argument else "HVSOCK_DATA_PATH="
+        message = f'{where}"grpc" is deprecated, use "relay" (the same gRPC relay)'
+        # A program sees the warning; an operator who set the environment sees the log line
+        # (Python hides DeprecationWarning outside __main__ by default).
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
+        if not argument:
+            log.warning(message)
+        return "relay"
+    if choice not in DATA_PATHS:
+        raise ValueError(f"HVSOCK_DATA_PATH must be auto, shm or relay, not {choice!r}")
+    return choice
+
+
 class Partition:
     """A VM or the host partition, attached to the host service."""
 
@@ -221,9 +244,7 @@ class Partition:
         self.target = target
         self._hello = hello
         self._credentials = credentials
-        self.data_path = data_path or os.environ.get("HVSOCK_DATA_PATH", "auto")
-        if self.data_path not in ("auto", "shm", "grpc"):
-            raise ValueError(f"HVSOCK_DATA_PATH must be auto, shm or grpc, not {self.data_path!r}")
+        self.data_path = _data_path_choice(data_path)
         #: Where this process reaches the host's descriptor socket, when not where the host
         #: says (a volume mounted at another path): HVSOCK_SHM_SOCKET.
         self.shm_socket = shm_socket or os.environ.get("HVSOCK_SHM_SOCKET") or None
@@ -294,7 +315,7 @@ class Partition:
         self._reader = reader
         # Attached only once the proof is done: a connect made as soon as wait_attached()
         # returns must already get shared memory.
-        if welcome.shm_socket and self.data_path != "grpc":
+        if welcome.shm_socket and self.data_path != "relay":
             self._prove_shared_memory(self.shm_socket or welcome.shm_socket, welcome.session)
         if self.data_path == "shm" and not self.shm:
             # End this session (its reader, one generation behind now, lets it go quietly).

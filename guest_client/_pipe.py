@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from grpc_status import rpc_status
 
-from host_service.workers import WorkerPool
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.workers import WorkerPool
 from ring import (
     CONTROL_PAGE_SIZE,
     FIN_PACKET_LEN,

@@ -13,9 +13,9 @@ import socket as _socket
 import threading
 from typing import Any
 
-from host_service.core import addresses
-from host_service.core.errors import HvError
 from hvsock.v1 import hvsock_pb2
+from hvsock_common import addresses
+from hvsock_common.errors import HvError
 
 from . import errors
 from ._partition import ChannelEnd, Listener, Partition
@@ -125,12 +125,12 @@ class HvSocket:
 
     @property
     def data_path(self) -> str | None:
-        """How this end moves data: ``"shm"`` (shared-memory rings) or ``"grpc"`` (the relay);
-        None until connected."""
+        """How this end moves data: ``"shm"`` (shared-memory rings) or ``"relay"`` (the gRPC
+        relay, as ``hvsock channels`` calls it); None until connected."""
         if self._end is None:
             return None
         shm = self._end.channel.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY
-        return "shm" if shm else "grpc"
+        return "shm" if shm else "relay"
 
     def _check_open(self) -> None:
         if self._state == _CLOSED:

@@ -40,9 +40,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from host_service.core import addresses as _addresses
+from hvsock_common import addresses as _addresses
+from hvsock_common.conventions import TOKEN_METADATA
 
 from . import Partition
+from ._token import find_token
 
 log = logging.getLogger("hvsock.bridge")
 
@@ -705,7 +707,6 @@ def _cli_partition(args: Any) -> Partition:
     import grpc
 
     from . import attach, attach_host
-    from .cli import find_token
 
     credentials = None
     if args.tls_ca is not None:
@@ -726,7 +727,7 @@ def _cli_partition(args: Any) -> Partition:
 
 def _vm_resolver(args: Any) -> Callable[[str], str]:
     """Look a VM up by name with the admin API (so it needs the host token)."""
-    from .cli import TOKEN_METADATA, find_token, open_channel
+    from .cli import open_channel
 
     def resolve(name: str) -> str:
         import grpc

@@ -27,13 +27,12 @@ import grpc
 from google.protobuf import timestamp_pb2
 from grpc_status import rpc_status
 
-from host_service.settings import default_host_token_file
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.conventions import DEFAULT_TARGET, TOKEN_METADATA
 
 from ._partition import PERSONALITIES
+from ._token import find_token
 
-DEFAULT_HOST = "127.0.0.1:50051"
-TOKEN_METADATA = "x-hvsock-token"
 PAGE = 4096
 
 DIRECTIONS = {
@@ -67,9 +66,9 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument(
         "--host",
-        default=default(os.environ.get("HVSOCK_HOST", DEFAULT_HOST)),
+        default=default(os.environ.get("HVSOCK_HOST", DEFAULT_TARGET)),
         metavar="HOST:PORT",
-        help=f"host service address, or unix:PATH (default {DEFAULT_HOST}; env HVSOCK_HOST)",
+        help=f"host service address, or unix:PATH (default {DEFAULT_TARGET}; env HVSOCK_HOST)",
     )
     group.add_argument(
         "--token",
@@ -254,20 +253,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # -------------------------------------------------------------------------------------------
 # Connection
 # -------------------------------------------------------------------------------------------
-
-
-def find_token(explicit: str | None) -> str | None:
-    """--token, else HVSOCK_HOST_TOKEN, else the file hvsock-host writes a generated token to."""
-    if explicit:
-        return explicit
-    if env := os.environ.get("HVSOCK_HOST_TOKEN"):
-        return env
-    path_text = os.environ.get("HVSOCK_HOST_TOKEN_FILE")
-    path = pathlib.Path(path_text) if path_text else default_host_token_file()
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
 
 
 def _read(path: pathlib.Path) -> bytes:

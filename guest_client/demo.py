@@ -10,7 +10,7 @@ What it does, in order:
    service; each VM runs in its own process (``python -m guest_client.demo --vm``) and finds
    the host from the environment, exactly as a program inside a VM container would
    (``HVSOCK_HOST``, ``HVSOCK_VM_ID``, ``HVSOCK_TOKEN``; ``vm-relay`` also has
-   ``HVSOCK_DATA_PATH=grpc``, which forces the gRPC relay instead of shared memory);
+   ``HVSOCK_DATA_PATH=relay``, which forces the gRPC relay instead of shared memory);
 4. each VM listens on its own echo service; the host connects to each VM's echo and each VM
    connects to the host's echo, sends ``--bytes`` bytes and checks the echo with SHA-256;
 5. prints one line per VM and direction (connected, bytes, throughput, data path), stops
@@ -43,6 +43,7 @@ import grpc
 
 import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.conventions import TOKEN_METADATA
 
 HOST_ECHO_PORT = 7001  # the host's echo service (a vsock-template service id)
 VM_ECHO_PORT = 7002  # each VM's echo service
@@ -70,7 +71,7 @@ class LocalHost:
 
     @property
     def metadata(self) -> tuple[tuple[str, str]]:
-        return (("x-hvsock-token", self.token),)
+        return ((TOKEN_METADATA, self.token),)
 
     def create_vm(self, name: str) -> tuple[str, str]:
         """Create a VM; returns (vm_id, token)."""
@@ -323,7 +324,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def host_main(nbytes: int) -> int:
-    vms = [VmProcess("vm-shm", "auto"), VmProcess("vm-relay", "grpc")]
+    vms = [VmProcess("vm-shm", "auto"), VmProcess("vm-relay", "relay")]
     started = time.perf_counter()
     with local_host() as host:
         print(f"hvsock demo: host service at {host.target} (pid {host.proc.pid})", flush=True)

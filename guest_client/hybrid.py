@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from host_service.core import addresses as _addresses
+from hvsock_common import addresses as _addresses
 
 from . import Partition
 from .bridge import Side, Stats, _is_socket, hv_open

@@ -41,13 +41,14 @@ import grpc
 
 import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.conventions import TOKEN_METADATA
 
-from .cli import TOKEN_METADATA, find_token
+from ._token import find_token
 from .demo import CHUNK, HOST_ECHO_PORT, VM_ECHO_PORT, WINDOW, echo_client, serve_echo
 
 HOST_ECHO = hv.service_id_for_port(HOST_ECHO_PORT)
 VM_ECHO = hv.service_id_for_port(VM_ECHO_PORT)
-PATH_NAMES = {"shm": "shared memory", "grpc": "gRPC relay", None: "?"}
+PATH_NAMES = {"shm": "shared memory", "relay": "gRPC relay", None: "?"}
 #: Errors worth retrying while the other side's echo service is not up yet.
 NOT_YET = (ConnectionRefusedError, TimeoutError, ConnectionResetError)
 POLL = 1.0  # seconds between the host program's looks at the VM list
@@ -170,7 +171,10 @@ class Admin:
         answer = self._stub.ListChannels(
             hvsock_pb2.ListChannelsRequest(vm_id=vm_id), metadata=self._metadata, timeout=5
         )
-        names = {hvsock_pb2.DATA_PATH_SHARED_MEMORY: "shm", hvsock_pb2.DATA_PATH_GRPC_RELAY: "grpc"}
+        names = {
+            hvsock_pb2.DATA_PATH_SHARED_MEMORY: "shm",
+            hvsock_pb2.DATA_PATH_GRPC_RELAY: "relay",
+        }
         for channel in answer.channels:
             if channel.channel_id == channel_id:
                 connector = names.get(channel.connector_data_path)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import uuid
 
-from host_service.core import addresses
 from hvsock.v1 import hvsock_pb2
+from hvsock_common import addresses
 
 from ._partition import ChannelEnd
 from ._pipe import memory_pair

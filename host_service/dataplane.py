@@ -34,6 +34,7 @@ from enum import StrEnum
 import grpc
 
 from hvsock.v1 import hvsock_pb2
+from hvsock_common.workers import WorkerPool
 from ring import RingCorruptError, shm
 from ring._constants import MAX_PAYLOAD, PAGE_SIZE
 
@@ -41,7 +42,6 @@ from . import metrics
 from .core import errors
 from .core.types import RingGeometry, Session, Side
 from .wire import MalformedRequest
-from .workers import WorkerPool
 
 log = logging.getLogger("hvsock.host.dataplane")
 

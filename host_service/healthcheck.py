@@ -15,7 +15,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .settings import DEFAULT_LISTEN
+from hvsock_common.conventions import DEFAULT_TARGET
 
 
 def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
@@ -32,7 +32,7 @@ def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m host_service.healthcheck")
-    parser.add_argument("target", nargs="?", default=os.environ.get("HVSOCK_HOST", DEFAULT_LISTEN))
+    parser.add_argument("target", nargs="?", default=os.environ.get("HVSOCK_HOST", DEFAULT_TARGET))
     parser.add_argument("--service", default="", help="service name (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     args = parser.parse_args(argv)

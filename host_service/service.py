@@ -18,16 +18,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.addresses import Address
+from hvsock_common.conventions import TOKEN_METADATA
 
 from . import __version__, metrics
 from .core import errors
-from .core.addresses import Address
 from .core.channel import ChannelState
 from .core.events import (
     ChannelRemoved,
@@ -69,7 +70,6 @@ log = logging.getLogger("hvsock.host")
 
 T = TypeVar("T")
 
-TOKEN_METADATA = "x-hvsock-token"
 #: Responses queued for one attach stream before the host gives up on a client that does not
 #: read them (it is detached, as a VM whose VMBus stopped answering would be).
 MAX_QUEUED_RESPONSES = 65536
@@ -244,7 +244,9 @@ class Host:
         try:
             result = method(*args, now=self.clock(), **kwargs)
         except errors.HvError as err:
-            self.dispatch(err.events)
+            # Only the core attaches events, and only its own (the shared base class, which
+            # must not import the core, types them ``object``).
+            self.dispatch(cast("tuple[Event, ...]", err.events))
             self._arm_timer()
             raise
         events: list[Event]

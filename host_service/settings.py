@@ -8,7 +8,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
+from hvsock_common.conventions import DEFAULT_TARGET, default_host_token_file
 
 
 def _env_name(flag: str) -> str:
@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p = _Parser(parser)
     p.option(
-        "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help="gRPC address to serve on"
+        "--listen", default=DEFAULT_TARGET, metavar="HOST:PORT", help="gRPC address to serve on"
     )
     p.option("--unix", metavar="PATH", help="also serve gRPC on this Unix socket")
     p.option(
@@ -212,8 +212,3 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.host_token_file is None:
         args.host_token_file = default_host_token_file()
     return args
-
-
-def default_host_token_file() -> pathlib.Path:
-    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return pathlib.Path(config) / "hvsock" / "host-token"

@@ -3,27 +3,6 @@
 Everything an adapter needs is re-exported here; the submodules are implementation detail.
 """
 
-from host_service.core.addresses import (
-    BROADCAST,
-    CHILDREN,
-    LOOPBACK,
-    PARENT,
-    SILOHOST,
-    VMADDR_CID_ANY,
-    VMADDR_CID_HOST,
-    VSOCK_TEMPLATE,
-    WELL_KNOWN_VM_IDS,
-    WILDCARD,
-    ZERO,
-    Address,
-    guid_from_bytes_le,
-    guid_to_bytes_le,
-    is_vsock_service_id,
-    parse_guid,
-    port_for_service_id,
-    service_id_for_port,
-    vm_id_for_cid,
-)
 from host_service.core.channel import (
     TRANSITIONS,
     ChannelInput,
@@ -90,6 +69,27 @@ from host_service.core.types import (
     ServiceRegistration,
     Session,
     Side,
+)
+from hvsock_common.addresses import (
+    BROADCAST,
+    CHILDREN,
+    LOOPBACK,
+    PARENT,
+    SILOHOST,
+    VMADDR_CID_ANY,
+    VMADDR_CID_HOST,
+    VSOCK_TEMPLATE,
+    WELL_KNOWN_VM_IDS,
+    WILDCARD,
+    ZERO,
+    Address,
+    guid_from_bytes_le,
+    guid_to_bytes_le,
+    is_vsock_service_id,
+    parse_guid,
+    port_for_service_id,
+    service_id_for_port,
+    vm_id_for_cid,
 )
 
 __all__ = [

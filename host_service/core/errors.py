@@ -1,6 +1,8 @@
 """The one exception hierarchy of the host core.
 
-Every error the core raises is an :class:`HvError`.  Each class carries two class-level facts:
+Every error the core raises is an :class:`HvError`; the root and the address errors live in
+:mod:`hvsock_common.errors` (the guest library uses them too).  Each class carries two class-level
+facts:
 
 * ``errno`` -- the POSIX errno a socket program would see for this failure (the adapter puts it in
   the rich status detail so clients in any language can raise the right ``OSError``);
@@ -45,11 +47,17 @@ connect failures: the ``ConnectFailed`` event carries their ``errno``/``status``
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
 
-if TYPE_CHECKING:
-    from host_service.core.events import Event
+# The root of the tree and the errors an address can raise are shared with the guest library
+# (which parses addresses without importing the host); they are re-exported here because they are
+# as much the core's vocabulary as the rest of this tree.
+from hvsock_common.errors import (
+    STATUS_NAMES,
+    BadAddress,
+    HvError,
+    InvalidArgument,
+    NetworkUnreachable,
+)
 
 __all__ = [
     "STATUS_NAMES",
@@ -77,62 +85,6 @@ __all__ = [
     "TooManySessions",
     "Unauthenticated",
 ]
-
-#: Every status name an error class may use; a test checks each class against this set, and the
-#: adapter's mapping table must cover all of them.
-STATUS_NAMES: frozenset[str] = frozenset(
-    {
-        "INTERNAL",
-        "INVALID_ARGUMENT",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "UNAUTHENTICATED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "DEADLINE_EXCEEDED",
-        "UNAVAILABLE",
-    }
-)
-
-
-class HvError(Exception):
-    """Base of every core error.  Not raised directly (it has no specific meaning)."""
-
-    errno: ClassVar[int] = _errno.EIO
-    status: ClassVar[str] = "INTERNAL"
-
-    def __init__(self, message: str, *, events: Sequence[Event] = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        #: Side-effect events produced before the error was raised; dispatch them.
-        self.events: tuple[Event, ...] = tuple(events)
-
-    def with_events(self, events: Sequence[Event]) -> HvError:
-        """Return ``self`` with ``events`` appended (used where the core raises after acting)."""
-        self.events = (*self.events, *events)
-        return self
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class InvalidArgument(HvError, ValueError):
-    """A request field is out of range or malformed (backlog, ring pages, timeout, name ...)."""
-
-    errno = _errno.EINVAL
-    status = "INVALID_ARGUMENT"
-
-
-class BadAddress(InvalidArgument):
-    """A GUID is malformed, or a well-known VM id is used where it has no meaning."""
-
-
-class NetworkUnreachable(HvError):
-    """The target VM id cannot be reached from the caller (e.g. PARENT from the host)."""
-
-    errno = _errno.ENETUNREACH
-    status = "INVALID_ARGUMENT"
 
 
 class GuestToGuestRefused(HvError):

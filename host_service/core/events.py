@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from host_service.core.addresses import Address
 from host_service.core.channel import ChannelInput, ChannelState
 from host_service.core.types import PartitionState, RingGeometry, Side
+from hvsock_common.addresses import Address
 
 __all__ = [
     "ChannelRemoved",

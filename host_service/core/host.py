@@ -59,13 +59,6 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from host_service.core.addresses import (
-    PARENT,
-    WELL_KNOWN_VM_IDS,
-    Address,
-    parse_guid,
-    service_id_for_port,
-)
 from host_service.core.channel import (
     CLOSING_STATES,
     CONNECTING_STATES,
@@ -146,6 +139,13 @@ from host_service.core.types import (
     ServiceRegistration,
     Session,
     Side,
+)
+from hvsock_common.addresses import (
+    PARENT,
+    WELL_KNOWN_VM_IDS,
+    Address,
+    parse_guid,
+    service_id_for_port,
 )
 
 __all__ = ["HOST_NAME", "HOST_VM_ID", "MAX_NAME_LENGTH", "NAME_PATTERN", "HostCore"]

@@ -20,7 +20,6 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
-from host_service.core.addresses import Address
 from host_service.core.channel import ChannelMachine
 from host_service.core.errors import InvalidArgument
 from host_service.core.types import (
@@ -32,6 +31,7 @@ from host_service.core.types import (
     Session,
     Side,
 )
+from hvsock_common.addresses import Address
 
 __all__ = ["hash_token", "token_matches"]
 

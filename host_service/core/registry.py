@@ -9,9 +9,9 @@ value again would.
 
 from __future__ import annotations
 
-from host_service.core.addresses import parse_guid
 from host_service.core.errors import InvalidArgument, NotFound
 from host_service.core.types import ServiceRegistration
+from hvsock_common.addresses import parse_guid
 
 __all__ = ["MAX_ELEMENT_NAME", "ServiceRegistry"]
 

@@ -30,7 +30,8 @@ when their scopes overlap, i.e. some source would be heard by both.
 
 from __future__ import annotations
 
-from host_service.core.addresses import (
+from host_service.core.errors import BadAddress, NetworkUnreachable
+from hvsock_common.addresses import (
     BROADCAST,
     CHILDREN,
     LOOPBACK,
@@ -39,7 +40,6 @@ from host_service.core.addresses import (
     WELL_KNOWN_VM_IDS,
     WILDCARD,
 )
-from host_service.core.errors import BadAddress, NetworkUnreachable
 
 __all__ = [
     "Route",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from host_service.core.addresses import Address
 from host_service.core.channel import ChannelState
+from hvsock_common.addresses import Address
 
 __all__ = [
     "PAGE_SIZE",

@@ -41,7 +41,7 @@ class Env:
     # -- partitions -----------------------------------------------------------------------
 
     def _data_path(self) -> str:
-        return "grpc" if self.transport == "relay" else "shm"
+        return "relay" if self.transport == "relay" else "shm"
 
     def vm(self, personality: str = "linux", name: str = "vm") -> hv.Partition:
         assert self.host is not None

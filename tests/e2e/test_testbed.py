@@ -77,7 +77,9 @@ def test_testbed_comes_up_and_echoes_on_both_data_paths(testbed: ComposeProject)
         assert out[vm_id]["bytes"] == back[vm_id]["bytes"] == 8 * 2**20
     # vm-linux mounts the host's descriptor socket: shared memory; vm-windows does not: relay.
     assert out[vm_linux["vm_id"]]["data_path"] == back[vm_linux["vm_id"]]["data_path"] == "shm"
-    assert out[vm_windows["vm_id"]]["data_path"] == back[vm_windows["vm_id"]]["data_path"] == "grpc"
+    assert (
+        out[vm_windows["vm_id"]]["data_path"] == back[vm_windows["vm_id"]]["data_path"] == "relay"
+    )
 
     # The host program's readable summary table names both VMs.
     def summary_with_both() -> bool:

@@ -26,7 +26,7 @@ from ..integration.hostproc import HostProcess, run_host
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SERVICE = hv.service_id_for_port(7000)
-DATA_PATHS = ["shm", "grpc"]
+DATA_PATHS = ["shm", "relay"]
 
 # A VM program that connects to the host and streams data until it is killed.
 _STREAMER = """

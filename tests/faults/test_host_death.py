@@ -77,7 +77,7 @@ def until_not_writable(sock: hv.HvSocket, within: float = 10) -> None:
 
 
 @pytest.mark.parametrize("how", ["kill", "term"])
-@pytest.mark.parametrize("data_path", ["shm", "grpc"])
+@pytest.mark.parametrize("data_path", ["shm", "relay"])
 def test_sockets_reset_and_the_partition_attaches_to_the_next_host(
     host: HostProcess, tmp_path: pathlib.Path, data_path: str, how: str
 ) -> None:
@@ -96,7 +96,7 @@ def test_sockets_reset_and_the_partition_attaches_to_the_next_host(
         server, _ = listener.accept()
         pairs.append((client, server))
     (sender, sender_peer), (reader, reader_peer), (idle, idle_peer) = pairs
-    assert {sender.data_path, reader.data_path} == {"shm" if data_path == "shm" else "grpc"}
+    assert {sender.data_path, reader.data_path} == {data_path}
 
     sending = Blocked("send", lambda: sender.sendall(BULK))  # the peer never reads: blocks
     until_not_writable(sender)

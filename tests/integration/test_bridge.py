@@ -71,7 +71,7 @@ class Parts:
         }
 
 
-@pytest.fixture(params=["shm", "grpc"])
+@pytest.fixture(params=["shm", "relay"])
 def parts(request: pytest.FixtureRequest, host: HostProcess) -> Iterator[Parts]:
     p = Parts(host, request.param)
     yield p

@@ -36,7 +36,7 @@ def _channel(host: HostProcess, channel_id: int) -> hvsock_pb2.ChannelStatus:
     return status
 
 
-@pytest.mark.parametrize("data_path", ["shm", "grpc"])
+@pytest.mark.parametrize("data_path", ["shm", "relay"])
 def test_list_channels_counts_bytes_both_ways(
     host: HostProcess, data_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,7 +70,7 @@ def _echo(conn: hv.HvSocket) -> None:
         conn.shutdown(hv.SHUT_WR)
 
 
-@pytest.fixture(params=["shm", "grpc"])
+@pytest.fixture(params=["shm", "relay"])
 def setup(
     request: pytest.FixtureRequest, host: HostProcess, tmp_path: pathlib.Path
 ) -> Iterator[Setup]:

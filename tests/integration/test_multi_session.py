@@ -34,7 +34,7 @@ from .test_host_badinput import (
 
 pytestmark = pytest.mark.integration
 
-DATA_PATHS = ["shm", "grpc"]
+DATA_PATHS = ["shm", "relay"]
 TIMEOUT = 30.0
 
 # A VM program that serves an echo on one service until its stdin closes or it is killed.

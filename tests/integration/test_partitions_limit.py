@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(autouse=True)
 def relay_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Attaching is all these tests do: no shared-memory probe needed."""
-    monkeypatch.setenv("HVSOCK_DATA_PATH", "grpc")
+    monkeypatch.setenv("HVSOCK_DATA_PATH", "relay")
     for name in ("HVSOCK_VM_ID", "HVSOCK_TOKEN", "HVSOCK_VM_IDENTITY", "HVSOCK_VM_NAME"):
         monkeypatch.delenv(name, raising=False)
 

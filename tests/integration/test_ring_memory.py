@@ -310,12 +310,12 @@ def test_relayed_reader_of_a_corrupt_ring_gets_ring_corrupt_error(host: HostProc
     vm = hv.Partition(
         host.target,
         hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token),
-        data_path="grpc",
+        data_path="relay",
     )
     root = hv.Partition(host.target, hvsock_pb2.Hello(host=True, token=host.token))
     listener, service = _listener(root)
     client, server = _connected(vm, listener, service)
-    assert (client.data_path, server.data_path) == ("grpc", "shm")
+    assert (client.data_path, server.data_path) == ("relay", "shm")
     server.sendall(b"before")
     assert client.recv(100) == b"before"
     # The host program (on shared memory) spoils the ring it writes: an unaligned write index
@@ -347,7 +347,7 @@ def test_a_program_that_cannot_reach_the_descriptor_socket_uses_the_relay(
     assert not vm.shm and root.shm
     listener, service = _listener(root)
     client, server = _connected(vm, listener, service)
-    assert (client.data_path, server.data_path) == ("grpc", "shm")
+    assert (client.data_path, server.data_path) == ("relay", "shm")
     client.sendall(b"over the relay")
     assert server.recv(100) == b"over the relay"
     for sock in (client, server, listener):

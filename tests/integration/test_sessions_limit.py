@@ -41,7 +41,7 @@ def host(tmp_path: pathlib.Path) -> Iterator[HostProcess]:
 @pytest.fixture(autouse=True)
 def relay_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Attaching is all these tests do: no shared-memory probe needed."""
-    monkeypatch.setenv("HVSOCK_DATA_PATH", "grpc")
+    monkeypatch.setenv("HVSOCK_DATA_PATH", "relay")
 
 
 def test_the_limit_is_reported(host: HostProcess) -> None:

@@ -54,7 +54,7 @@ def _channel_endings(host: HostProcess, channel_id: int) -> list[tuple[str, str]
         return out
 
 
-@pytest.mark.parametrize("data_path", ["shm", "grpc"])
+@pytest.mark.parametrize("data_path", ["shm", "relay"])
 def test_the_vm_program_stops_on_sigterm_closing_its_channels(
     host: HostProcess, data_path: str, tmp_path: pathlib.Path
 ) -> None:

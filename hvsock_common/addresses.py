@@ -1,10 +1,11 @@
 """Hyper-V socket addresses: GUID text, well-known VM ids and the vsock port template.
 
-An hv_sock endpoint is ``(vm_id, service_id)``, both GUIDs.  The core represents a GUID as its
+An hv_sock endpoint is ``(vm_id, service_id)``, both GUIDs.  Both sides represent a GUID as its
 *canonical text*: 36 lower-case characters without braces (what CPython's AF_HYPERV support
 reports).  Input may use upper case and/or surrounding braces (CPython's ``HV_GUID_*`` constants
 are upper case); anything else is rejected with :class:`BadAddress`.  Invariant: every GUID
-stored anywhere in the core went through :func:`parse_guid`, so string equality is GUID equality.
+stored anywhere in the host core went through :func:`parse_guid`, so string equality is GUID
+equality.
 
 The well-known values are from hvsock-facts section 1.2 (Microsoft docs, go-winio, CPython).
 """
@@ -15,7 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from host_service.core.errors import BadAddress, NetworkUnreachable
+from hvsock_common.errors import BadAddress, NetworkUnreachable
 
 __all__ = [
     "BROADCAST",

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from host_service.workers import WorkerPool
+from hvsock_common.workers import WorkerPool
 
 pytestmark = pytest.mark.unit
 

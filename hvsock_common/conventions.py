@@ -1,0 +1,24 @@
+"""Facts the host service and its clients agree on that the proto does not carry.
+
+Each was written out by hand on both sides (the default target three times, the token metadata
+key three times); a change to one copy would have left a host and a client that no longer meet.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+__all__ = ["DEFAULT_TARGET", "TOKEN_METADATA", "default_host_token_file"]
+
+#: Where ``hvsock-host`` listens unless told otherwise, and so where clients look first.
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+#: gRPC metadata key carrying the host partition's token on admin calls.
+TOKEN_METADATA = "x-hvsock-token"
+
+
+def default_host_token_file() -> pathlib.Path:
+    """Where ``hvsock-host`` writes a token it generated, and where the CLI reads it back."""
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(config) / "hvsock" / "host-token"
