@@ -68,7 +68,7 @@ class Blocked:
         return self.outcome
 
 
-def until_not_writable(sock: hv.HvSocket, within: float = 10) -> None:
+def until_not_writable(sock: hv.HvSocket, within: float = 30) -> None:
     """Poll (with a deadline) until the socket's send ring is full: a sender is blocked."""
     deadline = time.monotonic() + within
     while select.select([], [sock], [], 0)[1]:
