@@ -156,7 +156,12 @@ class DescriptorServer:
             return
         self._owned.add(conn)
         self._loop.add_reader(conn, self._read_owned, conn)
-        probe = sealed_memfd("hvsock-probe", len(nonce), nonce)
+        try:
+            probe = sealed_memfd("hvsock-probe", len(nonce), nonce)
+        except OSError as exc:  # out of descriptors or memory: this session uses the relay
+            log.warning("descriptor socket: no probe for a session: %s", exc)
+            self._drop(conn)
+            return
         try:
             if not self._send(conn, KIND_PROBE, 0, probe):
                 self._drop(conn)

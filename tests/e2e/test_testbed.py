@@ -329,7 +329,15 @@ def test_every_container_stops_cleanly_on_sigterm_and_down_is_quick(
     # the VMs attached and echoing, then `down` as a user runs it.
     since = time.time()
     testbed.run("up", "--detach", "--no-recreate", "--scale", "vm-linux=1", timeout=300)
-    ids = {p["vm_id"] for p in _echo_vms(testbed).values()}
+
+    def attached_again() -> set[str] | None:
+        # The host keeps every VM the scaling test made; only the running ones attach again.
+        attached = {n: p for n, p in _echo_vms(testbed).items() if p["attached"]}
+        if all(any(n.startswith(prefix) for n in attached) for prefix in ("vm-linux", "vm-win")):
+            return {p["vm_id"] for p in attached.values()}
+        return None
+
+    ids = wait_for("vm-linux and vm-windows to attach again", attached_again, 120)
     wait_for("the VMs to echo again", lambda: _echoed_both_ways(testbed, ids, since), 240)
     start = time.monotonic()
     testbed.run("down", "--volumes", "--remove-orphans", timeout=60)
