@@ -157,3 +157,18 @@ def run_host(
         if drain is not None:
             drain.join()
         proc.stderr.close()
+
+
+def usage_error(tmp_path: pathlib.Path, args: list[str], env: dict[str, str]) -> str:
+    """Start ``hvsock-host`` with ``args`` and ``env`` expecting a usage error (exit 2); its
+    message."""
+    result = subprocess.run(
+        [str(BIN / "hvsock-host"), "--listen", "127.0.0.1:0", *args],
+        env={"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    return result.stderr
