@@ -56,6 +56,25 @@ OFF_MAGIC = 0x180
 OFF_VERSION = 0x184
 OFF_DATA_SIZE = 0x188
 
+# The same words as u32 indices into the control page (byte offset / 4), the form
+# ring/_layout.pxd declares them in (W_BYTES_WRITTEN is a u64: words 80 (low) and 81 (high)).
+W_WRITE_INDEX = OFF_WRITE_INDEX // 4
+W_READ_INDEX = OFF_READ_INDEX // 4
+W_INTERRUPT_MASK = OFF_INTERRUPT_MASK // 4
+W_PENDING_SEND_SZ = OFF_PENDING_SEND_SZ // 4
+W_FEATURE_BITS = OFF_FEATURE_BITS // 4
+W_DATA_SEQ = OFF_DATA_SEQ // 4
+W_DATA_WAITERS = OFF_DATA_WAITERS // 4
+W_SPACE_SEQ = OFF_SPACE_SEQ // 4
+W_SPACE_WAITERS = OFF_SPACE_WAITERS // 4
+W_SPACE_WATCHERS = OFF_SPACE_WATCHERS // 4
+W_RESCINDED = OFF_RESCINDED // 4
+W_CORRUPT = OFF_CORRUPT // 4
+W_BYTES_WRITTEN = OFF_BYTES_WRITTEN // 4
+W_MAGIC = OFF_MAGIC // 4
+W_VERSION = OFF_VERSION // 4
+W_DATA_SIZE = OFF_DATA_SIZE // 4
+
 FEAT_PENDING_SEND_SZ = 1
 RING_MAGIC = 0x52535648  # b"HVSR" little-endian
 RING_VERSION = 1
@@ -82,6 +101,9 @@ DEFAULT_RECV_PAGES = 3
 
 DEFAULT_SPIN_NS = 100_000  # upper bound of the adaptive spin before a futex sleep
 MIN_SPIN_NS = 2_000
+# A wait that ended within SPIN_ACTIVE_FACTOR spin budgets means the peer is active: keep
+# the full budget; otherwise halve it (down to MIN_SPIN_NS).
+SPIN_ACTIVE_FACTOR = 10
 
 
 def roundup8(n: int) -> int:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 from ._constants import (
     CONTROL_PAGE_SIZE,
+    DEFAULT_SPIN_NS,
     FEAT_PENDING_SEND_SZ,
     FIN_PACKET_LEN,
     HEADER_SIZE,
@@ -43,8 +44,25 @@ from ._constants import (
     PIPE_PKT_DATA,
     RING_MAGIC,
     RING_VERSION,
+    SPIN_ACTIVE_FACTOR,
     TRAILER_SIZE,
     VM_PKT_DATA_INBAND,
+    W_BYTES_WRITTEN,
+    W_CORRUPT,
+    W_DATA_SEQ,
+    W_DATA_SIZE,
+    W_DATA_WAITERS,
+    W_FEATURE_BITS,
+    W_INTERRUPT_MASK,
+    W_MAGIC,
+    W_PENDING_SEND_SZ,
+    W_READ_INDEX,
+    W_RESCINDED,
+    W_SPACE_SEQ,
+    W_SPACE_WAITERS,
+    W_SPACE_WATCHERS,
+    W_VERSION,
+    W_WRITE_INDEX,
     WATCH_SPACE,
     WRITE_RESERVE,
     packet_len,
@@ -76,30 +94,11 @@ from ._errors import (
 
 __all__ = ["Ring", "atomic_fetch_or", "atomic_load", "atomic_store", "futex_wait", "futex_wake"]
 
-# u32 word indices in the control page (byte offset / 4), as in ring/_layout.pxd
-W_WRITE_INDEX = 0
-W_READ_INDEX = 1
-W_INTERRUPT_MASK = 2
-W_PENDING_SEND_SZ = 3
-W_FEATURE_BITS = 16
-W_DATA_SEQ = 32
-W_DATA_WAITERS = 33
-W_SPACE_SEQ = 48
-W_SPACE_WAITERS = 49
-W_SPACE_WATCHERS = 50
-W_RESCINDED = 64
-W_CORRUPT = 65
-W_BYTES_WRITTEN = 80  # a u64: words 80 (low) and 81 (high)
-W_MAGIC = 96
-W_VERSION = 97
-W_DATA_SIZE = 98
-
 _HDR = struct.Struct("<HHHHQII")  # descriptor (type, offset8, len8, flags, trans_id) + pipe header
 _TRAILER = struct.Struct("<Q")
 _U32_MASK = 0xFFFFFFFF
-SPIN_ACTIVE_FACTOR = 10  # as in ring/_layout.pxd
 _MAX_SLEEP_NS = 10_000_000  # see the module docstring: bounds a wake-up missed for lack of fences
-_DEFAULT_SPIN_NS = int(os.environ.get("HVSOCK_RING_SPIN_NS", "100000"))
+_DEFAULT_SPIN_NS = int(os.environ.get("HVSOCK_RING_SPIN_NS", str(DEFAULT_SPIN_NS)))
 
 
 # ---- futex through ctypes ----------------------------------------------------------------

@@ -28,6 +28,7 @@ from ring._layout cimport *
 
 import os as _os
 
+from ring._constants import DEFAULT_SPIN_NS as _PY_DEFAULT_SPIN_NS
 from ring._errors import status_error as _status_error
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "futex_wake",
 ]
 
-cdef int64_t _DEFAULT_SPIN_NS = int(_os.environ.get("HVSOCK_RING_SPIN_NS", "100000"))
+cdef int64_t _DEFAULT_SPIN_NS = int(_os.environ.get("HVSOCK_RING_SPIN_NS", str(_PY_DEFAULT_SPIN_NS)))
 
 
 # ------------------------------------------------------------------------------------------
