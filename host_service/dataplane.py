@@ -100,7 +100,8 @@ class Relay:
         self.error: str | None = None
         #: Set when the host rescinds the channel (the stream then fails UNAVAILABLE).
         self.reset: str | None = None
-        #: Set when the ring this end reads is corrupt (the stream then fails DATA_LOSS).
+        #: Set when the ring this end reads is corrupt (the channel is rescinded and the stream
+        #: fails DATA_LOSS; a corrupt ring it writes is _WriterState.corrupt, a plain rescind).
         self.corrupt: RingCorruptError | None = None
         self.sent = 0  # client -> ring bytes written
         self.received = 0  # ring -> client bytes
@@ -170,6 +171,10 @@ class Relay:
                 message = await out.get()
                 if message is _READER_DONE:
                     reader_done = True
+                    if self.corrupt is not None:
+                        # Rescinds the channel (both ends told) and ends this stream.
+                        self.reset = self.reset or str(self.corrupt)
+                        self.on_abort(str(self.corrupt))
                 elif message is _WRITER_DONE:
                     writer_done = True
                     if state.corrupt is not None:
@@ -282,14 +287,15 @@ class Relay:
                 metrics.BYTES.labels("to_client").inc(n)
                 post(hvsock_pb2.ChannelDataResponse(data=bytes(memoryview(buffer)[:n])))
         except RingCorruptError as exc:
-            # Ring contents are the peer's to spoil: the host only reports it. The channel is
-            # rescinded (which also wakes this end's writer) and the client gets the error the
-            # shared-memory reader would get, not a clean EOF that hides truncated data.
-            log.warning("relay read on %s: %s: rescinding the channel", self.vm_id, exc)
+            # Ring contents are the peer's to spoil: the host only reports it. As for the
+            # writer's ring, the channel is rescinded (the stream tells the core, on the event
+            # loop); the client gets the error a shared-memory reader would get, not a clean
+            # EOF that hides truncated data. Wake this end's writer now: it may be waiting for
+            # the client's frames, not the ring.
+            log.warning("relay read on %s: %s", self.vm_id, exc)
             self.corrupt = exc
-            self.reset = self.reset or str(exc)
             self.end.rescind()
-            self.halt_writer()  # it may be waiting for the client's frames, not the ring
+            self.halt_writer()
         except OSError as exc:  # closed under us at teardown
             log.warning("relay read on %s ended: %s", self.vm_id, exc)
             post(hvsock_pb2.ChannelDataResponse(fin=True))

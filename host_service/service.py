@@ -1043,9 +1043,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     self.host.core.rescind, channel_id, reason=f"protocol error: {relay.error}"
                 )
             await abort(context, errors.InvalidArgument(relay.error))
-        if relay.corrupt is not None:
-            with contextlib.suppress(errors.HvError):
-                self.host.call(self.host.core.rescind, channel_id, reason=str(relay.corrupt))
+        if relay.corrupt is not None:  # the relay rescinded the channel (on_abort)
             await context.abort_with_status(
                 rich_status(
                     grpc.StatusCode.DATA_LOSS,

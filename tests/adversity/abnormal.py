@@ -20,11 +20,10 @@ import grpc
 from grpc_status import rpc_status
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.addresses import PARENT, WILDCARD
 
 from ..integration.hostproc import HostProcess
 
-PARENT = "a42e7cda-d03f-480c-9cc2-a4de20abb878"
-WILDCARD = "00000000-0000-0000-0000-000000000000"
 ATTACH = "/hvsock.v1.HostService/Attach"
 CHANNEL_DATA = "/hvsock.v1.HostService/ChannelData"
 WATCH_EVENTS = "/hvsock.v1.AdminService/WatchEvents"
