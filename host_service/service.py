@@ -589,10 +589,9 @@ class Host:
     def _handover_lost(self, conn: socket.socket) -> None:
         """The program closed its descriptor connection (or broke its protocol): the session's
         later channel ends use the relay."""
-        attachment = self._by_conn.pop(conn, None)
+        attachment = self._by_conn.get(conn)
         if attachment is not None:
-            attachment.shm_conn = None
-            attachment.shm_capable = False
+            self._release_handover(attachment)
 
     def _release_handover(self, attachment: Attachment) -> None:
         conn, attachment.shm_conn = attachment.shm_conn, None
@@ -932,7 +931,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             # that its relay stream already closed): closing is idempotent.
             channel_id = request.close.channel_id
             if request.close.reset:
-                self._reset(channel_id, session)
+                host.call(core.reset, session, channel_id)
                 return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
             with contextlib.suppress(errors.NotFound):
                 info = core.get_channel(channel_id)
@@ -957,18 +956,6 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         if kind == "hello":
             raise errors.InvalidState("already attached: hello is only the first request")
         raise errors.InvalidArgument("empty request (no kind set)")
-
-    def _reset(self, channel_id: int, session: Session) -> None:
-        """Close.reset: an end that cannot use the channel rescinds it (only its own)."""
-        info = self.host.core.get_channel(channel_id)
-        if not any(
-            end is not None and (end.vm_id, end.session_id) == (session.vm_id, session.session_id)
-            for end in (info.connector, info.acceptor)
-        ):
-            raise errors.NotFound(
-                f"session {session.session_id} holds no end of channel {channel_id}"
-            )
-        self.host.call(self.host.core.rescind, channel_id, reason="reset by an end")
 
     def _connect(self, request: hvsock_pb2.AttachRequest, attachment: Attachment) -> None:
         """Start a connect; it is answered when ConnectionEstablished or ConnectFailed comes.

@@ -1344,6 +1344,15 @@ class HostCore:
         channel, end = self._channel_end(partition, session, channel_id, side)
         return self._apply(channel, _CLOSE[end], now, f"closed by the {end}")
 
+    def reset(
+        self, session: Session, channel_id: int, now: float, *, side: Side | None = None
+    ) -> list[Event]:
+        """An end that cannot use its channel (e.g. it cannot map the rings it was handed)
+        tears it down: a rescind, as for an end that crashed, but only by one of its ends."""
+        partition = self._session_partition(session)
+        channel, end = self._channel_end(partition, session, channel_id, side)
+        return self._apply(channel, ChannelInput.RESCIND, now, f"reset by the {end}")
+
     def rescind(
         self, channel_id: int, now: float, *, reason: str = "fault injected"
     ) -> list[Event]:

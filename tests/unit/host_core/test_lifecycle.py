@@ -202,6 +202,17 @@ def test_admin_rescind_reaches_both_ends(world: World) -> None:
         world.core.rescind(cid, 1.0)
 
 
+def test_an_end_resets_its_own_channel_only(world: World) -> None:
+    guest, cid = open_channel(world)
+    other = world.guest("other-vm")
+    with pytest.raises(NotFound):
+        world.core.reset(other, cid, 1.0)  # holds no end of it
+    events = world.core.reset(guest, cid, 1.0)
+    rescinds = world.of_type(events, ChannelRescinded)
+    assert {r.partition for r in rescinds} == {guest.vm_id, HOST_VM_ID}
+    assert all(r.reason == "reset by the connector" for r in rescinds)
+
+
 def test_rescind_of_a_pending_connect_is_a_reset(world: World) -> None:
     guest = world.guest()
     cid, _ = world.core.connect(guest, PARENT, SVC, 0)
