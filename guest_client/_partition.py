@@ -111,11 +111,7 @@ class ChannelEnd:
             not self.reset
             and not self.settled.is_set()
             # Either ring (a failed send sees its own), or a relay stream the host ended.
-            and (
-                pipe.rx.is_rescinded
-                or pipe.tx.is_rescinded
-                or getattr(pipe, "ended_by_host", False)
-            )
+            and (pipe.rx.is_rescinded or pipe.tx.is_rescinded or pipe.ended_by_host)
         ):
             self.settled.wait(_SETTLE_TIMEOUT)
         return self.reset
@@ -485,13 +481,10 @@ class Partition:
         if listener is None or listener.closed:
             self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id))
             return
-        try:
-            end = self.open_end(channel)
-        except OSError as exc:
-            log.warning("channel %d could not be opened: %s", channel.channel_id, exc)
-            return
-        listener.ready.append(end)
-        listener.notify()
+        end = self._open_on_reader(channel)
+        if end is not None:
+            listener.ready.append(end)
+            listener.notify()
 
     def _offered(self, offer: hvsock_pb2.Offer) -> None:
         with self._lock:
@@ -511,10 +504,8 @@ class Partition:
             if answer.WhichOneof("kind") != "opened":
                 listener.notify()
                 return
-            try:
-                end = self.open_end(answer.opened)
-            except OSError as exc:
-                log.warning("channel %d could not be opened: %s", answer.opened.channel_id, exc)
+            end = self._open_on_reader(answer.opened)
+            if end is None:
                 listener.notify()
                 return
             if listener.closed:
@@ -537,8 +528,9 @@ class Partition:
 
     def open_end(self, channel: hvsock_pb2.Channel) -> ChannelEnd:
         """This session's end of an opened channel. If its rings cannot be mapped (no
-        descriptor, out of descriptors, a bad segment) the channel is reset, so the peer
-        sees ECONNRESET, and the error is raised here: it fails this channel, nothing else."""
+        descriptor, out of descriptors, a bad segment) the channel is reset (Close.reset: the
+        peer sees a rescind) and the error is raised here: it fails this channel, nothing
+        else."""
         pipe: _pipe.Pipe
         if channel.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY:
             try:
@@ -554,6 +546,15 @@ class Partition:
         with self._lock:
             self._channels[end.channel_id] = end
         return end
+
+    def _open_on_reader(self, channel: hvsock_pb2.Channel) -> ChannelEnd | None:
+        """open_end() for an accepted opening, on the attach reader: a failure costs that
+        channel (reset, logged) and never the reader, which serves the whole partition."""
+        try:
+            return self.open_end(channel)
+        except OSError as exc:
+            log.warning("channel %d could not be opened: %s", channel.channel_id, exc)
+            return None
 
     def _map_end(self, channel: hvsock_pb2.Channel) -> _pipe.ShmPipe:
         handover = self._handover

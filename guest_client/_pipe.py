@@ -67,6 +67,9 @@ _WORKERS = WorkerPool()
 
 class Pipe(Protocol):
     path: str
+    #: The host ended this end's transport itself (only the relay has one that it can end):
+    #: ChannelEnd.ended_by_reset then waits to hear why on the attach stream.
+    ended_by_host: bool
 
     @property
     def rx(self) -> RxEnd: ...
@@ -91,6 +94,8 @@ class Pipe(Protocol):
 class _NeverStalled:
     """Pipes the host stalls by itself (the relay) or never (in-process pairs)."""
 
+    ended_by_host = False
+
     def hold(self, receiving: bool, timeout: float | None) -> float | None:
         return timeout
 
@@ -111,6 +116,7 @@ class ShmPipe:
     ring when a stall starts completes normally; the stall applies from the next call."""
 
     path = "shm"
+    ended_by_host = False  # the host ends nothing of it: it rescinds the rings
 
     def __init__(self, segment: hvsock_pb2.SharedMemorySegment, fd: int) -> None:
         """Map the segment behind ``fd`` (handed over by the host; the caller closes it)."""
