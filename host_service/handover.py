@@ -178,7 +178,8 @@ class DescriptorServer:
             pass
         self._drop(conn)
 
-    def _drop(self, conn: socket.socket) -> None:
+    def _drop(self, conn: socket.socket, *, tell: bool = True) -> None:
+        """Close ``conn`` (idempotent); a session owning it is told unless ``tell`` is False."""
         hello = self._hellos.pop(conn, None)
         if hello is not None:
             hello[1].cancel()
@@ -187,16 +188,13 @@ class DescriptorServer:
         if conn.fileno() >= 0 and self._loop is not None:
             self._loop.remove_reader(conn)
         conn.close()
-        if owned:
+        if owned and tell:
             self._lost(conn)
 
     def release(self, conn: socket.socket) -> None:
         """The session that owned ``conn`` ended: close it (without telling it back)."""
         if conn in self._owned:
-            self._owned.discard(conn)
-            if conn.fileno() >= 0 and self._loop is not None:
-                self._loop.remove_reader(conn)
-            conn.close()
+            self._drop(conn, tell=False)
 
     # -- messages ------------------------------------------------------------------------
 
