@@ -424,7 +424,7 @@ class DataPlane:
 
     max_payload = MAX_PAYLOAD
 
-    def __init__(self, map_timeout: float = 2.0) -> None:
+    def __init__(self, map_timeout: float) -> None:
         #: Seconds an end on shared memory has to map its segment once handed it.
         self.map_timeout = map_timeout
         #: Set by the service: rescind a channel (an end never mapped its rings).

@@ -104,7 +104,8 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
             core.register_service(service.service_id, service.element_name, 0.0)
     return Host(
         core,
-        dataplane=DataPlane(),
+        # An end handed its rings must map them within the connect timeout.
+        dataplane=DataPlane(map_timeout=config.connect_timeout),
         store=store,
         shm_socket=None if args.shm_socket == "off" else args.shm_socket or default_address(),
         max_queued_responses=args.max_queued_responses,

@@ -203,8 +203,6 @@ class Host:
         self.core = core
         self.max_queued_responses = max_queued_responses
         self.dataplane = dataplane
-        # An end handed its rings must map them within the connect timeout.
-        dataplane.map_timeout = core.config.connect_timeout
         dataplane.on_unmapped = self._reset_unmapped
         self.store = store
         #: Hands ring memory to programs (None: shared memory is off, everything is relayed).

@@ -11,7 +11,8 @@ from host_service.service import MAX_WATCH_BACKLOG, Host, new_core
 
 
 def _host(tmp_path: pathlib.Path) -> Host:
-    return Host(new_core(HostConfig(), "host-token"), dataplane=DataPlane(tmp_path))
+    config = HostConfig()
+    return Host(new_core(config, "host-token"), dataplane=DataPlane(config.connect_timeout))
 
 
 def _event(n: int) -> ServiceChanged:
