@@ -42,6 +42,11 @@ log = logging.getLogger("hvsock.client")
 DATA_PATHS = ("auto", "shm", "relay")
 #: The relay's name before it had one name everywhere; accepted for one more release.
 _OLD_RELAY_NAME = "grpc"
+#: The API's data paths by the names above (sockets, ``hvsock channels``, the testbed).
+DATA_PATH_NAMES = {
+    hvsock_pb2.DATA_PATH_SHARED_MEMORY: "shm",
+    hvsock_pb2.DATA_PATH_GRPC_RELAY: "relay",
+}
 
 #: Personality names (attach(), the CLI) -> the API's values.
 PERSONALITIES = {

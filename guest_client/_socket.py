@@ -18,7 +18,7 @@ from hvsock_common import addresses
 from hvsock_common.errors import HvError
 
 from . import errors
-from ._partition import ChannelEnd, Listener, Partition
+from ._partition import DATA_PATH_NAMES, ChannelEnd, Listener, Partition
 from ._readiness import Readiness
 
 AF_HYPERV = 34
@@ -129,8 +129,7 @@ class HvSocket:
         relay, as ``hvsock channels`` calls it); None until connected."""
         if self._end is None:
             return None
-        shm = self._end.channel.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY
-        return "shm" if shm else "relay"
+        return DATA_PATH_NAMES[self._end.channel.data_path]
 
     def _check_open(self) -> None:
         if self._state == _CLOSED:

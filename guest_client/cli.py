@@ -30,7 +30,7 @@ from grpc_status import rpc_status
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.conventions import DEFAULT_TARGET, TOKEN_METADATA
 
-from ._partition import PERSONALITIES
+from ._partition import DATA_PATH_NAMES, PERSONALITIES
 from ._token import find_token
 
 PAGE = 4096
@@ -333,14 +333,6 @@ def channel_state_name(value: int) -> str:
     return _short(value, hvsock_pb2.ChannelState, "CHANNEL_STATE_")
 
 
-def data_path_name(value: int) -> str:
-    if value == hvsock_pb2.DATA_PATH_SHARED_MEMORY:
-        return "shm"
-    if value == hvsock_pb2.DATA_PATH_GRPC_RELAY:
-        return "relay"
-    return "-"
-
-
 def timestamp_text(stamp: timestamp_pb2.Timestamp) -> str:
     if not stamp.seconds and not stamp.nanos:
         return ""
@@ -384,8 +376,8 @@ def channel_dict(c: hvsock_pb2.ChannelStatus) -> dict[str, Any]:
         "state": channel_state_name(c.state),
         "connector": {"vm_id": c.connector.vm_id, "service_id": c.connector.service_id},
         "listener": {"vm_id": c.listener.vm_id, "service_id": c.listener.service_id},
-        "connector_data_path": data_path_name(c.connector_data_path),
-        "listener_data_path": data_path_name(c.listener_data_path),
+        "connector_data_path": DATA_PATH_NAMES.get(c.connector_data_path, "-"),
+        "listener_data_path": DATA_PATH_NAMES.get(c.listener_data_path, "-"),
         "to_listener": direction_dict(c.to_listener),
         "to_connector": direction_dict(c.to_connector),
         "created": timestamp_text(c.created),

@@ -43,6 +43,7 @@ import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.conventions import TOKEN_METADATA
 
+from ._partition import DATA_PATH_NAMES
 from ._token import find_token
 from .demo import CHUNK, HOST_ECHO_PORT, VM_ECHO_PORT, WINDOW, echo_client, serve_echo
 
@@ -171,14 +172,10 @@ class Admin:
         answer = self._stub.ListChannels(
             hvsock_pb2.ListChannelsRequest(vm_id=vm_id), metadata=self._metadata, timeout=5
         )
-        names = {
-            hvsock_pb2.DATA_PATH_SHARED_MEMORY: "shm",
-            hvsock_pb2.DATA_PATH_GRPC_RELAY: "relay",
-        }
         for channel in answer.channels:
             if channel.channel_id == channel_id:
-                connector = names.get(channel.connector_data_path)
-                listener = names.get(channel.listener_data_path)
+                connector = DATA_PATH_NAMES.get(channel.connector_data_path)
+                listener = DATA_PATH_NAMES.get(channel.listener_data_path)
                 if channel.connector.vm_id == vm_id:
                     return connector, listener
                 return listener, connector
