@@ -23,6 +23,7 @@ COPY ring/ ring/
 COPY hvsock_common/ hvsock_common/
 COPY host_service/ host_service/
 COPY guest_client/ guest_client/
+COPY hvsock_tools/ hvsock_tools/
 RUN set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then \
         export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; echo "installing from docker/wheels"; \
@@ -30,11 +31,11 @@ RUN set -eu; \
     python3 -m venv /opt/hvsock; \
     /opt/hvsock/bin/pip wheel --no-deps --wheel-dir /dist /src; \
     /opt/hvsock/bin/pip install /dist/hvsock_emulator-*.whl; \
-    cd / && /opt/hvsock/bin/python -c "import ring._ring, hvsock.v1.hvsock_pb2_grpc, hvsock_common.workers, guest_client"
+    cd / && /opt/hvsock/bin/python -c "import ring._ring, hvsock.v1.hvsock_pb2_grpc, hvsock_common.workers, guest_client, hvsock_tools.cli"
 
 FROM ${RUNTIME_IMAGE}
-# One unprivileged user with a fixed uid in every container: the host's shared-memory segments
-# are 0600, so a VM container sharing the host's IPC namespace maps them only as the same uid.
+# One unprivileged user with a fixed uid in every container: the host's shared-memory socket
+# (in the shm-socket volume) is the host user's, so the VMs that use it run as the same uid.
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin hvsock \
     && mkdir -p /var/lib/hvsock /run/hvsock /run/hvsock-shm \
     && chown hvsock:hvsock /var/lib/hvsock /run/hvsock /run/hvsock-shm

@@ -26,7 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy -p hvsock_common -p host_service -p guest_client -p ring
+	$(PY) -m mypy -p hvsock_common -p host_service -p guest_client -p hvsock_tools -p ring
 
 # Debug build of the ring (asserts, CYTHON_TRACE), in place.
 debug: $(STAMP)
@@ -69,7 +69,7 @@ bench-abnormal: $(STAMP)
 
 # A private host service, two VMs in their own processes (shared memory, gRPC relay), echoes.
 demo: $(STAMP)
-	$(PY) -m guest_client.demo $(if $(BYTES),--bytes $(BYTES))
+	$(PY) -m hvsock_tools.demo $(if $(BYTES),--bytes $(BYTES))
 
 e2e: $(STAMP)
 	HVSOCK_E2E=1 $(PY) -m pytest -m e2e $(PYTEST_ARGS)

@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import guest_client as hv
-from guest_client.demo import local_host
+from hvsock_tools.demo import local_host
 
 CHUNK = 64 * 1024
 RING = 63 * 4096  # 64-page rings, asked for with SO_SNDBUF/SO_RCVBUF

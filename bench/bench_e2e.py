@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpc
 
 import guest_client as hv
-from guest_client.demo import local_host
 from hvsock.v1 import hvsock_pb2
+from hvsock_tools.demo import local_host
 
 SIZES = [1024, 4096, 16384, 65536, 262144]
 THROUGHPUT_KINDS = ["shm", "shm-default", "relay", "relay-vm", "tcp", "unix", "grpc-raw"]

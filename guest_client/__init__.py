@@ -23,6 +23,7 @@ from hvsock.v1 import hvsock_pb2
 from hvsock_common import addresses as _addresses
 from hvsock_common.conventions import DEFAULT_TARGET
 
+from ._channel import DATA_PATH_NAMES
 from ._partition import PERSONALITIES, Partition
 from ._socket import (
     AF_HYPERV,
@@ -42,6 +43,7 @@ from ._token import find_token
 __all__ = [
     "AF_HYPERV",
     "AF_VSOCK",
+    "DATA_PATH_NAMES",
     "HVSOCKET_ADDRESS_FLAG_PASSTHRU",
     "HVSOCKET_CONNECTED_SUSPEND",
     "HVSOCKET_CONNECT_TIMEOUT",
@@ -55,6 +57,7 @@ __all__ = [
     "HV_GUID_WILDCARD",
     "HV_GUID_ZERO",
     "HV_PROTOCOL_RAW",
+    "PERSONALITIES",
     "SHUT_RD",
     "SHUT_RDWR",
     "SHUT_WR",
@@ -67,6 +70,7 @@ __all__ = [
     "attach",
     "attach_from_env",
     "attach_host",
+    "find_token",
     "port_for_service_id",
     "service_id_for_port",
     "socket",

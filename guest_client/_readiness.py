@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ._partition import ChannelEnd, Listener
+from ._channel import ChannelEnd, Listener
 
 #: How often a watcher looks at the closed flag while nothing happens on its ring.
 _WATCH_SLICE = 0.25

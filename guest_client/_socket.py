@@ -11,15 +11,18 @@ from __future__ import annotations
 import errno
 import socket as _socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvsock.v1 import hvsock_pb2
 from hvsock_common import addresses
 from hvsock_common.errors import HvError
 
 from . import errors
-from ._partition import DATA_PATH_NAMES, ChannelEnd, Listener, Partition
+from ._channel import DATA_PATH_NAMES, ChannelEnd, Listener
 from ._readiness import Readiness
+
+if TYPE_CHECKING:
+    from ._partition import Partition
 
 AF_HYPERV = 34
 AF_VSOCK = 40

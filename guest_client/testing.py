@@ -11,7 +11,7 @@ import uuid
 from hvsock.v1 import hvsock_pb2
 from hvsock_common import addresses
 
-from ._partition import ChannelEnd
+from ._channel import ChannelEnd
 from ._pipe import memory_pair
 from ._socket import AF_HYPERV, HV_PROTOCOL_RAW, HvSocket
 

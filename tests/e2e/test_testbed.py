@@ -156,7 +156,7 @@ def test_a_vm_connecting_to_another_vm_is_refused(testbed: ComposeProject) -> No
         "vm-linux",
         "python",
         "-m",
-        "guest_client.testbed",
+        "hvsock_tools.testbed",
         "--bytes=1024",
         "echo",
         f"--to={other}",
@@ -170,7 +170,7 @@ def test_a_vm_connecting_to_another_vm_is_refused(testbed: ComposeProject) -> No
     assert result["errno"] in ("ECONNREFUSED", "ENETUNREACH", "EACCES"), result
     # The same program reaches the host from that VM container (as the same VM).
     done = testbed.exec(
-        "vm-linux", "python", "-m", "guest_client.testbed", "--bytes=1024", "echo", "--to=host"
+        "vm-linux", "python", "-m", "hvsock_tools.testbed", "--bytes=1024", "echo", "--to=host"
     )
     assert "sha256 ok" in done.stdout
 
@@ -183,7 +183,7 @@ def test_vm_killed_mid_transfer(testbed: ComposeProject) -> None:
         "hostprog",
         "python",
         "-m",
-        "guest_client.testbed",
+        "hvsock_tools.testbed",
         "stream",
         f"--to={vm['vm_id']}",
         "--seconds=120",

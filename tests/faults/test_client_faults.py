@@ -250,7 +250,7 @@ def test_listeners_after_the_host_restarts(
 ) -> None:
     """A listener whose host went away reports it once (ECONNRESET), then stops looking
     readable, so an event loop does not spin on it; a bridge listens again by itself."""
-    from guest_client.bridge import Bridge, HvEndpoint, PlainEndpoint, run_in_thread
+    from hvsock_tools.bridge import Bridge, HvEndpoint, PlainEndpoint, run_in_thread
 
     vm_created = create_vm(host)
     vm_id = vm_created.partition.vm_id

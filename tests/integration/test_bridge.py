@@ -21,15 +21,15 @@ import pytest
 
 import guest_client as hv
 from guest_client import aio
-from guest_client.bridge import (
+from hvsock.v1 import hvsock_pb2
+from hvsock_tools.bridge import (
     Bridge,
     HvEndpoint,
     PlainEndpoint,
-    _vm_resolver,
     parse_endpoint,
     run_in_thread,
 )
-from hvsock.v1 import hvsock_pb2
+from hvsock_tools.proxies import _vm_resolver
 
 from .hostproc import BIN, HostProcess, run_host
 

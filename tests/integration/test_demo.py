@@ -19,7 +19,7 @@ def test_demo_echoes_on_both_data_paths_and_cleans_up() -> None:
     before = _demo_dirs()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_")}
     done = subprocess.run(
-        [sys.executable, "-m", "guest_client.demo", "--bytes", "300000"],
+        [sys.executable, "-m", "hvsock_tools.demo", "--bytes", "300000"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 import guest_client as hv
-from guest_client.bridge import run_in_thread
-from guest_client.hybrid import MAX_REQUEST, HybridVsock, parse_request
 from hvsock.v1 import hvsock_pb2
+from hvsock_tools.bridge import run_in_thread
+from hvsock_tools.hybrid import MAX_REQUEST, HybridVsock, parse_request
 
 from .hostproc import BIN, HostProcess, run_host
 

@@ -1,4 +1,4 @@
-"""The testbed programs (``python -m guest_client.testbed``) stop cleanly on SIGTERM.
+"""The testbed programs (``python -m hvsock_tools.testbed``) stop cleanly on SIGTERM.
 
 In their containers they are PID 1, which gets no default action for SIGTERM: ``docker stop``
 would wait its 10 s and kill them. Here the program is an ordinary child process, but the
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 import guest_client as hv
-from guest_client.demo import HOST_ECHO_PORT, VM_ECHO_PORT, serve_echo
 from hvsock.v1 import hvsock_pb2
+from hvsock_tools.demo import HOST_ECHO_PORT, VM_ECHO_PORT, serve_echo
 
 from .hostproc import HostProcess, run_host
 from .test_host_badinput import wait_for_no_channels
@@ -73,7 +73,7 @@ def test_the_vm_program_stops_on_sigterm_closing_its_channels(
         "HVSOCK_DATA_PATH": data_path,
     }
     child = subprocess.Popen(
-        [sys.executable, "-m", "guest_client.testbed", "--bytes=65536", "vm"],
+        [sys.executable, "-m", "hvsock_tools.testbed", "--bytes=65536", "vm"],
         env=env,
         stdout=subprocess.PIPE,
         text=True,

@@ -43,9 +43,9 @@ def test_console_scripts_print_help(script: str) -> None:
     assert result.stdout.startswith(f"usage: {script}")
 
 
-@pytest.mark.parametrize("module", ["host_service", "guest_client.cli"])
+@pytest.mark.parametrize("module", ["host_service", "hvsock_tools.cli"])
 def test_modules_run_with_dash_m(module: str) -> None:
-    # guest_client.demo.local_host falls back to `python -m host_service` without the script.
+    # hvsock_tools.demo.local_host falls back to `python -m host_service` without the script.
     result = subprocess.run(
         [sys.executable, "-m", module, "--help"],
         check=True,

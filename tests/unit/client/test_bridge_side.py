@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from guest_client.bridge import Side
+from hvsock_tools.bridge import Side
 
 pytestmark = pytest.mark.unit
 

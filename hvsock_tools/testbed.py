@@ -1,9 +1,9 @@
 """The programs of the docker-compose testbed (``docker-compose.yml``).
 
-    python -m guest_client.testbed host     # the host program
-    python -m guest_client.testbed vm       # a VM's workload
-    python -m guest_client.testbed echo --to host|VM_ID|vms [--bytes N]
-    python -m guest_client.testbed stream --to host|VM_ID [--seconds S]
+    python -m hvsock_tools.testbed host     # the host program
+    python -m hvsock_tools.testbed vm       # a VM's workload
+    python -m hvsock_tools.testbed echo --to host|VM_ID|vms [--bytes N]
+    python -m hvsock_tools.testbed stream --to host|VM_ID [--seconds S]
 
 Every program attaches from its environment (``guest_client.attach_from_env``): a VM container
 sets ``HVSOCK_VM_IDENTITY`` (the VM is created on first attach and keeps its id and token in that
@@ -43,8 +43,6 @@ import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.conventions import TOKEN_METADATA
 
-from ._partition import DATA_PATH_NAMES
-from ._token import find_token
 from .demo import CHUNK, HOST_ECHO_PORT, VM_ECHO_PORT, WINDOW, echo_client, serve_echo
 
 HOST_ECHO = hv.service_id_for_port(HOST_ECHO_PORT)
@@ -159,7 +157,7 @@ class Admin:
     def __init__(self, target: str) -> None:
         self._channel = grpc.insecure_channel(target)
         self._stub = hvsock_pb2_grpc.AdminServiceStub(self._channel)
-        self._metadata = ((TOKEN_METADATA, find_token(None) or ""),)
+        self._metadata = ((TOKEN_METADATA, hv.find_token(None) or ""),)
 
     def partitions(self) -> list[hvsock_pb2.Partition]:
         answer = self._stub.ListPartitions(
@@ -174,8 +172,8 @@ class Admin:
         )
         for channel in answer.channels:
             if channel.channel_id == channel_id:
-                connector = DATA_PATH_NAMES.get(channel.connector_data_path)
-                listener = DATA_PATH_NAMES.get(channel.listener_data_path)
+                connector = hv.DATA_PATH_NAMES.get(channel.connector_data_path)
+                listener = hv.DATA_PATH_NAMES.get(channel.listener_data_path)
                 if channel.connector.vm_id == vm_id:
                     return connector, listener
                 return listener, connector
@@ -489,7 +487,7 @@ def stream_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m guest_client.testbed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hvsock_tools.testbed", description=__doc__)
     parser.add_argument("--bytes", type=int, default=32 * 2**20, help="bytes per echo")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("host", help="the host program")

@@ -32,10 +32,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from guest_client import Partition
 from hvsock_common import addresses as _addresses
 
-from . import Partition
-from .bridge import Side, Stats, _is_socket, hv_open
+from .bridge import Side, Stats, hv_open, is_socket
 
 __all__ = ["MAX_REQUEST", "HybridVsock", "parse_request"]
 
@@ -177,7 +177,7 @@ class HybridVsock:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if _is_socket(self.path):
+        if is_socket(self.path):
             os.unlink(self.path)
         self.servers.append(
             await loop.create_unix_server(lambda: _Handshake(self), self.path, backlog=self.backlog)

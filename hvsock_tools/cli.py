@@ -25,13 +25,13 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import timestamp_pb2
-from grpc_status import rpc_status
 
-from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-from hvsock_common.conventions import DEFAULT_TARGET, TOKEN_METADATA
+from guest_client import DATA_PATH_NAMES, PERSONALITIES
+from hvsock.v1 import hvsock_pb2
+from hvsock_common.conventions import DEFAULT_TARGET
 
-from ._partition import DATA_PATH_NAMES, PERSONALITIES
-from ._token import find_token
+from . import proxies
+from ._api import Client, CliError, describe_rpc_error, open_channel
 
 PAGE = 4096
 
@@ -40,15 +40,6 @@ DIRECTIONS = {
     "to-listener": hvsock_pb2.StallRingRequest.DIRECTION_TO_LISTENER,
     "to-connector": hvsock_pb2.StallRingRequest.DIRECTION_TO_CONNECTOR,
 }
-
-
-class CliError(Exception):
-    """A failure to report as ``hvsock: <status>: <message>`` with exit code 1."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
 
 
 # -------------------------------------------------------------------------------------------
@@ -234,9 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stall.add_argument("--direction", choices=list(DIRECTIONS), default="both")
 
-    from .bridge import add_cli_commands  # bridge and hybrid-vsock
-
-    add_cli_commands(commands, command)
+    proxies.add_cli_commands(commands, command)
     return parser
 
 
@@ -248,67 +237,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.tls_cert is not None and args.tls_ca is None:
         parser.error("--tls-cert needs --tls-ca")
     return args
-
-
-# -------------------------------------------------------------------------------------------
-# Connection
-# -------------------------------------------------------------------------------------------
-
-
-def _read(path: pathlib.Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CliError("INVALID_ARGUMENT", f"{path}: {exc.strerror}") from None
-
-
-def open_channel(args: argparse.Namespace) -> grpc.Channel:
-    if args.tls_ca is None:
-        return grpc.insecure_channel(args.host)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(args.tls_ca),
-        private_key=_read(args.tls_key) if args.tls_key else None,
-        certificate_chain=_read(args.tls_cert) if args.tls_cert else None,
-    )
-    options = []
-    if args.tls_server_name:
-        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-    return grpc.secure_channel(args.host, credentials, options=options)
-
-
-class Client:
-    """The two stubs, the token metadata and the call deadline."""
-
-    def __init__(self, args: argparse.Namespace, channel: grpc.Channel) -> None:
-        self.host = hvsock_pb2_grpc.HostServiceStub(channel)
-        self.admin = hvsock_pb2_grpc.AdminServiceStub(channel)
-        self.timeout: float = args.timeout
-        self._explicit_token: str | None = args.token
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        token = find_token(self._explicit_token)
-        return ((TOKEN_METADATA, token),) if token else ()
-
-    def call(self, method: Callable[..., Any], request: Any) -> Any:
-        return method(request, metadata=self.metadata, timeout=self.timeout)
-
-
-def describe_rpc_error(exc: grpc.RpcError) -> CliError:
-    code = exc.code()
-    status = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    message = exc.details() or status
-    try:
-        rich = rpc_status.from_call(exc)
-    except ValueError:
-        rich = None
-    if rich is not None:
-        for detail in rich.details:
-            if detail.Is(hvsock_pb2.ErrnoDetail.DESCRIPTOR):
-                errno_detail = hvsock_pb2.ErrnoDetail()
-                detail.Unpack(errno_detail)
-                message = f"{message} ({errno_detail.name or errno_detail.errno})"
-    return CliError(status, message)
 
 
 # -------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """``make demo``: a host service, two VMs in their own processes, echoes across both data paths.
 
-    .venv/bin/python -m guest_client.demo [--bytes N]
+    .venv/bin/python -m hvsock_tools.demo [--bytes N]
 
 What it does, in order:
 
 1. starts a private ``hvsock-host`` (its own Unix socket, token and shared-memory directory);
 2. creates two VMs with the admin API, ``vm-shm`` and ``vm-relay``;
 3. the host program (this process) attaches the host partition and listens on an echo
-   service; each VM runs in its own process (``python -m guest_client.demo --vm``) and finds
+   service; each VM runs in its own process (``python -m hvsock_tools.demo --vm``) and finds
    the host from the environment, exactly as a program inside a VM container would
    (``HVSOCK_HOST``, ``HVSOCK_VM_ID``, ``HVSOCK_TOKEN``; ``vm-relay`` also has
    ``HVSOCK_DATA_PATH=relay``, which forces the gRPC relay instead of shared memory);
@@ -338,7 +338,7 @@ def host_main(nbytes: int) -> int:
                     creds = host.create_vm(vm.name)
                     vm.vm_id = creds[0]
                     vm.proc = subprocess.Popen(
-                        [sys.executable, "-m", "guest_client.demo", "--vm", "--bytes", str(nbytes)],
+                        [sys.executable, "-m", "hvsock_tools.demo", "--vm", "--bytes", str(nbytes)],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         text=True,
