@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 
@@ -127,17 +127,37 @@ def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | Non
     )
 
 
-async def serve(args: argparse.Namespace, token: str) -> None:
-    host = build_host(args, token)
+#: The reflection service under its current name. grpcio-reflection serves only v1alpha; v1 is
+#: the same protocol with the same messages under another package name (current grpcurl and
+#: Postman ask for v1 first), so the v1alpha servicer answers both.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def build_server(host: Host, token: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The grpc.aio server with every service on it (no port yet): the API, health, reflection."""
     # Every service's requests, ours and health's and reflection's, decode through one check.
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RejectMalformed()])
     hvsock_pb2_grpc.add_HostServiceServicer_to_server(HostServicer(host), server)
     hvsock_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(host, token), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+    return server, health_servicer
+
+
+async def serve(args: argparse.Namespace, token: str) -> None:
+    host = build_host(args, token)
+    server, health_servicer = build_server(host, token)
     credentials = server_credentials(args)
     if credentials is not None:
         port = server.add_secure_port(args.listen, credentials)

@@ -277,6 +277,11 @@ class Host:
 
     def _on_timer(self) -> None:
         self._timer = None
+        self.run_timers()
+
+    def run_timers(self) -> None:
+        """Carry out the core's timers that are due by ``clock()`` (the event loop's timer calls
+        this; a test with its own clock calls it after moving the clock on)."""
         self.call(self._fire_timers)
 
     def _fire_timers(self, *, now: float) -> list[Event]:
@@ -1317,12 +1322,13 @@ class AdminServicer(hvsock_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
         return await self._run(context, stall)
 
 
-def new_core(config: Any, host_token: str) -> HostCore:
-    """A core with real randomness for ids and tokens."""
+def new_core(config: Any, host_token: str, *, now: float | None = None) -> HostCore:
+    """A core with real randomness for ids and tokens, created at ``now`` (default: the
+    monotonic clock, which Host also uses unless given another)."""
     return HostCore(
         config=config,
         host_token=host_token,
         token_factory=lambda: secrets.token_urlsafe(32),
         guid_factory=lambda: str(uuid.uuid4()),
-        now=time.monotonic(),
+        now=time.monotonic() if now is None else now,
     )
