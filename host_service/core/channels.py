@@ -72,6 +72,17 @@ _TIMEOUTS = {
 class Channels:
     """Every live channel (see the module docstring)."""
 
+    __slots__ = (
+        "_channel_id_factory",
+        "_channels",
+        "_config",
+        "_events",
+        "_listeners",
+        "_notices",
+        "_partitions",
+        "_timers",
+    )
+
     def __init__(
         self,
         config: HostConfig,

@@ -60,6 +60,8 @@ _MAX_VSOCK_PORT = 0xFFFFFFFE  # 0xFFFFFFFF is VMADDR_PORT_ANY
 class ConnectRouter:
     """Routes connects and refusals (see the module docstring)."""
 
+    __slots__ = ("_channels", "_config", "_events", "_guid_factory", "_listeners", "_partitions")
+
     def __init__(
         self,
         config: HostConfig,

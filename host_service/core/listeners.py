@@ -41,6 +41,8 @@ __all__ = ["Listeners"]
 class Listeners:
     """Every live listener, by id and by partition (see the module docstring)."""
 
+    __slots__ = ("_config", "_events", "_ids", "_listeners", "_registry")
+
     def __init__(self, config: HostConfig, events: EventLog, registry: ServiceRegistry) -> None:
         self._config = config
         self._events = events

@@ -122,6 +122,16 @@ def _check_personality(personality: object) -> Personality:
 class Partitions:
     """The partition table and the sessions of each partition (see the module docstring)."""
 
+    __slots__ = (
+        "_config",
+        "_events",
+        "_guid_factory",
+        "_partitions",
+        "_session_ids",
+        "_token_factory",
+        "host",
+    )
+
     def __init__(
         self,
         config: HostConfig,
@@ -138,7 +148,8 @@ class Partitions:
         self._guid_factory = guid_factory
         self._session_ids = itertools.count(1)
         self._partitions: dict[str, _Partition] = {}
-        self.host = self._partitions[HOST_VM_ID] = _Partition(
+        #: The host (root) partition: always there, always running.
+        self.host = _Partition(
             vm_id=HOST_VM_ID,
             name=HOST_NAME,
             personality=Personality.WINDOWS,
@@ -146,6 +157,7 @@ class Partitions:
             token_sha256=hash_token(host_token),
             created_at=now,
         )
+        self._partitions[HOST_VM_ID] = self.host
 
     # --- lookups ------------------------------------------------------------------------------
 
