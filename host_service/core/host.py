@@ -30,10 +30,19 @@ session releases its channels and listeners).  Each collaborator's module states
   :mod:`~host_service.core.lifecycle`;
 * :mod:`~host_service.core.listeners` -- listeners, their backlogs, the socket limit;
 * :mod:`~host_service.core.connects` -- connect routing: targets, refusal or timeout;
-* :mod:`~host_service.core.channels` -- channel effects, FIN bookkeeping, rescinds, timers,
-  moved through the table of :mod:`~host_service.core.channel`;
+* :mod:`~host_service.core.channels` -- channels, moved through the table of
+  :mod:`~host_service.core.channel`: their ends' bookkeeping, deadlines
+  (:mod:`~host_service.core.timers`) and rescinds; what their ends hear (offers, FINs,
+  failures, rescinds) is decided in :mod:`~host_service.core.notices`;
 * :mod:`~host_service.core.rings` -- ring geometry;
-* :mod:`~host_service.core.eventlog` -- the one event constructor and the lifecycle log.
+* :mod:`~host_service.core.eventlog` -- the one event constructor and the lifecycle log;
+* :mod:`~host_service.core.records` -- the records they share, and who may change what.
+
+Dependencies run one way -- event log, partitions, listeners, channels, connect routing, each
+knowing only those before it -- so a call that needs two that do not know each other is
+composed here: closing a listener (connect routing refuses its pending offers, then the
+listeners forget it), ending a session or a VM (the partitions forget the sessions, then the
+channels and listeners they held are released).
 """
 
 from __future__ import annotations

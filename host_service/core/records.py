@@ -7,8 +7,9 @@ Each record is changed only by the collaborator that owns that part of it:
   ``by_service`` by the listeners (:mod:`~host_service.core.listeners`); ``channels``,
   ``channel_ends`` and ``local_ids`` by the channels (:mod:`~host_service.core.channels`);
   ``next_port`` by connect routing (:mod:`~host_service.core.connects`).
-* ``_Listener`` -- by the listeners, except ``pending`` (the backlog), which the channels fill
-  and empty as offers are made and end.
+* ``_Listener`` -- by the listeners; its ``pending`` (the backlog) through
+  ``Listeners.offered`` / ``Listeners.settled``, which the channels call as offers are made and
+  end.
 * ``_Channel`` -- by the channels.
 
 Invariants:
