@@ -18,9 +18,9 @@ What the ends hear along the way (offers, FINs, failures, rescinds) is
 
 Owns: the channel table and ids, the timers, each partition's ``channels`` / ``channel_ends`` /
 ``local_ids``, and a channel's acceptor end (set by :meth:`Channels.offer`, cleared by
-``_detach_acceptor``) with its backlog slot.  May not touch: partition states and sessions,
-listeners other than their backlog slot.  Where a connect goes, and whether a refusal is heard,
-is connect routing's (:mod:`~host_service.core.connects`).
+``_detach_acceptor``) with its backlog slot.  May read, but not change: partition states and
+sessions, listeners other than their backlog slot.  Where a connect goes, and whether a refusal is
+heard, is connect routing's (:mod:`~host_service.core.connects`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ channel (``refuse``, a listener closing) follows the same rule: :meth:`ConnectRo
 makes it a REFUSE the connector hears or a DROP it does not.
 
 Owns: these decisions, the connect timeout rule, and the choice of a connecting end's local
-address (each partition's ``next_port``).  May not touch: channel records and partition
+address (each partition's ``next_port``).  May read, but not change: channel records and partition
 counts (:class:`~host_service.core.channels.Channels` creates and offers channels), listeners.
 """
 

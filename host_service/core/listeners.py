@@ -14,8 +14,8 @@ incoming connect behave like a full backlog.
 
 Owns: the listener table and ids, every partition's ``listeners`` / ``by_service``, each
 listener's backlog bookkeeping (``pending``, changed through :meth:`Listeners.offered` and
-:meth:`Listeners.settled` as offers are made and end).  May not touch: channels -- a listener
-with offers pending is closed only after the caller has refused them
+:meth:`Listeners.settled` as offers are made and end).  May read, but not change: channels -- a
+listener with offers pending is closed only after the caller has refused them
 (:meth:`~host_service.core.connects.ConnectRouter.refuse_pending`).
 """
 
