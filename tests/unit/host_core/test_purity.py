@@ -31,6 +31,13 @@ PROGRAM = textwrap.dedent(
         sys.modules[name] = None
     assert "host_service.core" not in sys.modules
     import host_service.core as core
+    # Every module of the core, not only those the package imports today.
+    import importlib, os
+    core_dir = os.path.dirname(core.__file__)
+    modules = sorted(name[:-3] for name in os.listdir(core_dir) if name.endswith(".py"))
+    for name in modules:
+        importlib.import_module("host_service.core." + name)
+    assert "host" in modules and "lifecycle" in modules, modules
     from host_service.core import HostCore, PARENT, service_id_for_port
     # Exercise it a little, still without the blocked modules.
     vm_id = "11111111-1111-4111-8111-111111111111"
