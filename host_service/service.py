@@ -635,8 +635,7 @@ class Host:
         used = self.dataplane.ring_used(info.channel_id)
         status.to_listener.CopyFrom(
             hvsock_pb2.ChannelDirection(
-                bytes=info.connector.bytes_sent
-                + self.dataplane.bytes_sent(info.channel_id, Side.CONNECTOR),
+                bytes=self.dataplane.bytes_sent(info.channel_id, Side.CONNECTOR),
                 ring_pages=info.ring.send_pages,
                 ring_used=used[0] if used else 0,
             )
@@ -649,9 +648,7 @@ class Host:
                 _address(Address(info.acceptor.vm_id, info.acceptor.local.service_id))
             )
             status.listener_data_path = _path_pb(info.acceptor.data_path)
-            to_connector.bytes = info.acceptor.bytes_sent + self.dataplane.bytes_sent(
-                info.channel_id, Side.ACCEPTOR
-            )
+            to_connector.bytes = self.dataplane.bytes_sent(info.channel_id, Side.ACCEPTOR)
         else:
             status.listener.CopyFrom(_address(info.connector.remote))
         status.to_connector.CopyFrom(to_connector)

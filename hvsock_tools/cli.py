@@ -282,12 +282,6 @@ def partition_dict(p: hvsock_pb2.Partition) -> dict[str, Any]:
     }
 
 
-def address_text(address: hvsock_pb2.Address) -> str:
-    if not address.vm_id and not address.service_id:
-        return "-"
-    return f"{address.vm_id}:{address.service_id}"
-
-
 def direction_dict(d: hvsock_pb2.ChannelDirection) -> dict[str, Any]:
     capacity = max(d.ring_pages - 1, 0) * PAGE  # the first page is the ring's control page
     return {

@@ -456,13 +456,3 @@ class Channels:
             return False
         channel.data_path[Side(side)] = path
         return True
-
-    def report_traffic(self, channel_id: int, side: Side, nbytes: int) -> bool:
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-            raise InvalidArgument(f"nbytes must be a non-negative integer, got {nbytes!r}")
-        channel = self._channels.get(channel_id)
-        if channel is None:
-            return False
-        end = Side(side)
-        channel.bytes_sent[end] = channel.bytes_sent.get(end, 0) + nbytes
-        return True

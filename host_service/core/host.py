@@ -521,11 +521,6 @@ class HostCore:
         """Record how ``side`` moves data ("shm", "relay" ...).  False if the channel is gone."""
         return self._channels.set_data_path(channel_id, side, path)
 
-    def report_traffic(self, channel_id: int, side: Side, nbytes: int) -> bool:
-        """Add ``nbytes`` sent by ``side``.  False if the channel is gone (late reports are
-        harmless)."""
-        return self._channels.report_traffic(channel_id, side, nbytes)
-
     def get_channel(self, channel_id: int) -> ChannelInfo:
         return self._channels.info(channel_id)
 

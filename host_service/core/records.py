@@ -170,7 +170,6 @@ class _Channel:
     acceptor_remote: Address | None = None
     listener_id: int | None = None
     data_path: dict[Side, str] = field(default_factory=dict)
-    bytes_sent: dict[Side, int] = field(default_factory=dict)
 
     def vm(self, side: Side) -> str | None:
         return self.connector_vm if side is Side.CONNECTOR else self.acceptor_vm
@@ -195,7 +194,6 @@ class _Channel:
             local=self.connector_local,
             remote=self.target,
             data_path=self.data_path.get(Side.CONNECTOR, ""),
-            bytes_sent=self.bytes_sent.get(Side.CONNECTOR, 0),
         )
         acceptor = None
         if (
@@ -210,7 +208,6 @@ class _Channel:
                 local=self.acceptor_local,
                 remote=self.acceptor_remote,
                 data_path=self.data_path.get(Side.ACCEPTOR, ""),
-                bytes_sent=self.bytes_sent.get(Side.ACCEPTOR, 0),
             )
         return ChannelInfo(
             channel_id=self.channel_id,

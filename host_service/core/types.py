@@ -144,8 +144,6 @@ class EndpointInfo:
     remote: Address
     #: Opaque label the adapter sets ("shm", "relay", ...); "" until set.
     data_path: str
-    #: Bytes this end sent, as reported by the adapter.
-    bytes_sent: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ from host_service.core import (
     ChannelState,
     ConnectionOffered,
     ConnectionRefused,
-    InvalidArgument,
     NoBuffers,
     NotFound,
     PartitionChanged,
@@ -86,30 +85,24 @@ def test_snapshot_of_a_channel(world: World) -> None:
     world.core.accept(world.host, cid, 1.5)
     assert world.core.set_data_path(cid, Side.CONNECTOR, "shm")
     assert world.core.set_data_path(cid, Side.ACCEPTOR, "relay")
-    assert world.core.report_traffic(cid, Side.CONNECTOR, 100)
-    assert world.core.report_traffic(cid, Side.CONNECTOR, 23)
-    assert world.core.report_traffic(cid, Side.ACCEPTOR, 7)
     info = world.core.get_channel(cid)
     assert info.state is ChannelState.OPEN and info.ring == RingGeometry(2, 3)
     assert (info.created_at, info.state_since, info.deadline) == (1.0, 1.5, None)
     assert info.connector.vm_id == guest.vm_id
     assert info.connector.local == Address(guest.vm_id, service_id_for_port(1024))
     assert info.connector.remote == Address(PARENT, SVC)
-    assert (info.connector.data_path, info.connector.bytes_sent) == ("shm", 123)
+    assert info.connector.data_path == "shm"
     assert info.acceptor is not None
     assert info.acceptor.vm_id == HOST_VM_ID and info.acceptor.local == Address(CHILDREN, SVC)
     assert info.acceptor.remote == info.connector.local
-    assert (info.acceptor.data_path, info.acceptor.bytes_sent) == ("relay", 7)
+    assert info.acceptor.data_path == "relay"
     assert world.core.list_channels() == [info]
     assert world.core.list_channels(guest.vm_id) == [info]
     assert world.core.list_channels(world.guest("other").vm_id) == []
 
 
 def test_reports_for_gone_channels_are_harmless(world: World) -> None:
-    assert world.core.report_traffic(42, Side.CONNECTOR, 1) is False
     assert world.core.set_data_path(42, Side.CONNECTOR, "shm") is False
-    with pytest.raises(InvalidArgument):
-        world.core.report_traffic(42, Side.CONNECTOR, -1)
     with pytest.raises(NotFound):
         world.core.get_channel(42)
 
