@@ -33,6 +33,8 @@ from hvsock_tools.proxies import _vm_resolver
 
 from .hostproc import BIN, HostProcess, run_host
 
+pytestmark = pytest.mark.integration
+
 PORTS = iter(range(7000, 8000))
 
 

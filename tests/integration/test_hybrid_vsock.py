@@ -20,6 +20,8 @@ from hvsock_tools.hybrid import MAX_REQUEST, HybridVsock, parse_request
 
 from .hostproc import BIN, HostProcess, run_host
 
+pytestmark = pytest.mark.integration
+
 SOCAT = shutil.which("socat")
 if SOCAT is None and os.environ.get("HVSOCK_REQUIRE_SOCAT") != "1":
     pytest.skip(

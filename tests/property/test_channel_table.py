@@ -21,7 +21,7 @@ from host_service.core.channel import (
     TERMINAL_STATES,
 )
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.property
 
 ALL_PAIRS = list(itertools.product(ChannelState, ChannelInput))
 

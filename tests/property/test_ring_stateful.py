@@ -23,7 +23,7 @@ import ring
 import ring._pyring as pyring
 import ring._ring as cring
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.property
 
 PATTERN = random.Random(1234).randbytes(1 << 17)
 

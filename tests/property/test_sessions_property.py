@@ -41,7 +41,7 @@ from host_service.core import (
     service_id_for_port,
 )
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.property
 
 HOST_TOKEN = "host-secret"
 VM_ID = "11111111-2222-4333-8444-555555555555"

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 BIN = pathlib.Path(sys.executable).parent
 

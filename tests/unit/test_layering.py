@@ -242,5 +242,5 @@ def test_the_checks_see_what_they_look_for() -> None:
 def test_core_purity_is_still_checked() -> None:
     # The core (and so the part of hvsock_common it imports) must load without grpc/asyncio;
     # that is proved by running it, in this test file:
-    purity = REPO / "tests" / "unit" / "host_core" / "test_purity.py"
+    purity = REPO / "tests" / "integration" / "test_core_purity.py"
     assert "def test_core_imports_without_io_modules" in purity.read_text()

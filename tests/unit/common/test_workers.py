@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import pytest
@@ -57,14 +56,3 @@ def test_a_failing_job_is_logged_and_its_worker_lives_on(caplog: pytest.LogCaptu
         assert pool.run(fail, "test-job-fail").wait(30)
     assert "test-job-fail" in caplog.text and "boom" in caplog.text
     assert pool.run(lambda: None, "test-job-after").wait(30)
-
-
-def test_a_forked_child_starts_its_own_workers() -> None:
-    pool = WorkerPool()
-    assert pool.run(lambda: None, "test-job-parent").wait(30)  # leaves an idle worker
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's idle worker does not exist here
-        ok = pool.run(lambda: None, "test-job-child").wait(10)
-        os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 from host_service.core.config import HostConfig
 from host_service.core.events import ServiceChanged
 from host_service.dataplane import DataPlane
 from host_service.service import MAX_WATCH_BACKLOG, Host, new_core
+
+pytestmark = pytest.mark.unit
 
 
 def _host(tmp_path: pathlib.Path) -> Host:

@@ -17,6 +17,8 @@ import pytest
 
 from ring import _constants, _errors
 
+pytestmark = pytest.mark.unit
+
 RING_DIR = Path(_constants.__file__).resolve().parent
 LAYOUT_PXD = RING_DIR / "_layout.pxd"
 PYRING = RING_DIR / "_pyring.py"

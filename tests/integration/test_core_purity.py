@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 FRAMEWORKS = ("grpc", "asyncio")
 BLOCKED = (*FRAMEWORKS, "threading", "socket", "select", "selectors", "time", "random")
 
