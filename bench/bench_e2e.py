@@ -16,9 +16,13 @@ partitions for the whole run.
   rings), TCP loopback, Unix sockets, and ``grpc-raw``: one grpcio client-streaming call to a
   tiny bytes-in service defined here (generic handler, no protobuf), one message per send,
   over a Unix socket like the partitions' channel to the host.
-- 64-byte round trip (p50/p99) on shm, relay (default rings), TCP (TCP_NODELAY), Unix.
+- 64-byte round trip (p50/p99) on shm, relay and relay-vm (default rings), TCP (TCP_NODELAY),
+  Unix, and ``grpc-raw``: one grpcio bidi stream to an echo method, a message each way.
 - connect + accept + close cycles per second (the client waits for the server's close), on
   shm, relay (both ends relayed) and relay-vm (only the VM's end relayed), default rings.
+
+The targets are the relay's (issue 12) and the shared-memory path's, as ratios to the
+baselines measured in the same run.
 
 Writes bench/results/e2e.json (every figure, every ratio, the targets and whether each was
 met) and bench/results/e2e.png, and prints a short table. It never fails on a missed target.
@@ -52,8 +56,18 @@ from hvsock.v1 import hvsock_pb2
 from hvsock_tools.demo import local_host
 
 SIZES = [1024, 4096, 16384, 65536, 262144]
-THROUGHPUT_KINDS = ["shm", "shm-default", "relay", "relay-vm", "tcp", "unix", "grpc-raw"]
-RTT_KINDS = ["shm", "relay", "tcp", "unix"]
+THROUGHPUT_KINDS = [
+    "shm",
+    "shm-default",
+    "relay",
+    "relay-default",
+    "relay-vm",
+    "relay-vm-default",
+    "tcp",
+    "unix",
+    "grpc-raw",
+]
+RTT_KINDS = ["shm", "relay", "relay-vm", "tcp", "unix", "grpc-raw"]
 CONNECT_KINDS = ["shm", "relay", "relay-vm", "tcp", "unix"]
 # kind -> (guest's data path, host partition's data path, ring bytes asked for with
 # SO_SNDBUF/SO_RCVBUF before connect, 0 for the host's default rings). "relay" relays both
@@ -75,6 +89,7 @@ READ_BUF = 256 * 1024
 RTT_MSG = 64
 IO_TIMEOUT = 30.0
 GRPC_METHOD = "/hvbench.Sink/Push"
+GRPC_ECHO_METHOD = "/hvbench.Sink/Echo"
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
@@ -183,8 +198,15 @@ class Worker:
                 self.grpc_results.put((total, first, time.perf_counter()))
                 return b""
 
+            def echo(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+                yield from requests
+
             handler = grpc.method_handlers_generic_handler(
-                "hvbench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)}
+                "hvbench.Sink",
+                {
+                    "Push": grpc.stream_unary_rpc_method_handler(push),
+                    "Echo": grpc.stream_stream_rpc_method_handler(echo),
+                },
             )
             self.grpc_server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS
@@ -255,7 +277,10 @@ class Worker:
         return {"sends": sends}
 
     def cmd_echo(self, lid: int) -> None:
-        """Accept one connection and echo ``RTT_MSG``-byte messages until EOF."""
+        """Accept one connection and echo ``RTT_MSG``-byte messages until EOF (raw gRPC: the
+        server's Echo method answers by itself)."""
+        if lid == 0:
+            return
         listener = self.listeners[lid]
         conn, _ = listener.accept()
         conn.settimeout(IO_TIMEOUT)
@@ -275,10 +300,26 @@ class Worker:
             conn.sendall(buf)
 
     def cmd_ping(self, kind: str, address: Any, count: int, warmup: int) -> dict[str, Any]:
+        message = b"\x5a" * RTT_MSG
+        if kind == "grpc-raw":
+            samples = self._grpc_pings(address, message, warmup, count)
+        else:
+            samples = self._socket_pings(kind, address, message, warmup, count)
+        samples.sort()
+        return {
+            "count": count,
+            "p50_us": samples[len(samples) // 2] * 1e6,
+            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
+            "mean_us": statistics.fmean(samples) * 1e6,
+            "min_us": samples[0] * 1e6,
+        }
+
+    def _socket_pings(
+        self, kind: str, address: Any, message: bytes, warmup: int, count: int
+    ) -> list[float]:
         sock = self.connect(kind, address)
         if kind == "tcp":
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        message = b"\x5a" * RTT_MSG
         buf = bytearray(RTT_MSG)
         view = memoryview(buf)
         samples = []
@@ -296,14 +337,30 @@ class Worker:
         sock.shutdown(socket.SHUT_WR)
         sock.recv(1)
         sock.close()
-        samples.sort()
-        return {
-            "count": count,
-            "p50_us": samples[len(samples) // 2] * 1e6,
-            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
-            "mean_us": statistics.fmean(samples) * 1e6,
-            "min_us": samples[0] * 1e6,
-        }
+        return samples
+
+    def _grpc_pings(self, address: str, message: bytes, warmup: int, count: int) -> list[float]:
+        """Round trips on one bidi stream, as a program drives one: each request handed to
+        grpcio's request iterator from this thread, each answer read from the response
+        iterator."""
+        if self.grpc_channel is None:
+            self.grpc_channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        call = self.grpc_channel.stream_stream(GRPC_ECHO_METHOD)(
+            iter(outgoing.get, None), timeout=IO_TIMEOUT + count
+        )
+        samples = []
+        for i in range(warmup + count):
+            start = time.perf_counter()
+            outgoing.put(message)
+            if len(next(call)) != RTT_MSG:
+                raise ConnectionResetError("echo answered another size")
+            if i >= warmup:
+                samples.append(time.perf_counter() - start)
+        outgoing.put(None)
+        for _ in call:  # the server ends the stream after the requests end
+            pass
+        return samples
 
     def cmd_cycle_server(self, lid: int) -> None:
         """Accept and close in a thread until the listener is closed (cmd_cycle_stop)."""
@@ -615,23 +672,38 @@ def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     r["rtt_p50 shm/tcp"] = div(p50.get("shm"), p50.get("tcp"))
     r["rtt_p50 relay/tcp"] = div(p50.get("relay"), p50.get("tcp"))
     r["rtt_p50 shm/unix"] = div(p50.get("shm"), p50.get("unix"))
+    r["rtt_p50 relay-vm/grpc-raw"] = div(p50.get("relay-vm"), p50.get("grpc-raw"))
+    for size in SIZES:
+        r[f"relay-default/grpc-raw@{size}"] = div(mb("relay-default", size), mb("grpc-raw", size))
+        r[f"relay-vm-default/grpc-raw@{size}"] = div(
+            mb("relay-vm-default", size), mb("grpc-raw", size)
+        )
     targets: dict[str, Any] = {}
 
     def target(name: str, value: float | None, op: str, bound: float) -> None:
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
         targets[name] = {"value": value, "op": op, "target": bound, "met": met}
 
-    target("shm/tcp@16384", r.get("shm/tcp@16384"), ">=", 1.0)
-    target("shm/tcp@65536", r.get("shm/tcp@65536"), ">=", 1.0)
-    target("rtt_p50 shm/tcp", r.get("rtt_p50 shm/tcp"), "<=", 1.0)
-    for size in SIZES:
-        target(f"relay/grpc-raw@{size}", r.get(f"relay/grpc-raw@{size}"), ">=", 0.5)
-    for size in SIZES:
-        target(f"relay-vm/grpc-raw@{size}", r.get(f"relay-vm/grpc-raw@{size}"), ">=", 0.5)
-    target("relay@1024/relay@65536", r.get("relay@1024/relay@65536"), ">=", 0.5)
-    target("relay-vm@1024/relay-vm@65536", r.get("relay-vm@1024/relay-vm@65536"), ">=", 0.5)
-    for kind in CONNECT_KINDS:
-        target(f"connect/s {kind}", conn.get(kind, {}).get("per_s"), ">=", 1000.0)
+    def ratio_target(name: str, op: str, bound: float) -> None:
+        target(name, r.get(name), op, bound)
+
+    # The shared-memory path.
+    ratio_target("shm/tcp@16384", ">=", 1.0)
+    ratio_target("shm/tcp@65536", ">=", 1.0)
+    ratio_target("rtt_p50 shm/tcp", "<=", 1.0)
+    target("connect/s shm", conn.get("shm", {}).get("per_s"), ">=", 1000.0)
+    # The relay (issue 12): "relay-vm" relays only the VM's end, "relay" both; "-default" is
+    # the host's default rings (2/3 pages), the others 64-page rings.
+    ratio_target("relay-vm-default/grpc-raw@65536", ">=", 0.3)
+    ratio_target("relay-default/grpc-raw@65536", ">=", 0.2)
+    ratio_target("relay-vm/grpc-raw@16384", ">=", 1.0)
+    ratio_target("relay-vm/grpc-raw@65536", ">=", 0.6)
+    ratio_target("relay-vm/grpc-raw@262144", ">=", 0.5)
+    ratio_target("relay/grpc-raw@65536", ">=", 0.35)
+    ratio_target("relay/grpc-raw@262144", ">=", 0.35)
+    target("connect/s relay-vm", conn.get("relay-vm", {}).get("per_s"), ">=", 1000.0)
+    target("connect/s relay", conn.get("relay", {}).get("per_s"), ">=", 800.0)
+    ratio_target("rtt_p50 relay-vm/grpc-raw", "<=", 1.2)
     return r, targets
 
 
