@@ -7,6 +7,7 @@ reports the ring's own bytes_written counter (ring/_layout.pxd) for that directi
 from __future__ import annotations
 
 import pathlib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -61,9 +62,12 @@ def test_list_channels_counts_bytes_both_ways(
         status = _channel(host, out.channel_id)
         assert status.connector_data_path == status.listener_data_path
         assert (status.to_listener.bytes, status.to_connector.bytes) == (3000, 1234)
-        # Written and not read yet: in the ring, and counted.
+        # Written and not read yet: in the ring, and counted. A relayed sendall returns once
+        # the bytes are on the client's stream; the host counts them as it writes the ring.
         out.sendall(b"c" * 500)
-        status = _channel(host, out.channel_id)
+        deadline = time.monotonic() + 10
+        while (status := _channel(host, out.channel_id)).to_listener.bytes < 3500:
+            assert time.monotonic() < deadline, status
         assert status.to_listener.bytes == 3500
         if data_path == "shm":
             assert status.to_listener.ring_used > 500  # 500 bytes and the packet framing
