@@ -279,6 +279,11 @@ class HostProgram:
         #: vm_id -> {"name", "personality", "host->vm": record, "vm->host": record}
         self.table: dict[str, dict[str, Any]] = {}
         self.in_flight = 0
+        #: VMs echoed with in their current attachment; when each echo started (monotonic);
+        #: when each VM's latest echo with the host started.
+        self.done: set[str] = set()
+        self.started: dict[str, float] = {}
+        self.vm_started: dict[str, float] = {}
         self.changed_at = 0.0  # monotonic time of the table's last change
         self.printed: list[dict[str, Any]] | None = None  # the rows printed last
 
@@ -304,8 +309,14 @@ class HostProgram:
             OUT.line("host program: lost the host service; attaching again")
 
     def _watch_vms(self, accepting: threading.Thread) -> None:
-        """Echo with each VM once per attachment while the host service stays up."""
-        done: set[str] = set()
+        """Echo with each VM once per attachment while the host service stays up.
+
+        A VM seen detached is echoed with again once it is back. One that detached and came
+        back between two looks (a container recreated within a second) is caught by its own
+        echo: each VM echoes with the host once per attachment, so a VM echo that started
+        after the host's last echo with that VM means a new attachment (``_echoed_back``)."""
+        with self.lock:
+            self.done.clear()
         idle = threading.Event()
         while accepting.is_alive():
             try:
@@ -313,18 +324,26 @@ class HostProgram:
             except grpc.RpcError:
                 return
             attached = {p.vm_id for p in partitions if p.attached}
-            done &= attached  # a VM that detached is echoed with again when it is back
+            with self.lock:
+                self.done &= attached
             for p in partitions:
                 running = p.state == hvsock_pb2.PARTITION_STATE_RUNNING
                 ready = running and p.attached and p.listener_count > 0
-                if p.host or not ready or p.vm_id in done:
-                    continue
-                done.add(p.vm_id)
-                with self.lock:
-                    self.in_flight += 1
-                threading.Thread(target=self._echo_with, args=(p,), daemon=True).start()
+                if not p.host and ready:
+                    self._start_echo(p)
             self._print_table_when_settled()
             idle.wait(POLL)
+
+    def _start_echo(self, vm: hvsock_pb2.Partition, *, again: bool = False) -> None:
+        """Echo with ``vm`` in a thread, unless done for this attachment (``again``: it is
+        a new one)."""
+        with self.lock:
+            if vm.vm_id in self.done and not again:
+                return
+            self.done.add(vm.vm_id)
+            self.in_flight += 1
+            self.started[vm.vm_id] = time.monotonic()
+        threading.Thread(target=self._echo_with, args=(vm,), daemon=True).start()
 
     def _echo_with(self, vm: hvsock_pb2.Partition) -> None:
         paths: dict[str, str | None] = {}
@@ -358,6 +377,7 @@ class HostProgram:
     def _echo_started(self, conn: Any, peer: tuple[str, str]) -> None:
         with self.lock:
             self.in_flight += 1
+            self.vm_started[peer[0]] = time.monotonic()
 
     def _echo_ended(self, conn: Any, peer: tuple[str, str]) -> None:
         with self.lock:
@@ -373,6 +393,10 @@ class HostProgram:
             return
         result = {"connected": True, "ok": True, "bytes": nbytes, "seconds": seconds}
         self._record(vms[vm_id], "vm->host", result, host_data_path=conn.data_path)
+        with self.lock:
+            new_attachment = self.vm_started.get(vm_id, 0.0) > self.started.get(vm_id, -1.0)
+        if new_attachment:
+            self._start_echo(vms[vm_id], again=True)
 
     def _record(
         self, vm: hvsock_pb2.Partition, direction: str, result: dict[str, Any], **paths: Any
