@@ -245,6 +245,22 @@ class Admin:
                 return listener, connector
         return None, None
 
+    def watch_listeners(self, service_id: str) -> Any:
+        """The ids of VMs as they start listening on ``service_id`` (a cancellable iterator:
+        ``.cancel()`` ends it)."""
+        stream = self._stub.WatchEvents(hvsock_pb2.WatchEventsRequest(), metadata=self._metadata)
+
+        class Listening:
+            def __iter__(self) -> Any:
+                for event in stream:
+                    if event.kind == "listening" and f", {service_id})" in event.detail:
+                        yield event.vm_id
+
+            def cancel(self) -> None:
+                stream.cancel()
+
+        return Listening()
+
     def close(self) -> None:
         self._channel.close()
 
@@ -279,11 +295,6 @@ class HostProgram:
         #: vm_id -> {"name", "personality", "host->vm": record, "vm->host": record}
         self.table: dict[str, dict[str, Any]] = {}
         self.in_flight = 0
-        #: VMs echoed with in their current attachment; when each echo started (monotonic);
-        #: when each VM's latest echo with the host started.
-        self.done: set[str] = set()
-        self.started: dict[str, float] = {}
-        self.vm_started: dict[str, float] = {}
         self.changed_at = 0.0  # monotonic time of the table's last change
         self.printed: list[dict[str, Any]] | None = None  # the rows printed last
 
@@ -309,43 +320,52 @@ class HostProgram:
             OUT.line("host program: lost the host service; attaching again")
 
     def _watch_vms(self, accepting: threading.Thread) -> None:
-        """Echo with each VM once per attachment while the host service stays up.
-
-        A VM seen detached is echoed with again once it is back. One that detached and came
-        back between two looks (a container recreated within a second) is caught by its own
-        echo: each VM echoes with the host once per attachment, so a VM echo that started
-        after the host's last echo with that VM means a new attachment (``_echoed_back``)."""
-        with self.lock:
-            self.done.clear()
+        """Echo with each VM once per attachment of its workload while the host service stays
+        up: with every VM already listening on the echo service, then with each that starts
+        listening on it (a workload attached: a VM started, recreated, or back after the host
+        restarted). The host's lifecycle events say when, however fast a VM container comes
+        back; one-shot checks (``echo``) in a VM container do not listen, so they are not
+        taken for a new attachment. Prints the summary when it settles."""
+        events = self.admin.watch_listeners(VM_ECHO)
+        threading.Thread(
+            target=self._echo_on_events, args=(events,), name="events", daemon=True
+        ).start()
+        try:
+            partitions = self.admin.partitions()
+        except grpc.RpcError:
+            events.cancel()
+            return
+        for p in partitions:
+            running = p.state == hvsock_pb2.PARTITION_STATE_RUNNING
+            if not p.host and running and p.attached and p.listener_count > 0:
+                self._start_echo(p.vm_id)
         idle = threading.Event()
         while accepting.is_alive():
-            try:
-                partitions = self.admin.partitions()
-            except grpc.RpcError:
-                return
-            attached = {p.vm_id for p in partitions if p.attached}
-            with self.lock:
-                self.done &= attached
-            for p in partitions:
-                running = p.state == hvsock_pb2.PARTITION_STATE_RUNNING
-                ready = running and p.attached and p.listener_count > 0
-                if not p.host and ready:
-                    self._start_echo(p)
             self._print_table_when_settled()
             idle.wait(POLL)
+        events.cancel()
 
-    def _start_echo(self, vm: hvsock_pb2.Partition, *, again: bool = False) -> None:
-        """Echo with ``vm`` in a thread, unless done for this attachment (``again``: it is
-        a new one)."""
+    def _echo_on_events(self, events: Any) -> None:
+        try:
+            for vm_id in events:
+                self._start_echo(vm_id)
+        except grpc.RpcError:
+            return  # cancelled, or the host went away (the program attaches again)
+
+    def _start_echo(self, vm_id: str) -> None:
         with self.lock:
-            if vm.vm_id in self.done and not again:
-                return
-            self.done.add(vm.vm_id)
             self.in_flight += 1
-            self.started[vm.vm_id] = time.monotonic()
-        threading.Thread(target=self._echo_with, args=(vm,), daemon=True).start()
+        threading.Thread(target=self._echo_with, args=(vm_id,), daemon=True).start()
 
-    def _echo_with(self, vm: hvsock_pb2.Partition) -> None:
+    def _echo_with(self, vm_id: str) -> None:
+        try:
+            vm = next(p for p in self.admin.partitions() if p.vm_id == vm_id)
+        except (grpc.RpcError, StopIteration):  # the host or the VM went away meanwhile
+            vm = None
+        if vm is None or vm.host:
+            with self.lock:
+                self.in_flight -= 1
+            return
         paths: dict[str, str | None] = {}
 
         def note_paths(sock: Any) -> None:
@@ -377,7 +397,6 @@ class HostProgram:
     def _echo_started(self, conn: Any, peer: tuple[str, str]) -> None:
         with self.lock:
             self.in_flight += 1
-            self.vm_started[peer[0]] = time.monotonic()
 
     def _echo_ended(self, conn: Any, peer: tuple[str, str]) -> None:
         with self.lock:
@@ -393,10 +412,6 @@ class HostProgram:
             return
         result = {"connected": True, "ok": True, "bytes": nbytes, "seconds": seconds}
         self._record(vms[vm_id], "vm->host", result, host_data_path=conn.data_path)
-        with self.lock:
-            new_attachment = self.vm_started.get(vm_id, 0.0) > self.started.get(vm_id, -1.0)
-        if new_attachment:
-            self._start_echo(vms[vm_id], again=True)
 
     def _record(
         self, vm: hvsock_pb2.Partition, direction: str, result: dict[str, Any], **paths: Any
