@@ -489,7 +489,9 @@ def test_every_container_stops_cleanly_on_sigterm_and_down_is_quick(
     testbed.run("down", "--volumes", "--remove-orphans", timeout=60)
     took = time.monotonic() - start
     print(f"down -v: {took:.1f} s")
-    assert took < 5.0, took
+    # Below Docker's 10 s stop timeout, which one container waiting for SIGKILL would cost
+    # (measured 3-5 s here: seven containers, six volumes, a loaded 2-core machine).
+    assert took < 8.0, took
 
 
 def _docker(*args: str, check: bool = True, timeout: float = 120) -> str:
