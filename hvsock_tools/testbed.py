@@ -25,11 +25,12 @@ another file, for the other programs of the container (``docker compose exec``).
 What they do:
 
 - ``host`` listens on the host's echo service (vsock port 7001), and echoes ``--bytes`` with
-  every VM that is attached and listening on the VM echo service (each VM once per attachment;
-  again after the VM or the host service restarts; a VM listening on other services only is
-  skipped). It logs one line per echo, and one summary table per VM (both directions, bytes,
-  MB/s, the data path of each end) when the echoes it waits for are done, and again whenever
-  that table changes.
+  every VM that is attached and listening on the VM echo service: those listening when it
+  attaches, then each VM whose workload starts listening (the host's lifecycle events: a VM
+  started, restarted or recreated, or back after the host service restarted); a VM listening
+  on other services only is skipped. It logs one line per echo, and one summary table (a row
+  per VM: both directions, bytes, MB/s, the data path of each end) when the echoes it waits
+  for are done, and again whenever that table changes.
 - ``vm`` listens on the VM's echo service (port 7002) and echoes ``--bytes`` with the host
   once per attachment (again after the host service restarts).
 - ``echo`` and ``stream`` are one-shot checks for people and the container tests: ``echo``
