@@ -187,6 +187,16 @@ class Watcher:
     behind: int | None = None
 
 
+@dataclass
+class _RingEnds:
+    """What the ring metrics need of an open channel: each open end's data path, the ring
+    sizes, and the largest byte count read from each shared-memory end's ring."""
+
+    connector_view: RingGeometry
+    paths: dict[Side, EndPath] = field(default_factory=dict)
+    shm_seen: dict[Side, int] = field(default_factory=dict)
+
+
 class Host:
     """The emulated host: the core plus everything with I/O around it."""
 
@@ -221,6 +231,10 @@ class Host:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None  # the core deadline _timer is armed for
         self._watchers: set[Watcher] = set()
+        #: Open channels' ends, for the ring metrics (metrics.RINGS); bytes written by
+        #: shared-memory ends of channels already gone.
+        self._ring_ends: dict[int, _RingEnds] = {}
+        self._shm_bytes_done = 0
         #: Shutting down: attaches are refused (UNAVAILABLE/ECONNRESET) so that programs wait
         #: for the next host rather than attach to this one as it goes.
         self.draining = False
@@ -229,11 +243,45 @@ class Host:
         """Start what needs the running event loop."""
         if self.handover is not None:
             self.handover.start()
+        metrics.RINGS.watch(asyncio.get_running_loop(), self.ring_snapshot)
 
     def close(self) -> None:
+        metrics.RINGS.unwatch(self.ring_snapshot)
         if self.handover is not None:
             self.handover.close()
         self.dataplane.close_all()
+
+    def ring_snapshot(self) -> metrics.RingSnapshot:
+        """Shared-memory bytes and ring fill now (on the event loop: rings are unmapped here)."""
+        live = 0
+        used = dict.fromkeys(metrics.PATHS, 0)
+        size = dict.fromkeys(metrics.PATHS, 0)
+        for channel_id, ends in self._ring_ends.items():
+            live += self._shm_bytes(channel_id, ends)
+            fill = self.dataplane.ring_used(channel_id)
+            writers = (
+                (Side.CONNECTOR, ends.connector_view.send_bytes),  # ring 0
+                (Side.ACCEPTOR, ends.connector_view.recv_bytes),  # ring 1
+            )
+            for ring, (side, nbytes) in enumerate(writers):
+                path = ends.paths.get(side)
+                if path is None:
+                    continue  # that end is not open yet
+                size[path.value] += nbytes
+                if fill is not None:
+                    used[path.value] += fill[ring]
+        return metrics.RingSnapshot(self._shm_bytes_done + live, used, size)
+
+    def _shm_bytes(self, channel_id: int, ends: _RingEnds) -> int:
+        """Bytes the channel's shared-memory ends wrote: never less than reported before (the
+        ring's counter is gone once the channel's rings are closed)."""
+        total = 0
+        for side, path in ends.paths.items():
+            if path is EndPath.SHARED_MEMORY:
+                counted = self.dataplane.bytes_sent(channel_id, side)
+                ends.shm_seen[side] = max(ends.shm_seen.get(side, 0), counted)
+                total += ends.shm_seen[side]
+        return total
 
     # -- driving the core ------------------------------------------------------------------
 
@@ -394,6 +442,9 @@ class Host:
                     )
                 )
         elif isinstance(event, ChannelRemoved):
+            ends = self._ring_ends.pop(event.channel_id, None)
+            if ends is not None:  # its last count, read before the rings go
+                self._shm_bytes_done += self._shm_bytes(event.channel_id, ends)
             self.dataplane.remove(event.channel_id)
             if event.final_state is ChannelState.RESCINDED:
                 metrics.RESCINDS.labels(event.reason).inc()
@@ -485,6 +536,8 @@ class Host:
             ),
         )
         self.core.set_data_path(event.channel_id, event.side, path.value)
+        ends = self._ring_ends.setdefault(event.channel_id, _RingEnds(connector_view))
+        ends.paths[event.side] = path
         channel = hvsock_pb2.Channel(
             channel_id=event.channel_id,
             local=_address(event.local),

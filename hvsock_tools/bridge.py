@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -309,6 +310,40 @@ class Stats:
 # -------------------------------------------------------------------------------------------
 
 
+class QuietReset:
+    """An hv listening socket as asyncio's accept loop sees it.
+
+    When the host service goes away, the listener is reset and its ``accept()`` raises
+    ``ConnectionResetError`` once. asyncio's accept loop takes every accept error but a few
+    for a bug and logs it with a traceback ("Exception in callback ..._accept_connection"),
+    for an event every restart of the host brings. Here it ends this listener with one log
+    line (asyncio's quiet ``ConnectionAbortedError``); the owner listens again once the
+    partition is attached again. Everything else is the socket's own.
+    """
+
+    def __init__(self, sock: Any, what: str) -> None:
+        self._sock = sock
+        self._what = what
+
+    def accept(self) -> Any:
+        try:
+            return self._sock.accept()
+        except ConnectionResetError:
+            log.warning(
+                "%s: the host service went away; listening again once it is back", self._what
+            )
+            raise ConnectionAbortedError(errno.ECONNABORTED, "the listener was reset") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def quiet_reset(sock: Any, what: str) -> Any:
+    """``sock`` for ``loop.create_server(sock=...)`` (see QuietReset): typed as the socket
+    asyncio asks for, which it is in all but its type."""
+    return QuietReset(sock, what)
+
+
 def hv_connect_socket(
     partition: Partition, ring_pages: int, connect_timeout_ms: int | None = None
 ) -> Any:
@@ -402,7 +437,7 @@ class Bridge:
             await loop.run_in_executor(self._executor, sock.listen, self.backlog)
             sock.setblocking(False)
             self.server = await loop.create_server(
-                self._accepted, sock=sock, backlog=self.backlog
+                self._accepted, sock=quiet_reset(sock, f"bridge on {listen}"), backlog=self.backlog
             )  # (a duck-typed socket)
         except BaseException:
             sock.close()

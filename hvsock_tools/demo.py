@@ -181,18 +181,32 @@ def _echo_connection(conn: Any) -> int:
 EchoDone = Callable[[Any, tuple[str, str], int, float], None]
 
 
-def serve_echo(listener: Any, on_done: EchoDone | None = None) -> threading.Thread:
+def serve_echo(
+    listener: Any,
+    on_done: EchoDone | None = None,
+    *,
+    on_start: Callable[[Any, tuple[str, str]], None] | None = None,
+    on_end: Callable[[Any, tuple[str, str]], None] | None = None,
+) -> threading.Thread:
     """Accept until the listener closes; echo each connection in its own thread, then call
-    ``on_done(conn, peer, bytes echoed, seconds)`` (not for connections that failed)."""
+    ``on_done(conn, peer, bytes echoed, seconds)`` (not for connections that failed).
+    ``on_start(conn, peer)`` and ``on_end(conn, peer)`` bracket every echo, failed or not
+    (a caller counting echoes in flight)."""
 
     def echo(conn: Any, peer: tuple[str, str]) -> None:
         start = time.perf_counter()
+        if on_start is not None:
+            on_start(conn, peer)
         try:
-            echoed = _echo_connection(conn)
-        except OSError:
-            return
-        if on_done is not None:
-            on_done(conn, peer, echoed, time.perf_counter() - start)
+            try:
+                echoed = _echo_connection(conn)
+            except OSError:
+                return
+            if on_done is not None:
+                on_done(conn, peer, echoed, time.perf_counter() - start)
+        finally:
+            if on_end is not None:
+                on_end(conn, peer)
 
     def loop() -> None:
         while True:
@@ -223,6 +237,8 @@ def echo_client(
     pattern = os.urandom(CHUNK + 251)
     sent_hash = hashlib.sha256()
     got_hash = hashlib.sha256()
+    received = 0
+    start = time.perf_counter()
     try:
         sock = partition.socket()
         _ask_for_big_rings(sock)
@@ -233,7 +249,7 @@ def echo_client(
             if on_connected is not None:
                 on_connected(sock)
             buf = bytearray(CHUNK)
-            sent = received = 0
+            sent = 0
             start = time.perf_counter()
             while True:
                 if sent < nbytes and sent - received + CHUNK <= WINDOW:
@@ -250,14 +266,24 @@ def echo_client(
                     break
                 got_hash.update(memoryview(buf)[:n])
                 received += n
-            result.update(
-                bytes=received,
-                seconds=time.perf_counter() - start,
-                ok=received == nbytes and got_hash.digest() == sent_hash.digest(),
-            )
     except OSError as exc:
-        result["error"] = f"{type(exc).__name__}: {exc}"
+        # After the connect, say how far the echo got: "reset after 3 MiB" is a different
+        # story from "refused".
+        after = f" after {received} of {nbytes} bytes" if result["connected"] else ""
+        result["error"] = f"{type(exc).__name__}: {exc}{after}"
         result["errno"] = errno.errorcode.get(exc.errno or 0, "")
+        result.update(bytes=received, seconds=time.perf_counter() - start)
+        return result
+    result.update(bytes=received, seconds=time.perf_counter() - start)
+    if received < nbytes:
+        # The peer ended the stream early (it died, or its channel was rescinded): that is a
+        # truncated echo, not a corrupted one.
+        result["truncated"] = True
+        result["error"] = f"truncated: {received} of {nbytes} bytes came back"
+    elif got_hash.digest() != sent_hash.digest():
+        result["error"] = "sha256 mismatch: the echo differs from what was sent"
+    else:
+        result["ok"] = True
     return result
 
 

@@ -27,17 +27,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from guest_client import Partition
 from hvsock_common import addresses as _addresses
 
-from .bridge import Side, Stats, hv_open, is_socket
+from .bridge import Side, Stats, hv_open, is_socket, quiet_reset
 
 __all__ = ["MAX_REQUEST", "HybridVsock", "parse_request"]
+
+log = logging.getLogger("hvsock.hybrid")
 
 MAX_REQUEST = len("CONNECT 00000000-facb-11e6-bd58-64006a7986d3\n")
 _REQUEST = re.compile(
@@ -113,16 +116,18 @@ class _Handshake(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         hv_side = Side(endpoint.stats)
         try:
+            vm_id = await endpoint.current_vm_id()
             await hv_open(
                 loop,
                 endpoint.partition,
-                (endpoint.vm_id, service_id),
+                (vm_id, service_id),
                 hv_side,
                 ring_pages=endpoint.ring_pages,
                 connect_timeout_ms=endpoint.connect_timeout_ms,
                 executor=endpoint.executor,
             )
-        except OSError:
+        except OSError as exc:
+            log.info("hybrid-vsock %s: CONNECT %s refused: %s", endpoint.path, answer, exc)
             self._refuse()
             return
         if self.lost:
@@ -140,7 +145,13 @@ class _Handshake(asyncio.Protocol):
 
 
 class HybridVsock:
-    """The hybrid-vsock Unix socket of one VM (see the module documentation)."""
+    """The hybrid-vsock Unix socket of one VM (see the module documentation).
+
+    The VM is ``vm_id``, or with ``vm_name`` the VM of that name now: ``resolve_vm(vm_name)``
+    (blocking, run in a worker thread) is asked for each ``CONNECT``, so a VM deleted and
+    created again under its name is found again, never the one it replaced. The guest ports'
+    listeners need an id when they start: ``vm_id`` (required with them).
+    """
 
     def __init__(
         self,
@@ -153,9 +164,19 @@ class HybridVsock:
         ring_pages: int = 64,
         connect_timeout_ms: int | None = None,
         backlog: int = 256,
+        vm_name: str = "",
+        resolve_vm: Callable[[str], str] | None = None,
     ) -> None:
+        if vm_name and resolve_vm is None:
+            raise ValueError(f"no way to look up the VM named {vm_name!r}")
+        if not vm_name and not vm_id:
+            raise ValueError("a VM id or a VM name is needed")
+        if (guest_ports or guest_services) and not vm_id:
+            raise ValueError("guest ports and services listen on a VM id: give vm_id too")
         self.partition = partition
         self.vm_id = vm_id
+        self.vm_name = vm_name
+        self.resolve_vm = resolve_vm
         self.path = path
         self.listens: list[tuple[str, list[str]]] = []  # (service id, unix paths to try)
         for port in guest_ports:
@@ -190,13 +211,20 @@ class HybridVsock:
                 sock.setblocking(False)
                 server = await loop.create_server(
                     functools.partial(self._guest_connected, paths),
-                    sock=sock,
+                    sock=quiet_reset(sock, f"hybrid-vsock {self.path} guest service {service}"),
                     backlog=self.backlog,
                 )  # (a duck-typed socket)
             except BaseException:
                 sock.close()
                 raise
             self.servers.append(server)
+
+    async def current_vm_id(self) -> str:
+        """The VM a CONNECT goes to: looked up by name now, or the id given."""
+        if not self.vm_name or self.resolve_vm is None:
+            return self.vm_id
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.resolve_vm, self.vm_name)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

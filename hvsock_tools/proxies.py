@@ -68,7 +68,8 @@ def add_cli_commands(commands: Any, command: Callable[..., Any]) -> None:
         "--vm-id",
         required=True,
         metavar="VM",
-        help="the VM to reach: its GUID, or its name (looked up at start, waiting for it)",
+        help="the VM to reach: its GUID, or its name (looked up for each CONNECT; with "
+        "--guest-ports/--guest-services also once at start, waiting for it, for the listeners)",
     )
     hybrid.add_argument(
         "--guest-ports",
@@ -152,8 +153,9 @@ def _vm_resolver(args: Any) -> Callable[[str], str]:
                 raise OSError(
                     errno.EHOSTUNREACH, f"looking up VM {name!r}: {exc.details()}"
                 ) from None
+        # Names are unique on a host ignoring case, as the host compares them.
         for partition in listed.partitions:
-            if partition.name == name and not partition.host:
+            if partition.name.casefold() == name.casefold() and not partition.host:
                 return str(partition.vm_id)
         raise OSError(errno.EHOSTUNREACH, f"no VM named {name!r}")
 
@@ -228,28 +230,36 @@ def cli_bridge(args: Any, client: Any) -> None:
 def cli_hybrid(args: Any, client: Any) -> None:
     try:
         ports = [int(p) for p in args.guest_ports]
+        services = [_guid(s) for s in args.guest_services]
+        vm_name = ""
         try:
             vm_id = parse_vm(args.vm_id)
         except ValueError:
             if not _VM_NAME.fullmatch(args.vm_id):
                 raise ValueError(f"not a VM id or name: {args.vm_id!r}") from None
-            vm_id = _wait_for_vm(_vm_resolver(args), args.vm_id)
+            vm_name = args.vm_id
+            # A CONNECT looks the name up when it comes; the guest ports' listeners need an
+            # id now.
+            vm_id = _wait_for_vm(_vm_resolver(args), vm_name) if ports or services else ""
         partition = _cli_partition(args)
         endpoint = HybridVsock(
             partition,
             vm_id,
             args.path,
             guest_ports=ports,
-            guest_services=[_guid(s) for s in args.guest_services],
+            guest_services=services,
             ring_pages=args.ring_pages,
             connect_timeout_ms=args.connect_timeout_ms,
+            vm_name=vm_name,
+            resolve_vm=_vm_resolver(args) if vm_name else None,
         )
     except ValueError as exc:
         raise CliError("INVALID_ARGUMENT", str(exc)) from None
     except OSError as exc:
         raise CliError("UNAVAILABLE", str(exc)) from None
     try:
-        _serve(endpoint, lambda: f"hybrid-vsock listening on unix:{args.path} for VM {vm_id}")
+        vm = f"the VM named {vm_name!r} (looked up for each CONNECT)" if vm_name else f"VM {vm_id}"
+        _serve(endpoint, lambda: f"hybrid-vsock listening on unix:{args.path} for {vm}")
     except OSError as exc:
         raise CliError("UNAVAILABLE", str(exc)) from None
     finally:

@@ -5,30 +5,54 @@
     python -m hvsock_tools.testbed echo --to host|VM_ID|vms [--bytes N]
     python -m hvsock_tools.testbed stream --to host|VM_ID [--seconds S]
 
-Every program attaches from its environment (``guest_client.attach_from_env``): a VM container
-sets ``HVSOCK_VM_IDENTITY`` (the VM is created on first attach and keeps its id and token in that
-file), ``HVSOCK_PERSONALITY`` and ``HVSOCK_HOST``; the host program sets ``HVSOCK_HOST_TOKEN``.
+Every program attaches from its environment (``guest_client.attach_from_env``); the host
+program sets ``HVSOCK_HOST_TOKEN``, a VM ``HVSOCK_HOST`` and ``HVSOCK_PERSONALITY``.
+
+Who a VM is. ``vm`` creates its VM on first attach and keeps its id and token in an identity
+file, so that the next start attaches as the same VM. With ``--identity-dir`` (or
+``HVSOCK_VM_IDENTITY_DIR``, a volume the replicas of one compose service share) the VM is
+named ``PREFIX-N``: N is ``HVSOCK_VM_SLOT`` when that is a number (Swarm's ``{{.Task.Slot}}``),
+otherwise the lowest number no running replica holds (a ``flock`` on ``PREFIX-N.lock`` in that
+directory, held for the program's life), and the identity is ``PREFIX-N.json`` there. A
+recreated container, or a replica started again elsewhere, so comes back as the same VM: by
+the identity file, or (the file lost, another Swarm node) by its name, which the host lets an
+anonymous attach take over while no one is attached as that VM. A name that an *attached* VM
+has is refused: ``vm`` says so and exits 2. ``--name`` (``HVSOCK_VM_NAME``) fixes the name;
+without an identity directory the name is ``PREFIX-HOSTNAME`` and the identity file
+``HVSOCK_VM_IDENTITY``. The identity is also written to ``HVSOCK_VM_IDENTITY`` when that names
+another file, for the other programs of the container (``docker compose exec``).
+
+What they do:
 
 - ``host`` listens on the host's echo service (vsock port 7001), and echoes ``--bytes`` with
-  every VM that is attached and listening on the VM echo service (each VM once per attachment;
-  again after the VM or the host service restarts; a VM listening on other services only is
-  skipped). It logs one line per echo and, once the VMs it knows are done, a
-  summary table per VM: both directions, bytes, MB/s, the VM end's data path.
+  every VM that is attached and listening on the VM echo service: those listening when it
+  attaches, then each VM whose workload starts listening (the host's lifecycle events: a VM
+  started, restarted or recreated, or back after the host service restarted); a VM listening
+  on other services only is skipped. It logs one line per echo, and one summary table (a row
+  per VM: both directions, bytes, MB/s, the data path of each end) when the echoes it waits
+  for are done, and again whenever that table changes.
 - ``vm`` listens on the VM's echo service (port 7002) and echoes ``--bytes`` with the host
   once per attachment (again after the host service restarts).
 - ``echo`` and ``stream`` are one-shot checks for people and the container tests: ``echo``
-  exits 0 when every echo matched; ``stream`` sends until the connection fails or ``--seconds``
-  pass, then reports when and how it failed.
+  exits 0 when every echo matched (``--to vms`` skips, and names, VMs without an echo
+  service); ``stream`` sends until the connection fails or ``--seconds`` pass, then reports
+  when and how it failed.
 
-Each echo is checked with SHA-256 and also printed as ``RESULT {json}`` for scripts.
+Each echo is checked with SHA-256. Output is for people; with ``--json`` (or
+``HVSOCK_TESTBED_JSON=1``) every line is instead one JSON object with a ``kind``: ``echo``
+(one echo's result), ``summary`` (the table's rows), ``note`` (anything else), ``stream``.
+Exit status 2 is an expected failure (the host refused the attach, a name clash): one line
+says why, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import os
+import pathlib
 import signal
 import socket
 import sys
@@ -50,15 +74,44 @@ VM_ECHO = hv.service_id_for_port(VM_ECHO_PORT)
 PATH_NAMES = {"shm": "shared memory", "relay": "gRPC relay", None: "?"}
 #: Errors worth retrying while the other side's echo service is not up yet.
 NOT_YET = (ConnectionRefusedError, TimeoutError, ConnectionResetError)
+#: What a connect to a VM's echo service ends in when the VM has none (windows personality:
+#: refused at once; linux: no answer, so the connect times out).
+NO_SERVICE = ("ECONNREFUSED", "ETIMEDOUT")
 POLL = 1.0  # seconds between the host program's looks at the VM list
+#: The host program prints its table once every VM it echoed with has answered both ways, or,
+#: when one never does (a VM that died mid-echo, one that echoes later), once nothing changed
+#: for this long.
+SETTLE = 10.0
+#: ... and, complete, once nothing changed for this long (VMs starting together finish close
+#: together: one table for them, not one per VM).
+QUIET = 2.0
+#: Exit status of an expected failure (a refused attach, a taken name): a message, no traceback.
+EXIT_REFUSED = 2
+#: Slots a VM service's replicas may claim (PREFIX-1 .. PREFIX-MAX_SLOTS).
+MAX_SLOTS = 4096
 
 
 _OUTPUT = threading.Lock()
 
 
+class _Output:
+    """Lines for people, or (``--json``) one JSON object per line for scripts; never both."""
+
+    json = False
+
+    def line(self, text: str, record: dict[str, Any] | None = None) -> None:
+        """A line for people; in JSON mode ``record`` (kind "note" with the text if None)."""
+        if self.json:
+            text = json.dumps(record or {"kind": "note", "text": text}, sort_keys=True)
+        _say(text)
+
+
+OUT = _Output()
+
+
 def _say(text: str) -> None:
     """Print whole lines: echoes run in threads, and print() writes the text and its newline
-    separately, so lines could interleave and break the RESULT lines scripts parse."""
+    separately, so lines could interleave and break the JSON lines scripts parse."""
     with _OUTPUT:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
@@ -115,11 +168,15 @@ class _Stopper:
             partitions = list(self._partitions)
         for partition in partitions:
             partition.shutdown()
-        # Whole lines only: a RESULT line half written by a workload thread would break the
+        # Whole lines only: a JSON line half written by a workload thread would break the
         # scripts that parse the log. Bounded, so that a stuck writer cannot hold the exit.
+        name = signal.Signals(signum).name
+        text = f"stopped ({name})"
+        if OUT.json:
+            text = json.dumps({"kind": "note", "text": text, "stopped": name}, sort_keys=True)
         held = _OUTPUT.acquire(timeout=1.0)
         try:
-            sys.stdout.write(f"stopped ({signal.Signals(signum).name})\n")
+            sys.stdout.write(text + "\n")
             sys.stdout.flush()
         finally:
             if held:
@@ -132,23 +189,33 @@ class _Stopper:
 _STOPPER = _Stopper()
 
 
-def _emit(line: str, record: dict[str, Any]) -> None:
+class ExpectedFailure(Exception):
+    """A failure the program explains in one line and exits ``EXIT_REFUSED`` for."""
+
+
+def _emit(text: str, record: dict[str, Any]) -> None:
+    record["kind"] = "echo"
     record["at"] = time.time()  # wall clock: scripts compare it across containers
-    _say(line + "\nRESULT " + json.dumps(record, sort_keys=True))
+    OUT.line(text, record)
 
 
 def _mb_per_s(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e6, 1) if seconds > 0 else 0.0
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
 def _describe(record: dict[str, Any]) -> str:
     if not record.get("connected"):
         return f"not connected: {record.get('error')}"
-    verdict = "sha256 ok" if record.get("ok") else f"FAILED {record.get('error', 'mismatch')}"
     paths = f"VM end {PATH_NAMES[record.get('data_path')]}"
     if "host_data_path" in record:
         paths += f", host end {PATH_NAMES[record['host_data_path']]}"
-    return f"connected, {record['bytes']} bytes, {record['mb_per_s']} MB/s, {paths}, {verdict}"
+    if not record.get("ok"):
+        return f"FAILED: {record.get('error')} ({paths})"
+    return f"{_mib(record['bytes'])}, {record['mb_per_s']} MB/s, {paths}, sha256 ok"
 
 
 class Admin:
@@ -178,6 +245,22 @@ class Admin:
                     return connector, listener
                 return listener, connector
         return None, None
+
+    def watch_listeners(self, service_id: str) -> Any:
+        """The ids of VMs as they start listening on ``service_id`` (a cancellable iterator:
+        ``.cancel()`` ends it)."""
+        stream = self._stub.WatchEvents(hvsock_pb2.WatchEventsRequest(), metadata=self._metadata)
+
+        class Listening:
+            def __iter__(self) -> Any:
+                for event in stream:
+                    if event.kind == "listening" and f", {service_id})" in event.detail:
+                        yield event.vm_id
+
+            def cancel(self) -> None:
+                stream.cancel()
+
+        return Listening()
 
     def close(self) -> None:
         self._channel.close()
@@ -213,7 +296,8 @@ class HostProgram:
         #: vm_id -> {"name", "personality", "host->vm": record, "vm->host": record}
         self.table: dict[str, dict[str, Any]] = {}
         self.in_flight = 0
-        self.dirty = False
+        self.changed_at = 0.0  # monotonic time of the table's last change
+        self.printed: list[dict[str, Any]] | None = None  # the rows printed last
 
     def run(self) -> None:
         while True:
@@ -227,37 +311,62 @@ class HostProgram:
                 if not isinstance(exc, ConnectionResetError):
                     raise
                 continue  # lost the host again before listening: wait for the next attach
-            _say(f"host program: echo service {HOST_ECHO} listening")
-            accepting = serve_echo(listener, self._echoed_back)
+            OUT.line(f"host program: echo service {HOST_ECHO} listening")
+            accepting = serve_echo(
+                listener, self._echoed_back, on_start=self._echo_started, on_end=self._echo_ended
+            )
             self._watch_vms(accepting)
             listener.close()
             _STOPPER.park_if_stopping()
-            _say("host program: lost the host service; attaching again")
+            OUT.line("host program: lost the host service; attaching again")
 
     def _watch_vms(self, accepting: threading.Thread) -> None:
-        """Echo with each VM once per attachment while the host service stays up."""
-        done: set[str] = set()
+        """Echo with each VM once per attachment of its workload while the host service stays
+        up: with every VM already listening on the echo service, then with each that starts
+        listening on it (a workload attached: a VM started, recreated, or back after the host
+        restarted). The host's lifecycle events say when, however fast a VM container comes
+        back; one-shot checks (``echo``) in a VM container do not listen, so they are not
+        taken for a new attachment. Prints the summary when it settles."""
+        events = self.admin.watch_listeners(VM_ECHO)
+        threading.Thread(
+            target=self._echo_on_events, args=(events,), name="events", daemon=True
+        ).start()
+        try:
+            partitions = self.admin.partitions()
+        except grpc.RpcError:
+            events.cancel()
+            return
+        for p in partitions:
+            running = p.state == hvsock_pb2.PARTITION_STATE_RUNNING
+            if not p.host and running and p.attached and p.listener_count > 0:
+                self._start_echo(p.vm_id)
         idle = threading.Event()
         while accepting.is_alive():
-            try:
-                partitions = self.admin.partitions()
-            except grpc.RpcError:
-                return
-            attached = {p.vm_id for p in partitions if p.attached}
-            done &= attached  # a VM that detached is echoed with again when it is back
-            for p in partitions:
-                running = p.state == hvsock_pb2.PARTITION_STATE_RUNNING
-                ready = running and p.attached and p.listener_count > 0
-                if p.host or not ready or p.vm_id in done:
-                    continue
-                done.add(p.vm_id)
-                with self.lock:
-                    self.in_flight += 1
-                threading.Thread(target=self._echo_with, args=(p,), daemon=True).start()
-            self._print_table_when_quiet()
+            self._print_table_when_settled()
             idle.wait(POLL)
+        events.cancel()
 
-    def _echo_with(self, vm: hvsock_pb2.Partition) -> None:
+    def _echo_on_events(self, events: Any) -> None:
+        try:
+            for vm_id in events:
+                self._start_echo(vm_id)
+        except grpc.RpcError:
+            return  # cancelled, or the host went away (the program attaches again)
+
+    def _start_echo(self, vm_id: str) -> None:
+        with self.lock:
+            self.in_flight += 1
+        threading.Thread(target=self._echo_with, args=(vm_id,), daemon=True).start()
+
+    def _echo_with(self, vm_id: str) -> None:
+        try:
+            vm = next(p for p in self.admin.partitions() if p.vm_id == vm_id)
+        except (grpc.RpcError, StopIteration):  # the host or the VM went away meanwhile
+            vm = None
+        if vm is None or vm.host:
+            with self.lock:
+                self.in_flight -= 1
+            return
         paths: dict[str, str | None] = {}
 
         def note_paths(sock: Any) -> None:
@@ -272,17 +381,34 @@ class HostProgram:
         except grpc.RpcError as exc:  # the admin API went away mid-echo
             result = {"connected": True, "ok": False, "bytes": 0, "seconds": 0.0}
             result["error"] = f"admin API: {exc.code().name}"
-        if result["connected"]:
-            record = self._record(vm, "host->vm", result, **paths)
-            _emit(f"host -> {record['vm_name']} ({vm.vm_id}): {_describe(record)}", record)
-        else:  # it listens, but not on the echo service: not a testbed VM (vm-web, yours)
-            _say(f"host program: {vm.name} ({vm.vm_id}) runs no echo service")
+        try:
+            if result["connected"]:
+                record = self._record(vm, "host->vm", result, **paths)
+                _emit(f"host -> {record['vm_name']} ({vm.vm_id}): {_describe(record)}", record)
+            elif result.get("errno") in NO_SERVICE:
+                # It listens, but not on the echo service: not a testbed VM (vm-web, yours).
+                OUT.line(f"host program: {vm.name} ({vm.vm_id}) runs no echo service; skipped")
+            else:
+                record = self._record(vm, "host->vm", result)
+                _emit(f"host -> {vm.name} ({vm.vm_id}): {_describe(record)}", record)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _echo_started(self, conn: Any, peer: tuple[str, str]) -> None:
+        with self.lock:
+            self.in_flight += 1
+
+    def _echo_ended(self, conn: Any, peer: tuple[str, str]) -> None:
         with self.lock:
             self.in_flight -= 1
 
     def _echoed_back(self, conn: Any, peer: tuple[str, str], nbytes: int, seconds: float) -> None:
         vm_id = peer[0]
-        vms = {p.vm_id: p for p in self.admin.partitions()}
+        try:
+            vms = {p.vm_id: p for p in self.admin.partitions()}
+        except grpc.RpcError:
+            return  # the host went away just now; the VM echoes again once it is back
         if vm_id not in vms:
             return
         result = {"connected": True, "ok": True, "bytes": nbytes, "seconds": seconds}
@@ -307,57 +433,187 @@ class HostProgram:
             entry = self.table.setdefault(vm.vm_id, {})
             entry.update(name=record["vm_name"], personality=record["personality"])
             entry[direction] = record
-            if direction == "vm->host" and "host->vm" in entry:
-                record.setdefault("data_path", entry["host->vm"].get("data_path"))
-            self.dirty = True
+            self.changed_at = time.monotonic()
         return record
 
-    def _print_table_when_quiet(self) -> None:
+    def _print_table_when_settled(self) -> None:
         with self.lock:
-            if not self.dirty or self.in_flight:
+            if self.in_flight:
                 return
-            self.dirty = False
-            rows = sorted(self.table.items(), key=lambda item: item[1]["name"])
-        _say(summary_table(rows))
+            rows = summary_rows(self.table.items())
+            if not rows or rows == self.printed:
+                return
+            complete = all(r["host->vm"] is not None and r["vm->host"] is not None for r in rows)
+            quiet_for = time.monotonic() - self.changed_at
+            if quiet_for < (QUIET if complete else SETTLE):
+                return
+            self.printed = rows
+        if OUT.json:
+            OUT.line("", {"kind": "summary", "at": time.time(), "rows": rows})
+        else:
+            _say(summary_table(rows))
 
 
-def summary_table(rows: Iterable[tuple[str, dict[str, Any]]]) -> str:
-    def cell(record: dict[str, Any] | None) -> str:
+def summary_rows(entries: Iterable[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per VM, by name: what the summary table shows (and ``--json`` prints)."""
+
+    def cell(record: dict[str, Any] | None) -> dict[str, Any] | None:
         if record is None:
-            return "-"
+            return None
+        out = {"ok": bool(record.get("ok")), "bytes": record.get("bytes", 0)}
+        out["mb_per_s"] = record.get("mb_per_s", 0.0)
         if not record.get("ok"):
-            return "FAILED"
-        return f"{record['bytes'] / 2**20:.1f} MiB {record['mb_per_s']:.0f} MB/s"
+            out["error"] = record.get("error")
+        return out
 
-    header = f"{'VM':<26} {'id':<9} {'pers.':<8} {'VM end path':<14} {'host->VM':<22} VM->host"
-    lines = ["testbed summary (host program)", header]
-    for vm_id, entry in rows:
-        out = entry.get("host->vm")
-        path = PATH_NAMES[out.get("data_path")] if out else "?"
-        lines.append(
-            f"{entry['name'][:26]:<26} {vm_id[:8]:<9} {entry['personality']:<8} {path:<14} "
-            f"{cell(out):<22} {cell(entry.get('vm->host'))}"
+    rows = []
+    for vm_id, entry in entries:
+        out, back = entry.get("host->vm"), entry.get("vm->host")
+        rows.append(
+            {
+                "vm_id": vm_id,
+                "vm_name": entry["name"],
+                "personality": entry["personality"],
+                "vm_data_path": (out or {}).get("data_path"),
+                "host_data_path": (out or back or {}).get("host_data_path"),
+                "host->vm": cell(out),
+                "vm->host": cell(back),
+            }
         )
+    return sorted(rows, key=lambda row: (row["vm_name"], row["vm_id"]))
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    def cell(result: dict[str, Any] | None) -> str:
+        if result is None:
+            return "-"
+        if not result["ok"]:
+            return "FAILED" + (" (truncated)" if "truncated" in (result["error"] or "") else "")
+        return f"{_mib(result['bytes'])} {result['mb_per_s']:.0f} MB/s"
+
+    header = (
+        f"{'VM':<22} {'id':<9} {'pers.':<8} {'VM end':<14} {'host end':<14} "
+        f"{'host->VM':<22} VM->host"
+    )
+    lines = ["testbed summary (host program)", header]
+    for row in rows:
+        lines.append(
+            f"{row['vm_name'][:22]:<22} {row['vm_id'][:8]:<9} {row['personality']:<8} "
+            f"{PATH_NAMES[row['vm_data_path']]:<14} {PATH_NAMES[row['host_data_path']]:<14} "
+            f"{cell(row['host->vm']):<22} {cell(row['vm->host'])}"
+        )
+    if any(row["host->vm"] is None or row["vm->host"] is None for row in rows):
+        lines.append("(-: no echo that way yet)")
+    for row in rows:
+        for direction in ("host->vm", "vm->host"):
+            result = row[direction]
+            if result is not None and result.get("error"):
+                lines.append(f"{row['vm_name']} {direction}: {result['error']}")
     return "\n".join(lines)
 
 
 def host_main(args: argparse.Namespace) -> int:
-    partition = _STOPPER.add(hv.attach_host())
-    _say(f"host program attached to {partition.target}")
+    partition = _STOPPER.add(_attach_or_explain(hv.attach_host, "the host partition"))
+    OUT.line(f"host program attached to {partition.target}")
     HostProgram(partition, Admin(partition.target), args.bytes).run()
     return 0
+
+
+def _attach_or_explain(attach: Any, who: str, **kwargs: Any) -> hv.Partition:
+    """``attach(**kwargs)``; a refusal from the host becomes an ExpectedFailure."""
+    try:
+        partition: hv.Partition = attach(**kwargs)
+    except FileExistsError as exc:
+        raise ExpectedFailure(f"cannot attach as {who}: {exc.strerror}") from None
+    except (PermissionError, FileNotFoundError, ValueError) as exc:
+        raise ExpectedFailure(f"cannot attach as {who}: {exc}") from None
+    return partition
 
 
 # ---- the VM program ----------------------------------------------------------------------------
 
 
+#: Slot locks this process holds (kept open: closing one would give its slot away).
+_SLOT_LOCKS: list[int] = []
+
+
+def claim_slot(directory: pathlib.Path, prefix: str) -> int:
+    """The lowest N whose ``PREFIX-N.lock`` in ``directory`` no running process holds; held
+    (``flock``) until this process exits, so the replicas sharing the directory get one N each
+    and a replica started again after one stopped gets the N it left."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for slot in range(1, MAX_SLOTS + 1):
+        fd = os.open(directory / f"{prefix}-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _SLOT_LOCKS.append(fd)
+        return slot
+    raise ExpectedFailure(f"all {MAX_SLOTS} slots of {prefix} in {directory} are taken")
+
+
+def vm_identity(args: argparse.Namespace) -> tuple[str, pathlib.Path | None]:
+    """(the VM's name, its identity file) as the module documentation says."""
+    directory = args.identity_dir or os.environ.get("HVSOCK_VM_IDENTITY_DIR")
+    name = args.name or os.environ.get("HVSOCK_VM_NAME")
+    if not name and directory:
+        slot_text = os.environ.get("HVSOCK_VM_SLOT", "")
+        # Docker Compose passes Swarm's "{{.Task.Slot}}" through unreplaced: not a number.
+        slot = int(slot_text) if slot_text.isdigit() else 0
+        if not 1 <= slot <= MAX_SLOTS:
+            slot = claim_slot(pathlib.Path(directory), args.name_prefix)
+        name = f"{args.name_prefix}-{slot}"
+    if not name:
+        # A container's hostname is its id: replicas tell apart (but a recreated one is new).
+        # Cut to the host's 64 characters: a machine's hostname may be that long by itself.
+        name = f"{args.name_prefix}-{socket.gethostname()}"[:64]
+    if directory:
+        return name, pathlib.Path(directory) / f"{name}.json"
+    identity = os.environ.get("HVSOCK_VM_IDENTITY")
+    return name, pathlib.Path(identity) if identity else None
+
+
+def attach_vm(name: str, identity: pathlib.Path | None) -> hv.Partition:
+    """Attach as the VM in ``identity``, else create (or take over) the VM called ``name``."""
+    try:
+        return _attach_or_explain(hv.attach, f"VM {name}", name=name, identity=identity)
+    except ExpectedFailure as failure:
+        if identity is None or not identity.exists():
+            raise
+        # The host does not know the saved VM (its state was reset) or its token (the VM was
+        # taken over by name since): start over by name, which gets the same VM when no one
+        # is attached as it.
+        stale = identity.with_name(identity.name + ".stale")
+        os.replace(identity, stale)
+        OUT.line(f"VM {name}: {failure}; identity file moved to {stale}, attaching by name")
+        return _attach_or_explain(hv.attach, f"VM {name}", name=name, identity=identity)
+
+
+def _keep_identity(vm: hv.Partition, identity: pathlib.Path | None) -> None:
+    """Write the VM's identity where the container's other programs look (HVSOCK_VM_IDENTITY),
+    when that is not the file it was attached from."""
+    target = os.environ.get("HVSOCK_VM_IDENTITY")
+    if not target or (identity is not None and pathlib.Path(target) == identity):
+        return
+    path = pathlib.Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        json.dump({"vm_id": vm.vm_id, "token": vm.token}, file)
+    os.replace(temporary, path)
+
+
 def vm_main(args: argparse.Namespace) -> int:
-    # A VM created on this attach is named PREFIX-HOSTNAME (a container's hostname is its id),
-    # so that scaled replicas tell apart; HVSOCK_VM_NAME overrides it.  Cut to the host's 64
-    # characters: a machine's hostname may be that long by itself (a container's is 12).
-    name = os.environ.get("HVSOCK_VM_NAME") or f"{args.name_prefix}-{socket.gethostname()}"[:64]
-    vm = _STOPPER.add(hv.attach(name=name))
-    _say(f"VM {vm.name} ({vm.vm_id}, {vm.personality}) attached to {vm.target}")
+    name, identity = vm_identity(args)
+    vm = _STOPPER.add(attach_vm(name, identity))
+    _keep_identity(vm, identity)
+    OUT.line(
+        f"VM {vm.name} ({vm.vm_id}, {vm.personality}) attached to {vm.target}",
+        {"kind": "note", "attached": True, "vm_id": vm.vm_id, "vm_name": vm.name},
+    )
     while True:
         vm.wait_attached()
         listener = vm.socket()
@@ -374,7 +630,7 @@ def vm_main(args: argparse.Namespace) -> int:
         accepting.join()  # the accept loop ends when the host service goes away
         listener.close()
         _STOPPER.park_if_stopping()
-        _say(f"VM {vm.name}: lost the host service; attaching again")
+        OUT.line(f"VM {vm.name}: lost the host service; attaching again")
 
 
 def _vm_echo_with_host(vm: hv.Partition, nbytes: int, wait: float) -> bool:
@@ -411,18 +667,17 @@ def _targets(partition: hv.Partition, to: str) -> list[tuple[str, str]]:
         return [(to, to)]
     admin = Admin(partition.target)
     try:
-        return [
-            (p.vm_id, p.name)
-            for p in admin.partitions()
-            if not p.host and p.attached and p.listener_count > 0
-        ]
+        listed = admin.partitions()
+    except grpc.RpcError as exc:
+        raise ExpectedFailure(f"listing the VMs: {exc.code().name}: {exc.details()}") from None
     finally:
         admin.close()
+    return [(p.vm_id, p.name) for p in listed if not p.host and p.attached and p.listener_count > 0]
 
 
 def echo_main(args: argparse.Namespace) -> int:
-    partition = _STOPPER.add(hv.attach_from_env())
-    ok = True
+    partition = _STOPPER.add(_attach_or_explain(hv.attach_from_env, "this partition"))
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
     for vm_id, name in _targets(partition, args.to):
         service = HOST_ECHO if name == "host" else VM_ECHO
         paths: dict[str, str | None] = {}
@@ -435,23 +690,37 @@ def echo_main(args: argparse.Namespace) -> int:
             "role": "check",
             "from": partition.vm_id,
             "to": vm_id,
+            "to_name": name,
             "mb_per_s": _mb_per_s(result.get("bytes", 0), result.get("seconds", 0.0)),
             **result,
             **paths,
         }
-        verdict = "sha256 ok" if result["ok"] else f"FAILED {result.get('error', 'mismatch')}"
-        _emit(f"echo {partition.vm_id} -> {name}: {verdict}", record)
-        ok = ok and bool(result["ok"])
-    return 0 if ok else 1
+        if result["ok"]:
+            counts["ok"] += 1
+            verdict = f"sha256 ok, {_mib(result['bytes'])}, {record['mb_per_s']} MB/s"
+            verdict += f", {PATH_NAMES[paths.get('local_data_path')]}"
+        elif args.to == "vms" and not result["connected"] and result.get("errno") in NO_SERVICE:
+            # Every attached VM with a listener was asked; this one listens on other services.
+            counts["skipped"] += 1
+            record["skipped"] = True
+            verdict = f"skipped: no echo service ({result['errno']})"
+        else:
+            counts["failed"] += 1
+            verdict = f"FAILED: {result.get('error')}"
+        _emit(f"echo {partition.name or partition.vm_id} -> {name}: {verdict}", record)
+    if args.to == "vms":
+        total = ", ".join(f"{n} {what}" for what, n in counts.items())
+        OUT.line(f"echo with every VM: {total}", {"kind": "note", **counts})
+    return 0 if counts["failed"] == 0 else 1
 
 
 def stream_main(args: argparse.Namespace) -> int:
     """Send and read back echoes until the connection fails; report how and when (wall clock,
     so that a test can compare it with the moment it killed the other side)."""
-    partition = _STOPPER.add(hv.attach_from_env())
+    partition = _STOPPER.add(_attach_or_explain(hv.attach_from_env, "this partition"))
     service = HOST_ECHO if args.to == "host" else VM_ECHO
     target = hv.HV_GUID_PARENT if args.to == "host" else args.to
-    record: dict[str, Any] = {"role": "stream", "to": target, "bytes": 0}
+    record: dict[str, Any] = {"kind": "stream", "role": "stream", "to": target, "bytes": 0}
     chunk = os.urandom(CHUNK)
     buf = bytearray(CHUNK)
     sent = received = 0
@@ -460,7 +729,10 @@ def stream_main(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * WINDOW)
     try:
         sock.connect((target, service))
-        _say(f"STREAMING to {target} over {PATH_NAMES[sock.data_path]}")
+        OUT.line(
+            f"streaming to {target} over {PATH_NAMES[sock.data_path]}",
+            {"kind": "streaming", "to": target, "data_path": sock.data_path},
+        )
         deadline = time.monotonic() + args.seconds
         while time.monotonic() < deadline:
             if sent - received + CHUNK <= WINDOW:
@@ -469,7 +741,7 @@ def stream_main(args: argparse.Namespace) -> int:
                 continue
             n = sock.recv_into(buf)
             if not n:
-                raise ConnectionResetError(errno.ECONNRESET, "EOF from the peer mid-stream")
+                raise ConnectionResetError(errno.ECONNRESET, "end of stream from the peer")
             received += n
         record["error"] = None
     except OSError as exc:
@@ -482,27 +754,53 @@ def stream_main(args: argparse.Namespace) -> int:
         sock.close()
         partition.close()
     record["bytes"] = received
-    _say("RESULT " + json.dumps(record, sort_keys=True))
+    if record["error"]:
+        text = f"stream to {target} failed after {_mib(received)} echoed: {record['error']}"
+    else:
+        text = f"stream to {target}: {_mib(received)} echoed in {args.seconds:g} s, no failure"
+    OUT.line(text, record)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hvsock_tools.testbed", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m hvsock_tools.testbed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # --json goes before or after the command: the command's copy only counts when given.
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--bytes", type=int, default=32 * 2**20, help="bytes per echo")
+    json_flag: dict[str, Any] = {"action": "store_true", "default": argparse.SUPPRESS}
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("host", help="the host program")
+    host = commands.add_parser("host", help="the host program")
     vm = commands.add_parser("vm", help="a VM's workload")
     vm.add_argument("--wait", type=float, default=120, help="seconds to wait for the host echo")
     vm.add_argument("--name-prefix", default="vm", help="name of a VM created on attach")
+    vm.add_argument("--name", default=None, help="the VM's name (HVSOCK_VM_NAME)")
+    vm.add_argument(
+        "--identity-dir",
+        default=None,
+        help="where the VM's identity and slot lock are kept (HVSOCK_VM_IDENTITY_DIR)",
+    )
     echo = commands.add_parser("echo", help="echo once with the host, a VM, or every VM")
     echo.add_argument("--to", required=True, help="host, a VM id, or vms (every VM)")
     stream = commands.add_parser("stream", help="stream echoes until the connection fails")
     stream.add_argument("--to", required=True, help="host or a VM id")
     stream.add_argument("--seconds", type=float, default=60)
+    for command in (host, vm, echo, stream):
+        command.add_argument("--json", help="one JSON object per line", **json_flag)
     args = parser.parse_args(argv)
+    if args.bytes < 0:
+        parser.error("--bytes must be 0 or more")
+    OUT.json = args.json or os.environ.get("HVSOCK_TESTBED_JSON", "") in ("1", "true", "yes")
     run = {"host": host_main, "vm": vm_main, "echo": echo_main, "stream": stream_main}
     _STOPPER.install()
-    return run[args.command](args)
+    try:
+        return run[args.command](args)
+    except ExpectedFailure as failure:
+        OUT.line(f"testbed {args.command}: {failure}", {"kind": "error", "error": str(failure)})
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -98,17 +98,30 @@ class ComposeProject:
     def logs(self, *services: str) -> str:
         return self.run("logs", "--no-color", *services, timeout=60).stdout
 
+    def records(self, *services: str) -> list[dict[str, Any]]:
+        """Every JSON line the testbed programs logged (they run with HVSOCK_TESTBED_JSON=1
+        here), oldest first per service."""
+        return json_lines(self.logs(*services))
+
     def results(self, *services: str) -> list[dict[str, Any]]:
-        """Every ``RESULT {json}`` line the services logged, oldest first per service."""
-        out = []
-        for line in self.logs(*services).splitlines():
-            _, sep, payload = line.partition("RESULT ")
-            if sep:
-                out.append(json.loads(payload))
-        return out
+        """The echo results among them."""
+        return [r for r in self.records(*services) if r.get("kind") == "echo"]
 
     def container_ids(self, service: str) -> list[str]:
         return self.run("ps", "-q", service).stdout.split()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects among log lines (after compose's ``service_1  | `` prefix, if any)."""
+    out = []
+    for line in text.splitlines():
+        payload = line if line.startswith("{") else line.partition("| ")[2]
+        if payload.startswith("{"):
+            try:
+                out.append(json.loads(payload))
+            except ValueError:
+                continue  # a line of another program that happens to start with "{"
+    return out
 
 
 def wait_for(

@@ -33,6 +33,8 @@ def testbed() -> Iterator[ComposeProject]:
             "HVSOCK_METRICS_PUBLISH": "127.0.0.1:",
             "HVSOCK_WEB_PUBLISH": "127.0.0.1:",
             "HVSOCK_ECHO_BYTES": str(ECHO_BYTES),
+            # The workload's results as JSON lines, for the tests to read from the logs.
+            "HVSOCK_TESTBED_JSON": "1",
             "HVSOCK_IMAGE": os.environ.get("HVSOCK_IMAGE", "hvsock-emulator:e2e"),
         },
     )

@@ -478,3 +478,63 @@ def test_hundred_concurrent_connections(parts: Parts) -> None:
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_host_restart_is_one_log_line_and_the_bridge_listens_again(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hv listener is reset when the host service goes away: the bridge says so in one
+    line (no asyncio traceback) and listens again once its VM is attached again."""
+    caplog.set_level("INFO")
+    state = tmp_path / "state.db"
+    _, svc = service()
+    backend = socket.create_server(("127.0.0.1", 0))
+
+    def echo_backend() -> None:
+        while True:
+            try:
+                conn, _ = backend.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    threading.Thread(target=echo_backend, daemon=True).start()
+
+    def roundtrip(target: str, token: str) -> bool:
+        with hv.attach_host(target, token=token) as root:
+            sock = root.socket()
+            sock.settimeout(10)
+            try:
+                with sock:
+                    sock.connect((vm.vm_id, svc))
+                    sock.sendall(b"through the bridge")
+                    return sock.recv(100) == b"through the bridge"
+            except OSError:
+                return False  # not listening (again) yet
+
+    with run_host(tmp_path, "--state", str(state)) as first:
+        created = first.create_vm("bridged")
+        vm = hv.attach(first.target, vm_id=created.partition.vm_id, token=created.token)
+        bridge = Bridge(
+            HvEndpoint(hv.HV_GUID_WILDCARD, svc),
+            PlainEndpoint("127.0.0.1", backend.getsockname()[1]),
+            vm,
+        )
+        try:
+            with run_in_thread(bridge):
+                assert roundtrip(first.target, first.token)
+                assert first.stop() == 0
+                with run_host(tmp_path, "--state", str(state), like=first) as second:
+                    deadline = time.monotonic() + 30
+                    while not roundtrip(second.target, second.token):
+                        assert time.monotonic() < deadline, "the bridge did not listen again"
+                    records = list(caplog.records)  # (the second host's stop is not counted)
+        finally:
+            vm.close()
+            backend.close()
+    messages = [r.getMessage() for r in records]
+    assert not [r for r in records if r.exc_info or "Exception in callback" in r.getMessage()]
+    assert sum("the host service went away" in m for m in messages) == 1, messages
+    assert any("listening again" in m for m in messages), messages

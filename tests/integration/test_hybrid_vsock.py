@@ -268,3 +268,92 @@ def test_command_line_endpoint(host: HostProcess, tmp_path: pathlib.Path) -> Non
         proc.stdout.close()
         listener.close()
         vm.close()
+
+
+def _hello_listener(partition: hv.Partition, service: str) -> hv.HvSocket:
+    """A guest listener that answers each connection with its VM id, then closes."""
+    listener = partition.socket()
+    listener.bind((hv.HV_GUID_WILDCARD, service))
+    listener.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(partition.vm_id.encode())
+                conn.shutdown(hv.SHUT_WR)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def _hybrid_connect(path: str, port: int) -> bytes:
+    """CONNECT ``port`` by hand; everything the endpoint sent until it closed."""
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(30)
+        raw.connect(path)
+        raw.sendall(f"CONNECT {port}\n".encode())
+        return b"".join(iter(lambda: raw.recv(4096), b""))
+
+
+def test_a_vm_name_is_looked_up_for_each_connect(host: HostProcess, tmp_path: pathlib.Path) -> None:
+    """``--vm-id NAME``: the endpoint starts before the VM exists, and a VM deleted and created
+    again under that name (a new id) is the one reached, never the one it replaced."""
+    path = str(tmp_path / "named.sock")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "hvsock"),
+            "--host",
+            host.target,
+            "hybrid-vsock",
+            "--path",
+            path,
+            "--vm-id",
+            "Hybrid-By-Name",  # the host's names ignore case; so does the lookup
+            "--connect-timeout-ms=300",
+            f"--host-token={host.token}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    vms: list[hv.Partition] = []
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert "the VM named 'Hybrid-By-Name' (looked up for each CONNECT)" in banner, banner
+        assert _hybrid_connect(path, GUEST_PORT) == b""  # no such VM yet: closed, no answer
+        ids = []
+        for _ in range(2):
+            created = host.create_vm("hybrid-by-name")
+            vm = hv.attach(host.target, vm_id=created.partition.vm_id, token=created.token)
+            vms.append(vm)
+            listener = _hello_listener(vm, hv.service_id_for_port(GUEST_PORT))
+            answer = _hybrid_connect(path, GUEST_PORT)
+            assert answer == f"OK {GUEST_PORT}\n{vm.vm_id}".encode(), answer
+            ids.append(vm.vm_id)
+            listener.close()
+            vm.close()
+            channel, admin = host.admin()
+            with channel:
+                admin.DeletePartition(
+                    hvsock_pb2.DeletePartitionRequest(vm_id=vm.vm_id),
+                    metadata=host.metadata,
+                    timeout=10,
+                )
+        assert ids[0] != ids[1]
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=10)
+        assert proc.stdout is not None and proc.stderr is not None
+        errors = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        for vm in vms:
+            vm.close()
+    assert code == 0, errors
+    assert "Traceback" not in errors, errors
