@@ -90,7 +90,7 @@ _ROOM = "room"  # the client is at its limit and the ring has room again
 _FIN_WRITTEN = "fin_written"  # the client's FIN is in the ring
 _CLOSED = "closed"  # the client's close: everything it sent (and FIN) is in the ring
 _READER_EOF = "reader_eof"  # the ring from the peer reached EOF (FIN, or rescinded and drained)
-_CORRUPT = "corrupt"  # a ring of this end is corrupt (value: why)
+_CORRUPT = "corrupt"  # a ring of this end is corrupt (value: (the ring it reads?, why))
 
 
 class RingRelay:
@@ -137,7 +137,8 @@ class RingRelay:
         self._writer = self._reader = False  # started
         # Loop-side state.
         self.reset: str | None = None  # the channel was rescinded: why
-        self.corrupt: str | None = None  # a ring of this end is corrupt: why
+        #: A ring of this end is corrupt: (whether it is the ring it reads, why).
+        self.corrupt: tuple[bool, str] | None = None
         self.reader_eof = False
         self.finished = False
 
@@ -253,7 +254,7 @@ class RingRelay:
             # channel is rescinded, nothing more.
             log.warning("relay write on %s: %s", self.vm_id, exc)
             self.end.rescind()
-            post(_CORRUPT, self, str(exc))
+            post(_CORRUPT, self, (False, str(exc)))
         except OSError as exc:  # rescinded (EPIPE), or unmapped at teardown
             log.debug("relay write on %s ended: %s", self.vm_id, exc)
         finally:
@@ -299,7 +300,7 @@ class RingRelay:
             # gets the error a shared-memory reader would get, not an EOF hiding truncation.
             log.warning("relay read on %s: %s", self.vm_id, exc)
             self.end.rescind()
-            post(_CORRUPT, self, f"DATA_LOSS:{exc.strerror}")
+            post(_CORRUPT, self, (True, exc.strerror or str(exc)))
         except OSError as exc:  # unmapped at teardown
             log.debug("relay read on %s ended: %s", self.vm_id, exc)
         finally:
@@ -377,10 +378,10 @@ class SessionData:
                 self._finish_reset(relay)
 
     def _finish_reset(self, relay: RingRelay) -> None:
-        if relay.corrupt is not None and relay.corrupt.startswith("DATA_LOSS:"):
-            self._finish(relay, _reset(errors.RingCorrupt(relay.corrupt.split(":", 1)[1])))
+        if relay.corrupt is not None and relay.corrupt[0]:
+            self._finish(relay, _reset(errors.RingCorrupt(relay.corrupt[1])))
         else:
-            reason = relay.reset or relay.corrupt or "rescinded"
+            reason = relay.reset or (relay.corrupt[1] if relay.corrupt else "rescinded")
             self._finish(
                 relay,
                 _reset(
@@ -455,11 +456,11 @@ class SessionData:
                 self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, fin=True))
         elif kind == _CORRUPT:
             relay.corrupt = value
-            if value.startswith("DATA_LOSS:"):
+            if value[0]:
                 self._finish_reset(relay)  # the reader stopped at the corruption
             else:
                 self._finish_when_drained(relay)
-            self._on_abort(channel_id, value.split(":", 1)[-1])
+            self._on_abort(channel_id, value[1])
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -535,12 +536,14 @@ class SessionData:
                     yield self._batch()
                 if reader.done() or self.ended is not None:
                     break
-            if not reader.cancelled() and (error := reader.exception()) is not None:
+            if reader.done() and not reader.cancelled() and (error := reader.exception()):
                 raise error  # a malformed request, or a rule of the stream broken
         finally:
             self.streaming = False
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Its exception, if any, was raised above (or the stream ended some other way
+            # first): the ends must be torn down whatever it was.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             self._out.clear()
             self._out_data = 0
