@@ -62,8 +62,9 @@ log = logging.getLogger("hvsock.host.relay")
 
 #: Bytes of one end read from the ring and not yet written to the stream, at most.
 MAX_UNSENT = 1 << 20
-#: Data bytes in one response, at most (a response is one gRPC message).
-MAX_RESPONSE_DATA = 1 << 20
+#: Data bytes in one response, at most: a response is one gRPC message, and clients (like the
+#: host) take messages of up to 1 MiB; this leaves room for the frames' own fields.
+MAX_RESPONSE_DATA = 1_000_000
 
 #: The relay pumps (started threads would cost the event loop a wait for each to run).
 _WORKERS = WorkerPool()
@@ -556,7 +557,7 @@ class SessionData:
         response = hvsock_pb2.SessionDataResponse()
         frames, size = response.frames, 0
         out = self._out
-        while out and (size < MAX_RESPONSE_DATA or not frames):
+        while out and (size + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames):
             frame, relay = out.popleft()
             frames.append(frame)
             n = len(frame.data)
