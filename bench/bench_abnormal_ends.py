@@ -6,11 +6,12 @@ Starts a real ``hvsock-host`` and ends N streams every way but the normal one, `
 a time, the kinds mixed round-robin (tests/adversity/abnormal.py): attach streams in each state
 (just welcomed, listening, with a connect pending, with a relayed channel open) ended by each
 malformed-frame pattern (garbage, truncated, wrong wire type), a cancel or a deadline;
-ChannelData streams of relayed channels (with and without unread frames in flight) ended the
-same ways; WatchEvents streams likewise. Then it polls the host's own counts until they are back
-at the baseline taken before the storm (or a timeout), and writes bench/results/
-abnormal_ends.json: sessions, channels, ring segments, threads and fds left, how long the host
-took to get there, the wall time of the storm, statuses seen, and tracebacks in the host log.
+SessionData streams of sessions with relayed channels (with and without unread frames in flight)
+ended the same ways; WatchEvents streams likewise. Then it polls the host's own counts until
+they are back at the baseline taken before the storm (or a timeout), and writes
+bench/results/abnormal_ends.json: sessions, channels, ring segments, threads and fds left, how
+long the host took to get there, the wall time of the storm, statuses seen, and tracebacks in
+the host log.
 A benchmark, not a test: it reports leftovers but exits 0 unless the run itself failed.
 """
 
@@ -63,9 +64,9 @@ def kinds(target: abnormal.Target) -> list[tuple[str, Callable[[], grpc.StatusCo
         for backlog in (False, True):
             out.append(
                 (
-                    f"channel_data/{'backlog' if backlog else 'idle'}/{label}",
+                    f"session_data/{'backlog' if backlog else 'idle'}/{label}",
                     functools.partial(
-                        abnormal.channel_data_ends, target, how, raw, backlog=backlog
+                        abnormal.session_data_ends, target, how, raw, backlog=backlog
                     ),
                 )
             )

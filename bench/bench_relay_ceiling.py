@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_relay_ceiling.py [--quick] [--out bench/results]
 
-The relay path moves a socket's bytes as ``ChannelData`` frames of at most 64 KiB (the API's
-limit) over a bidirectional stream from a sync grpcio client to the host service's grpc.aio
+The relay path moves a socket's bytes as ``SessionData`` frames (measured here: 64 KiB frames)
+over a bidirectional stream from a sync grpcio client to the host service's grpc.aio
 server, and the host answers with send credit (about one message per two frames on a 256 KiB
 ring). This measures that transport alone, with no sockets, rings, threads or protobuf of ours:
 

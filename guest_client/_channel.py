@@ -112,6 +112,8 @@ class Listener:
         self.listener_id = listening.listener_id
         self.address = listening.address
         self.backlog = max(backlog, 1)
+        #: The relay window of the connections it accepts (None: the host's default).
+        self.relay_window: int | None = None
         self.ready: collections.deque[ChannelEnd] = collections.deque()
         self.accepting = 0  # offers accepted whose opening has not arrived yet
         self.changed = threading.Condition()

@@ -33,6 +33,7 @@ from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from . import _pipe, errors
 from ._channel import ChannelEnd, Listener
 from ._handover import Handover
+from ._relay import Link
 from ._socket import HvSocket
 
 log = logging.getLogger("hvsock.client")
@@ -108,6 +109,8 @@ class Partition:
         #: says (a volume mounted at another path): HVSOCK_SHM_SOCKET.
         self.shm_socket = shm_socket or os.environ.get("HVSOCK_SHM_SOCKET") or None
         self._handover: Handover | None = None
+        #: The session's SessionData stream (opened with its first relayed end).
+        self._link: Link | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._channels: dict[int, ChannelEnd] = {}
@@ -227,6 +230,7 @@ class Partition:
         self._attached.clear()
         self._lost.set()
         self._drop_handover()
+        self._drop_link()
         with self._lock:
             channels = list(self._channels.values())
             listeners = list(self._listeners.values())
@@ -344,7 +348,7 @@ class Partition:
         if listener is None or listener.closed:
             self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id))
             return
-        end = self._open_on_reader(channel)
+        end = self._open_on_reader(channel, 1)
         if end is not None:
             listener.ready.append(end)
             listener.notify()
@@ -367,7 +371,7 @@ class Partition:
             if answer.WhichOneof("kind") != "opened":
                 listener.notify()
                 return
-            end = self._open_on_reader(answer.opened)
+            end = self._open_on_reader(answer.opened, 1)
             if end is None:
                 listener.notify()
                 return
@@ -379,7 +383,11 @@ class Partition:
 
         self.send_request(
             on_answer=opened,
-            accept=hvsock_pb2.Accept(channel_id=offer.channel.channel_id, force_relay=not self.shm),
+            accept=hvsock_pb2.Accept(
+                channel_id=offer.channel.channel_id,
+                force_relay=not self.shm,
+                relay_window=listener.relay_window,
+            ),
         )
 
     # -- channels and listeners ----------------------------------------------------------------
@@ -389,7 +397,13 @@ class Partition:
         if handover is not None:
             handover.close()
 
-    def open_end(self, channel: hvsock_pb2.Channel) -> ChannelEnd:
+    def _drop_link(self) -> None:
+        with self._lock:
+            link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+    def open_end(self, channel: hvsock_pb2.Channel, end: int) -> ChannelEnd:
         """This session's end of an opened channel. If its rings cannot be mapped (no
         descriptor, out of descriptors, a bad segment) the channel is reset (Close.reset: the
         peer sees a rescind) and the error is raised here: it fails this channel, nothing
@@ -402,19 +416,23 @@ class Partition:
                 self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id, reset=True))
                 raise
         else:
-            pipe = _pipe.RelayPipe(self.stub, self.session, channel)
-        end = ChannelEnd(self, channel, pipe)
+            with self._lock:
+                link = self._link
+                if link is None:
+                    link = self._link = Link(self.stub, self.session)
+            pipe = link.open_end(channel, end)
+        channel_end = ChannelEnd(self, channel, pipe)
         if isinstance(pipe, _pipe.RelayPipe):
-            pipe.on_lost = end.connection_lost
+            pipe.on_lost = channel_end.connection_lost
         with self._lock:
-            self._channels[end.channel_id] = end
-        return end
+            self._channels[channel_end.channel_id] = channel_end
+        return channel_end
 
-    def _open_on_reader(self, channel: hvsock_pb2.Channel) -> ChannelEnd | None:
+    def _open_on_reader(self, channel: hvsock_pb2.Channel, end: int) -> ChannelEnd | None:
         """open_end() for an accepted opening, on the attach reader: a failure costs that
         channel (reset, logged) and never the reader, which serves the whole partition."""
         try:
-            return self.open_end(channel)
+            return self.open_end(channel, end)
         except OSError as exc:
             log.warning("channel %d could not be opened: %s", channel.channel_id, exc)
             return None
@@ -512,6 +530,7 @@ class Partition:
             listener.reset = True
             listener.notify()
         self._requests.put(None)
+        self._drop_link()
         self._channel.close()
         self._drop_handover()
 

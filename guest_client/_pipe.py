@@ -7,10 +7,10 @@ rescind behave identically on every path:
 * :class:`ShmPipe` — the channel's own shared-memory rings, mapped from the host's segment;
   bytes go from this program's ring straight to the peer's.
 * :class:`RelayPipe` — the gRPC relay path: in place of rings, a send buffer bounded by the
-  host's credit (``send_limit``) whose bytes gRPC's request consumer takes up to 64 KiB per
-  frame, so a loop of small sends is coalesced into large frames, and a receive buffer the
-  response stream fills within the credit this end grants as the program reads. Both behave
-  as the rings do (:class:`RelaySend`, :class:`RelayReceive`).
+  host's credit (its send limit) whose bytes the session's one SessionData stream
+  (:mod:`._relay`) takes in frames of up to 256 KiB, so a loop of small sends is coalesced
+  into large frames, and a receive buffer that stream fills within the credit this end grants
+  as the program reads. Both behave as the rings do (:class:`RelaySend`, :class:`RelayReceive`).
 * :func:`memory_pair` — two pipes crossed over private rings: an in-process transport for fast
   unit tests that exercises the same code as the other paths.
 """
@@ -23,14 +23,10 @@ import logging
 import mmap
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-import grpc
-from grpc_status import rpc_status
-
-from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-from hvsock_common.workers import WorkerPool
+from hvsock.v1 import hvsock_pb2
 from ring import (
     CONTROL_PAGE_SIZE,
     FIN_PACKET_LEN,
@@ -51,18 +47,13 @@ from ring._errors import (
 )
 from ring.shm import stall_bit
 
-from . import errors
-
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 log = logging.getLogger("hvsock.client")
 
-#: Largest relay frame (the API's limit); also the coalescing size of small sends.
-MAX_FRAME = 65536
-
-#: Runs each relayed end's inbound loop.
-_WORKERS = WorkerPool()
+#: Largest relay frame's data (the API's limit); also the coalescing size of small sends.
+MAX_FRAME_DATA = 262144
 
 
 class Pipe(Protocol):
@@ -247,24 +238,22 @@ class RelaySend:
     partial writes and FIN rules as a ``ring.Ring`` writer.
 
     A write appends to a buffer bounded by the host's credit — what was accepted never exceeds
-    ``send_limit``, which the host grants from its ring's free space — so back-pressure is that
-    ring's. gRPC's request consumer takes up to 64 KiB per frame from the buffer
-    (:meth:`RelayPipe._requests`), so a loop of small sends still travels in large frames.
+    the send limit, which the host grants from its peer ring's free space plus the relay
+    window — so back-pressure is that ring's (and the window's). The session stream takes
+    frames from the buffer (:meth:`RelayPipe.frames`), so a loop of small sends still travels
+    in large frames.
     """
 
     def __init__(
-        self, lock: threading.Lock, work: threading.Condition, capacity: int, max_payload: int
+        self, lock: threading.Lock, kick: Callable[[], None], limit: int, max_payload: int
     ) -> None:
         self._room = threading.Condition(lock)  # credit arrived, or the end is over
-        self._work = work
+        self._kick = kick  # (lock held) tell the session stream this end has work
         self._max_payload = max_payload
         self.buffer = bytearray()  # accepted, not yet taken into a frame
         self.accepted = 0  # bytes accepted in all
         self.sent = 0  # bytes taken into frames in all
-        self.limit = 0  # the host's send credit (bytes in all): frames stay within it
-        # What writes may fill: the credit, or before it arrives what the (empty) send ring
-        # holds, which is what the host's first credit is.
-        self._bound = capacity
+        self.limit = limit  # the host's send limit (bytes in all): frames stay within it
         self._fin = False
         self._rescinded = False
 
@@ -297,13 +286,13 @@ class RelaySend:
                     if done and not whole:
                         return done
                     raise status_error(ST_RESCINDED, op="write")
-                room = self._bound - self.accepted
+                room = self.limit - self.accepted
                 if room > 0:
                     take = min(room, n - done)
                     self.buffer += src[done : done + take]
                     self.accepted += take
                     done += take
-                    self._work.notify()
+                    self._kick()
                     if not whole:
                         break
                     continue
@@ -319,14 +308,14 @@ class RelaySend:
             if self._rescinded:
                 raise status_error(ST_RESCINDED, op="fin")
             self._fin = True
-            self._work.notify()
+            self._kick()
 
     def writable(self) -> int:
         """Bytes a write could take now without blocking."""
         with self._room:
             if self._fin or self._rescinded:
                 return 0
-            return max(self._bound - self.accepted, 0)
+            return max(self.limit - self.accepted, 0)
 
     def wait_writable(self, nbytes: int = 1, timeout: float | None = None) -> bool:
         """Wait until a write of ``min(nbytes, max_payload)`` bytes would not block."""
@@ -334,7 +323,7 @@ class RelaySend:
         need = min(max(nbytes, 1), self._max_payload)
         with self._room:
             return self._room.wait_for(
-                lambda: self._fin or self._rescinded or self._bound - self.accepted >= need,
+                lambda: self._fin or self._rescinded or self.limit - self.accepted >= need,
                 timeout,
             )
 
@@ -347,10 +336,9 @@ class RelaySend:
         """The host's credit (lock held)."""
         if limit > self.limit:
             self.limit = limit
-            self._work.notify()
-            if limit > self._bound:
-                self._bound = limit
-                self._room.notify_all()
+            self._room.notify_all()
+            if self.buffer:
+                self._kick()
 
     def rescind(self) -> None:
         """Sends fail (EPIPE) from now on; what is buffered is dropped."""
@@ -360,7 +348,7 @@ class RelaySend:
     def _rescind(self) -> None:
         self._rescinded = True
         self._room.notify_all()
-        self._work.notify()
+        self._kick()
 
     @property
     def fin_sent(self) -> bool:
@@ -375,19 +363,18 @@ class RelayReceive:
     """The receive half of a relayed end, in place of a receive ring: the same calls, errors
     and EOF rules as a ``ring.Ring`` reader.
 
-    The inbound thread appends frames as they come (never blocking); the host sends no more
-    than the receive credit, which is what a ring of this end's geometry holds. Reads grant
-    more as they free a quarter of that (at most one packet's worth): a program that does not
-    read grants nothing, so the host stops, and the peer's ring fills — the ring's back-pressure.
+    The session stream's thread appends frames as they come (never blocking); the host sends
+    no more than the receive credit: what a ring of this end's geometry holds plus the relay
+    window (``capacity``). Reads grant more as they free a quarter of that: a program that does
+    not read grants nothing, so the host stops, and the peer's ring fills — the ring's
+    back-pressure.
     """
 
-    def __init__(
-        self, lock: threading.Lock, work: threading.Condition, capacity: int, max_payload: int
-    ) -> None:
+    def __init__(self, lock: threading.Lock, kick: Callable[[], None], capacity: int) -> None:
         self._data = threading.Condition(lock)  # data, EOF, or close
-        self._work = work
+        self._kick = kick
         self._capacity = capacity
-        self._step = max(min(capacity // 4, max_payload), 64)
+        self._step = max(capacity // 4, 64)
         self._frames: collections.deque[bytes] = collections.deque()
         self._offset = 0  # into the first frame
         self._size = 0  # bytes buffered
@@ -447,7 +434,7 @@ class RelayReceive:
             self._consumed += done
             if not self._rescinded and self._consumed + self._capacity - self.granted >= self._step:
                 self.granted = self._consumed + self._capacity
-                self._work.notify()
+                self._kick()
             return done
 
     def readable(self) -> int:
@@ -485,14 +472,12 @@ class RelayReceive:
         """EOF behind the buffered data (lock held)."""
         self.eof = True
         self._data.notify_all()
-        self._work.notify()
 
     def rescind(self) -> None:
         """Closed: blocked reads return (what is buffered, then 0); no more credit."""
         with self._data:
             self._rescinded = True
             self._data.notify_all()
-            self._work.notify()
 
     @property
     def done(self) -> bool:
@@ -509,145 +494,151 @@ class RelayReceive:
 
 
 class RelayPipe(_NeverStalled):
-    """A channel end relayed over ``ChannelData``.
+    """A channel end relayed over its session's SessionData stream (:class:`._relay.Link`).
 
     Credit flows both ways, so no thread ever waits on something queued behind what it waits
-    for: the host grants ``send_limit`` from its ring's free space (:class:`RelaySend` accepts
-    no more), this end grants ``receive_limit`` as the program reads (:class:`RelayReceive`).
-    Beside the program's own threads there are two (daemons):
-
-    * gRPC's request consumer pulls :meth:`_requests`: receive credit, data (up to 64 KiB per
-      frame, whatever the socket wrote meanwhile), then FIN; the request stream ends when the
-      socket is closed (after the FIN) and no more credit is needed;
-    * ``inbound`` reads the response stream and never blocks: credit updates take effect at
-      once, data is appended to the receive buffer (bounded by the receive credit).
+    for: the host grants the send limit from its peer ring's room plus the relay window
+    (:class:`RelaySend` accepts no more), this end grants receive credit as the program reads
+    (:class:`RelayReceive`). Every call below that says "lock held" runs under the session
+    link's one lock, which ``tx`` and ``rx`` share; the link's stream thread takes this end's
+    frames (:meth:`frames`) and hands it the host's (:meth:`on_frame`).
     """
 
     path = "relay"
 
     def __init__(
         self,
-        stub: hvsock_pb2_grpc.HostServiceStub,
-        session: str,
+        lock: threading.Lock,
+        kick: Callable[[RelayPipe], None],
         channel: hvsock_pb2.Channel,
+        end: int,
     ) -> None:
-        geometry = channel.geometry
-        lock = threading.Lock()
-        self._work = threading.Condition(lock)  # something for the request stream
-        send_capacity, send_payload = _ring_capacity(geometry.send_ring_pages, geometry.max_payload)
-        recv_capacity, recv_payload = _ring_capacity(geometry.recv_ring_pages, geometry.max_payload)
-        self.tx = RelaySend(lock, self._work, send_capacity, send_payload)
-        self.rx = RelayReceive(lock, self._work, recv_capacity, recv_payload)
+        self.channel_id = channel.channel_id
+        self.end = end  # 0: this end is the connector, 1: the acceptor
+        self.key = (self.channel_id, end)
+        self._lock = lock
+        self._over_cond = threading.Condition(lock)
+        send_payload = _ring_capacity(
+            channel.geometry.send_ring_pages, channel.geometry.max_payload
+        )[1]
+        self.tx = RelaySend(lock, lambda: kick(self), channel.relay_send_limit, send_payload)
+        self.rx = RelayReceive(lock, lambda: kick(self), channel.relay_receive_window)
         self._granted = 0  # receive credit sent to the host
-        self._fin_sent = False  # the FIN frame is out
-        self._closed = False
-        self._over = False  # the response stream ended
-        #: The host ended the stream with a status (the channel rescinded, or the host going
-        #: away); the attach stream says which: ChannelEnd.ended_by_reset waits to hear it.
+        self._fin_sent = False  # the FIN is out
+        self._closed = False  # the program closed the socket
+        self._close_sent = False  # ... and the close frame is out
+        self._over = False  # the host is done with this end (close_done or reset)
+        #: The host reset this end (a rescind, usually); the attach stream says why:
+        #: ChannelEnd.ended_by_reset waits to hear it.
         self.ended_by_host = False
-        #: Called (on the inbound thread) when the stream fails without word from the host.
+        #: Called (outside the lock) when the session's stream is lost without word from
+        #: the host.
         self.on_lost: Callable[[], None] = lambda: None
-        opening = hvsock_pb2.ChannelDataRequest(
-            open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel.channel_id)
-        )
-        # The stream is opened on the worker: opening one (its request-consumer thread
-        # included) costs about 0.3 ms that neither connect() nor the attach stream's
-        # reader thread, which builds this pipe, should wait for. Sends meanwhile wait in
-        # the send buffer, within the credit an empty ring holds.
-        _WORKERS.run(lambda: self._inbound(stub, opening), "hvsock-relay-in")
 
-    # -- socket -> host ----------------------------------------------------------------------
+    # -- socket -> host (lock held) ------------------------------------------------------------
 
-    def _requests(
-        self, opening: hvsock_pb2.ChannelDataRequest
-    ) -> Iterator[hvsock_pb2.ChannelDataRequest]:
-        """The request stream, pulled by gRPC's consumer thread one message at a time."""
-        yield opening
-        tx, rx, work = self.tx, self.rx, self._work
-        while True:
-            with work:
-                while True:
-                    if self._over:
-                        return
-                    if not rx.done and rx.granted > self._granted:
-                        self._granted = rx.granted
-                        request = hvsock_pb2.ChannelDataRequest(receive_limit=rx.granted)
-                        break
-                    if tx.is_rescinded:
-                        tx.buffer.clear()
-                    elif tx.buffer:
-                        if tx.limit > tx.sent:
-                            buffer = tx.buffer
-                            n = min(len(buffer), MAX_FRAME, tx.limit - tx.sent)
-                            with memoryview(buffer) as view:
-                                frame = bytes(view[:n])
-                            del buffer[:n]
-                            tx.sent += n
-                            request = hvsock_pb2.ChannelDataRequest(data=frame)
-                            break
-                    elif tx.fin_sent and not self._fin_sent:
-                        self._fin_sent = True
-                        request = hvsock_pb2.ChannelDataRequest(fin=True)
-                        break
-                    # Ending the request stream means close() to the host: a half-closed
-                    # socket keeps it open until the program closes the socket. Nor does it
-                    # end while the host may still need receive credit to send what it holds.
-                    sending_done = tx.is_rescinded or (self._fin_sent and self._closed)
-                    if sending_done and rx.done:
-                        return
-                    work.wait()
-            yield request
+    def frames(self, frames: Any, budget: int) -> int:
+        """Add this end's pending frames to ``frames`` (a repeated RelayFrame), at most
+        ``budget`` data bytes; returns the data bytes added."""
+        if self._over:
+            return 0
+        tx, rx = self.tx, self.rx
+        frame = None
+        if not rx.done and rx.granted > self._granted:
+            self._granted = rx.granted
+            frame = frames.add(channel_id=self.channel_id, end=self.end, credit=rx.granted)
+        if self._close_sent:
+            return 0
+        taken = 0
+        if tx.is_rescinded:
+            tx.buffer.clear()
+        elif tx.buffer and budget > 0:
+            buffer = tx.buffer
+            n = min(len(buffer), MAX_FRAME_DATA, tx.limit - tx.sent, budget)
+            if n > 0:
+                with memoryview(buffer) as view:
+                    chunk = bytes(view[:n])
+                del buffer[:n]
+                tx.sent += n
+                taken = n
+                if frame is None:
+                    frame = frames.add(channel_id=self.channel_id, end=self.end)
+                frame.data = chunk
+        if tx.buffer and not tx.is_rescinded:
+            return taken  # FIN and close go behind the rest
+        if self._closed and not tx.is_rescinded:
+            # close() implies the FIN (one frame says both).
+            self._close_sent = self._fin_sent = True
+            if frame is None:
+                frame = frames.add(channel_id=self.channel_id, end=self.end)
+            frame.close = True
+        elif tx.fin_sent and not self._fin_sent and not tx.is_rescinded:
+            self._fin_sent = True
+            if frame is None:
+                frame = frames.add(channel_id=self.channel_id, end=self.end)
+            frame.fin = True
+        return taken
 
-    # -- host -> socket ----------------------------------------------------------------------
+    def pending(self) -> bool:
+        """Whether :meth:`frames` has something to send (lock held)."""
+        if self._over or self._close_sent:
+            return False
+        tx, rx = self.tx, self.rx
+        if not rx.done and rx.granted > self._granted:
+            return True
+        if tx.is_rescinded:
+            return False
+        if tx.buffer:
+            return tx.limit > tx.sent
+        return self._closed or (tx.fin_sent and not self._fin_sent)
 
-    def _inbound(
-        self, stub: hvsock_pb2_grpc.HostServiceStub, opening: hvsock_pb2.ChannelDataRequest
-    ) -> None:
-        tx, rx, work = self.tx, self.rx, self._work
-        try:
-            for frame in stub.ChannelData(self._requests(opening)):
-                with work:
-                    if frame.send_limit:
-                        tx.grant(frame.send_limit)
-                    if frame.data:
-                        rx.deliver(frame.data)
-                    if frame.fin:
-                        rx.end()
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                log.debug("relay stream ended: %s", exc)
-            # The host ends streams it tears down with a status carrying an errno detail; one
-            # without is the transport failing (the host went away): a reset, not an EOF.
-            # Say so before the EOF becomes visible, so no reader takes it for a clean end.
-            if rpc_status.from_call(exc) is None:
-                self.on_lost()
-            else:
-                self.ended_by_host = True
-                if exc.code() == grpc.StatusCode.DATA_LOSS:
-                    reported = errors.from_rpc_error(exc)
-                    with work:
-                        rx.fail(
-                            RingCorruptError.reported(
-                                reported.errno or errno.EPROTO, reported.strerror or "corrupt ring"
-                            )
-                        )
-        except ValueError:  # the partition closed its gRPC channel before the stream opened
-            self.on_lost()
-        # The stream is over (channel closed, rescinded, or the host went away): what is
-        # buffered stays readable, then EOF; sends fail.
-        with work:
+    # -- host -> socket (lock held) ------------------------------------------------------------
+
+    def on_frame(self, frame: hvsock_pb2.RelayFrame) -> None:
+        tx, rx = self.tx, self.rx
+        if frame.credit:
+            tx.grant(frame.credit)
+        if frame.data:
+            rx.deliver(frame.data)
+        if frame.fin:
             rx.end()
-            tx._rescind()
-            self._over = True
-            work.notify()
+        if frame.close_done:
+            self._finish()
+        elif frame.HasField("reset"):
+            self.ended_by_host = True
+            if frame.reset.code == _DATA_LOSS:
+                rx.fail(
+                    RingCorruptError.reported(
+                        frame.reset.errno.errno or errno.EPROTO,
+                        frame.reset.message or "corrupt ring",
+                    )
+                )
+            self._finish()
+
+    def _finish(self) -> None:
+        """The host is done with this end: what is buffered stays readable, then EOF; sends
+        fail (lock held)."""
+        self.rx.end()
+        self.tx._rescind()
+        self._over = True
+        self._over_cond.notify_all()
+
+    def lost(self) -> None:
+        """The session's stream broke without word from the host (lock held)."""
+        if not self._over:
+            self._finish()
+
+    @property
+    def over(self) -> bool:
+        return self._over
 
     # -- lifetime ----------------------------------------------------------------------------
 
     def wait_over(self, timeout: float) -> bool:
-        """Wait until the host ended the data stream (after a close: it has written everything
-        and closed this end); False on timeout."""
-        with self._work:
-            return self._work.wait_for(lambda: self._over, timeout)
+        """Wait until the host is done with this end (after a close: it has written everything
+        and closed it); False on timeout."""
+        with self._over_cond:
+            return self._over_cond.wait_for(lambda: self._over, timeout)
 
     def rescind(self) -> None:
         """Sends fail from now on. The receive side is left to the stream: data the host
@@ -655,11 +646,13 @@ class RelayPipe(_NeverStalled):
         self.tx.rescind()
 
     def close(self) -> None:
-        """Stop reading; what was written (and the FIN) still drains to the host.
-
-        The request stream ends after the FIN, and the host closes this end once all of it is
-        in the ring, then ends the response stream, which ends the inbound thread.
-        """
-        with self._work:
-            self._closed = True
+        """Stop reading; what was written (and the FIN) still drains to the host, then the
+        close frame, which the host answers with close_done."""
         self.rx.rescind()
+        with self._lock:
+            self._closed = True
+            self.tx._kick()
+
+
+#: google.rpc.Code DATA_LOSS: the host found the ring this end reads corrupt.
+_DATA_LOSS = 15

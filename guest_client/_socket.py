@@ -9,6 +9,7 @@ selectors and asyncio can wait on it, but reading or writing that fd directly mo
 from __future__ import annotations
 
 import errno
+import os
 import socket as _socket
 import threading
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,12 @@ HV_PROTOCOL_RAW = 1
 HVSOCKET_CONNECT_TIMEOUT = 1
 HVSOCKET_CONNECT_TIMEOUT_MAX = 300000
 HVSOCKET_CONNECTED_SUSPEND = 4
+#: The emulator's own option (level HV_PROTOCOL_RAW), before connect/listen: the relay window
+#: of this socket's sends in bytes (0: strict, a ring's back-pressure byte for byte; -1: the
+#: host's default). Only matters on the gRPC relay; see Connect.relay_window in the API.
+HVSOCKET_RELAY_WINDOW = 0x4856_0001
+#: The largest relay window (the host refuses more).
+HVSOCKET_RELAY_WINDOW_MAX = 16 * 1024 * 1024
 HVSOCKET_ADDRESS_FLAG_PASSTHRU = 1
 VMADDR_CID_ANY = addresses.VMADDR_CID_ANY
 VMADDR_CID_HOST = addresses.VMADDR_CID_HOST
@@ -59,6 +66,17 @@ def _parse_address(family: int, address: object) -> addresses.Address:
         return addresses.Address.parse(first, second)
     except HvError as err:
         raise ValueError(str(err)) from None
+
+
+def _default_relay_window() -> int | None:
+    """HVSOCK_RELAY_WINDOW for this program's sockets (None: the host's default)."""
+    text = os.environ.get("HVSOCK_RELAY_WINDOW", "").strip()
+    if not text:
+        return None
+    value = int(text)
+    if not 0 <= value <= HVSOCKET_RELAY_WINDOW_MAX:
+        raise ValueError(f"HVSOCK_RELAY_WINDOW must be in [0, {HVSOCKET_RELAY_WINDOW_MAX}]")
+    return value
 
 
 def _family_name(family: int) -> str:
@@ -102,6 +120,7 @@ class HvSocket:
         self._connect_timeout_ms = 0
         self._send_pages = 0
         self._recv_pages = 0
+        self._relay_window = _default_relay_window()
         self._shut_rd = False
         self._shut_wr = False
         self._pending_connect: Any = None
@@ -200,10 +219,12 @@ class HvSocket:
                 ),
                 backlog=backlog,
                 auto_accept=backlog,
+                relay_window=self._relay_window,
             ),
             backlog,
         )
         self._listener = answer[1]
+        self._listener.relay_window = self._relay_window
         bound = answer[0].listening.address
         self._local = addresses.Address(bound.vm_id, bound.service_id)
         self._state = _LISTENING
@@ -260,6 +281,7 @@ class HvSocket:
             send_ring_pages=self._send_pages,
             recv_ring_pages=self._recv_pages,
             force_relay=not self.partition.shm,
+            relay_window=self._relay_window,
         )
         self._connect_error = None
         self._pending_connect = self.partition.send_request(
@@ -272,7 +294,7 @@ class HvSocket:
         """Reader thread: the connect finished (opened or failed)."""
         if answer.WhichOneof("kind") == "opened":
             try:
-                end = self.partition.open_end(answer.opened)
+                end = self.partition.open_end(answer.opened, 0)
             except OSError as exc:
                 self._connect_error = exc
                 return
@@ -463,6 +485,15 @@ class HvSocket:
                 self._send_pages = pages
             else:
                 self._recv_pages = pages
+        elif level == HV_PROTOCOL_RAW and option == HVSOCKET_RELAY_WINDOW:
+            if not -1 <= number <= HVSOCKET_RELAY_WINDOW_MAX:
+                raise OSError(
+                    errno.EINVAL,
+                    f"HVSOCKET_RELAY_WINDOW is -1 (default) to {HVSOCKET_RELAY_WINDOW_MAX}",
+                )
+            if self._state in (_CONNECTED, _CONNECTING, _LISTENING):
+                return  # fixed once the channel (or listener) exists, like the rings
+            self._relay_window = None if number < 0 else number
         elif level == _socket.SOL_SOCKET and option in (_socket.SO_REUSEADDR, _socket.SO_KEEPALIVE):
             return  # accepted and meaningless for hv_sock, as on Linux vsock
         else:
@@ -472,6 +503,10 @@ class HvSocket:
         self._check_open()
         if level == HV_PROTOCOL_RAW and option == HVSOCKET_CONNECT_TIMEOUT:
             return self._connect_timeout_ms or int(self.partition.limits.connect_timeout_ms)
+        if level == HV_PROTOCOL_RAW and option == HVSOCKET_RELAY_WINDOW:
+            if self._end is not None and self._end.pipe.path == "relay":
+                return int(self._end.channel.relay_window)
+            return -1 if self._relay_window is None else self._relay_window
         if level == _socket.SOL_SOCKET and option in (_socket.SO_SNDBUF, _socket.SO_RCVBUF):
             geometry = self._end.channel.geometry if self._end is not None else None
             if option == _socket.SO_SNDBUF:

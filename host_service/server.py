@@ -109,6 +109,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
         store=store,
         shm_socket=None if args.shm_socket == "off" else args.shm_socket or default_address(),
         max_queued_responses=args.max_queued_responses,
+        relay_window=args.relay_window,
     )
 
 

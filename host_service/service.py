@@ -51,6 +51,8 @@ from .core.events import (
 )
 from .core.host import HostCore
 from .core.partitions import hash_token
+from .core.relay import DEFAULT_RELAY_WINDOW, MAX_RELAY_WINDOW
+from .core.sessionbook import OpenPlan, SessionBook
 from .core.types import (
     ChannelInfo,
     PartitionInfo,
@@ -62,6 +64,7 @@ from .core.types import (
 )
 from .dataplane import DataPlane, EndPath
 from .handover import NONCE_SIZE, DescriptorServer
+from .sessiondata import RingRelay, SessionData
 from .status import abort, errno_detail, error_message, in_stream_error, rich_status
 from .store import PartitionRecord, ServiceRecord, StateStore
 from .wire import MalformedRequest
@@ -73,8 +76,6 @@ T = TypeVar("T")
 #: Responses queued for one attach stream before the host gives up on a client that does not
 #: read them (it is detached, as a VM whose VMBus stopped answering would be).
 MAX_QUEUED_RESPONSES = 65536
-#: Most auto-accept credit a listener may hold (the kernel's somaxconn-like bound).
-MAX_ACCEPT_CREDIT = 65535
 #: Events queued for one WatchEvents stream before the host cuts off a watcher that does not
 #: keep up (RESOURCE_EXHAUSTED): a watcher that stopped reading must not grow host memory.
 MAX_WATCH_BACKLOG = 10_000
@@ -129,6 +130,8 @@ class Attachment:
 
     session: Session
     secret: str
+    #: The session's relayed channel ends and its SessionData stream.
+    data: SessionData
     responses: asyncio.Queue[hvsock_pb2.AttachResponse | None] = field(
         default_factory=asyncio.Queue
     )
@@ -141,17 +144,8 @@ class Attachment:
     shm_conn: socket.socket | None = None
     #: The nonce in the probe sent on shm_conn.
     shm_nonce: bytes = b""
-    #: channel id -> (request id, force relay) of Connect requests still waiting for an answer.
-    pending_connects: dict[int, tuple[int, bool]] = field(default_factory=dict)
-    #: channel id -> (request id, force relay) of Accept requests being answered.
-    pending_accepts: dict[int, tuple[int, bool]] = field(default_factory=dict)
-    #: Channels this session closed (never ones it holds both ends of): it needs no more
-    #: notices on them.
-    closed: set[int] = field(default_factory=set)
-    #: listener id -> connections the host may still open on its behalf (Listen.auto_accept).
-    accept_credit: dict[int, int] = field(default_factory=dict)
-    #: channel id -> listener id of openings the host accepted on this partition's behalf.
-    auto_accepted: dict[int, int] = field(default_factory=dict)
+    #: Answers owed (connects, accepts), auto-accept credit, channels closed: pure state.
+    book: SessionBook = field(default_factory=SessionBook)
     ended: str | None = None
     #: Most answers queued for a client that does not read them.
     max_queued: int = MAX_QUEUED_RESPONSES
@@ -176,6 +170,7 @@ class Attachment:
         if self.ended is None:
             self.ended = reason
             self.responses.put_nowait(None)
+            self.data.end(reason)
 
 
 @dataclass(eq=False)
@@ -209,8 +204,11 @@ class Host:
         shm_socket: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_queued_responses: int = MAX_QUEUED_RESPONSES,
+        relay_window: int = DEFAULT_RELAY_WINDOW,
     ) -> None:
         self.core = core
+        #: The relay window of ends whose Connect/Accept/Listen does not ask for one.
+        self.relay_window = relay_window
         self.max_queued_responses = max_queued_responses
         self.dataplane = dataplane
         dataplane.on_unmapped = self._reset_unmapped
@@ -366,13 +364,15 @@ class Host:
     def _dispatch_one(self, event: Event) -> None:
         if isinstance(event, ConnectionOffered):
             attachment = self._to(event)
-            if attachment is not None and attachment.accept_credit.get(event.listener_id, 0):
+            if (
+                attachment is not None
+                and attachment.book.take_credit(event.listener_id, event.channel_id) is not None
+            ):
                 # Accept on the listener's behalf, saving the Offer/Accept round trip. Not
                 # within this dispatch: the connector's request is still being handled and
                 # must record what it waits for first.
-                attachment.accept_credit[event.listener_id] -= 1
                 asyncio.get_running_loop().call_soon(
-                    self._auto_accept, attachment, event.channel_id, event.listener_id
+                    self._auto_accept, attachment, event.channel_id
                 )
             elif attachment is not None:
                 channel = hvsock_pb2.Channel(
@@ -396,10 +396,12 @@ class Host:
             metrics.CONNECTS.labels(outcome).inc()
             if attachment is None:
                 return
-            pending = attachment.pending_connects.pop(event.channel_id, None)
+            pending = attachment.book.failed(event.channel_id)
             error = in_stream_error(event.status, event.reason, event.errno)
             if pending is not None:
-                attachment.send(hvsock_pb2.AttachResponse(request_id=pending[0], error=error))
+                attachment.send(
+                    hvsock_pb2.AttachResponse(request_id=pending.request_id, error=error)
+                )
             else:
                 attachment.send(
                     hvsock_pb2.AttachResponse(
@@ -416,7 +418,7 @@ class Host:
             if (
                 attachment is not None
                 and attachment.peer_fin_notices
-                and event.channel_id not in attachment.closed
+                and event.channel_id not in attachment.book.closed
             ):
                 attachment.send(
                     hvsock_pb2.AttachResponse(
@@ -429,8 +431,8 @@ class Host:
         elif isinstance(event, ChannelRescinded):
             self.dataplane.rescind(event.channel_id, event.reason)
             attachment = self._to(event)
-            if attachment is not None and event.channel_id not in attachment.closed:
-                attachment.pending_accepts.pop(event.channel_id, None)
+            if attachment is not None and event.channel_id not in attachment.book.closed:
+                attachment.book.accepts.pop(event.channel_id, None)
                 attachment.send(
                     hvsock_pb2.AttachResponse(
                         notice=hvsock_pb2.ChannelNotice(
@@ -454,8 +456,7 @@ class Host:
             ):
                 attachment = self._session(vm_id, session_id)
                 if attachment is not None:
-                    attachment.pending_connects.pop(event.channel_id, None)
-                    attachment.closed.discard(event.channel_id)
+                    attachment.book.forget(event.channel_id)
         elif isinstance(event, ChannelStateChanged):
             if event.old is not None:
                 metrics.CHANNELS.labels(event.old.value).dec()
@@ -505,24 +506,21 @@ class Host:
         attachment = self._to(event)
         if attachment is None:
             return
-        pending = (
-            attachment.pending_connects.pop(event.channel_id, None)
-            if event.side is Side.CONNECTOR
-            else attachment.pending_accepts.pop(event.channel_id, None)
-        )
-        listener_id = (
-            attachment.auto_accepted.pop(event.channel_id, 0) if event.side is Side.ACCEPTOR else 0
-        )
+        plan = attachment.book.opened(event.channel_id, connector=event.side is Side.CONNECTOR)
+        if plan is None:
+            plan = OpenPlan()
         if event.side is Side.CONNECTOR:
             metrics.CONNECTS.labels("opened").inc()
-        force_relay = pending[1] if pending is not None else False
         path = (
-            EndPath.SHARED_MEMORY if attachment.shm_capable and not force_relay else EndPath.RELAY
+            EndPath.SHARED_MEMORY
+            if attachment.shm_capable and not plan.force_relay
+            else EndPath.RELAY
         )
+        window = self.relay_window if plan.relay_window is None else plan.relay_window
         # Geometry in the event is this end's view; the data plane keeps the connector's view.
         connector_view = event.ring if event.side is Side.CONNECTOR else event.ring.swapped
         conn, handover = attachment.shm_conn, self.handover
-        path, segment = self.dataplane.open_end(
+        path, segment, send_limit = self.dataplane.open_end(
             event.channel_id,
             event.side,
             path,
@@ -534,6 +532,8 @@ class Host:
                 if conn is not None and handover is not None
                 else None
             ),
+            relays=attachment.data,
+            window=window,
         )
         self.core.set_data_path(event.channel_id, event.side, path.value)
         ends = self._ring_ends.setdefault(event.channel_id, _RingEnds(connector_view))
@@ -544,30 +544,29 @@ class Host:
             remote=_address(event.remote),
             data_path=_DATA_PATH_TO_PB[path],
             geometry=_geometry(event.ring, self.dataplane.max_payload),
-            listener_id=listener_id,
+            listener_id=plan.listener_id,
         )
-        if segment is not None:
+        if isinstance(segment, RingRelay):
+            channel.relay_send_limit = send_limit
+            channel.relay_window = window
+            # What this end's (empty) receive ring holds, plus the window.
+            channel.relay_receive_window = segment.end.rx.writable() + window
+        elif segment is not None:
             channel.shared_memory.CopyFrom(segment)
-        attachment.send(
-            hvsock_pb2.AttachResponse(
-                request_id=pending[0] if pending is not None else 0, opened=channel
-            )
-        )
+        attachment.send(hvsock_pb2.AttachResponse(request_id=plan.request_id, opened=channel))
 
-    def _auto_accept(self, attachment: Attachment, channel_id: int, listener_id: int) -> None:
+    def _auto_accept(self, attachment: Attachment, channel_id: int) -> None:
         if (
             attachment.ended is not None
             or self.attachments.get(attachment.session.session_id) is not attachment
         ):
+            attachment.book.accepts.pop(channel_id, None)
             return
-        attachment.auto_accepted[channel_id] = listener_id
         try:
             self.call(self.core.accept, attachment.session, channel_id)
         except errors.HvError:
             # The connect ended meanwhile (timeout, rescind, listener gone): credit unused.
-            attachment.auto_accepted.pop(channel_id, None)
-            if listener_id in attachment.accept_credit:
-                attachment.accept_credit[listener_id] += 1
+            attachment.book.return_credit(channel_id)
 
     # -- watchers --------------------------------------------------------------------------
 
@@ -592,9 +591,27 @@ class Host:
     # -- attachments -----------------------------------------------------------------------
 
     def register(self, session: Session) -> Attachment:
+        def tell_core(method: Callable[..., list[Event]]) -> Callable[[int, Side], None]:
+            def call(channel_id: int, side: Side) -> None:
+                # The channel may be gone already (rescinded meanwhile): nothing to record.
+                with contextlib.suppress(errors.HvError):
+                    self.call(method, session, channel_id, side=side)
+
+            return call
+
+        def abandon(channel_id: int, reason: str) -> None:
+            with contextlib.suppress(errors.HvError):  # gone already: nothing to tear down
+                self.call(self.core.rescind, channel_id, reason=reason)
+
         attachment = Attachment(
             session=session,
             secret=secrets.token_urlsafe(24),
+            data=SessionData(
+                session.session_id,
+                on_fin=tell_core(self.core.shutdown),
+                on_close=tell_core(self.core.close),
+                on_abort=abandon,
+            ),
             max_queued=self.max_queued_responses,
             on_overflow=self._overflowed,
         )
@@ -933,10 +950,11 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                 request.listen.address.service_id,
                 backlog=request.listen.backlog or None,
             )
-            if request.listen.auto_accept:
-                attachment.accept_credit[listener.listener_id] = min(
-                    request.listen.auto_accept, MAX_ACCEPT_CREDIT
-                )
+            attachment.book.listen(
+                listener.listener_id,
+                request.listen.auto_accept,
+                _relay_window(request.listen),
+            )
             return hvsock_pb2.AttachResponse(
                 listening=hvsock_pb2.Listening(
                     listener_id=listener.listener_id, address=_address(listener.local)
@@ -944,18 +962,11 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             )
         if kind == "unlisten":
             host.call(core.unlisten, session, request.unlisten.listener_id)
-            attachment.accept_credit.pop(request.unlisten.listener_id, None)
+            attachment.book.unlisten(request.unlisten.listener_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "accept_credit":
             credit = request.accept_credit
-            if credit.listener_id not in attachment.accept_credit:
-                raise errors.NotFound(
-                    f"no auto-accepting listener {credit.listener_id} in session "
-                    f"{session.session_id} of partition {session.vm_id}"
-                )
-            attachment.accept_credit[credit.listener_id] = min(
-                attachment.accept_credit[credit.listener_id] + credit.count, MAX_ACCEPT_CREDIT
-            )
+            attachment.book.add_credit(credit.listener_id, credit.count)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "connect":
             connect = request.connect
@@ -967,14 +978,14 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             return None
         if kind == "accept":
             channel_id = request.accept.channel_id
-            attachment.pending_accepts[channel_id] = (
-                request.request_id,
-                request.accept.force_relay,
+            plan = OpenPlan(
+                request.request_id, request.accept.force_relay, _relay_window(request.accept)
             )
+            attachment.book.expect(channel_id, plan, connecting=False)
             try:
                 host.call(core.accept, session, channel_id)
             finally:
-                attachment.pending_accepts.pop(channel_id, None)
+                attachment.book.accepts.pop(channel_id, None)
             return None
         if kind == "shutdown":
             host.call(core.shutdown, session, request.shutdown.channel_id)
@@ -992,7 +1003,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                     info.connector.vm_id,
                     info.connector.session_id,
                 ):
-                    attachment.closed.add(channel_id)
+                    attachment.book.closed.add(channel_id)
                 host.call(core.close, session, channel_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "prove_shared_memory":
@@ -1019,6 +1030,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         """
         connect = request.connect
         host, core = self.host, self.host.core
+        plan = OpenPlan(request.request_id, connect.force_relay, _relay_window(connect))
         channel_id, events = host.call(
             core.connect,
             attachment.session,
@@ -1033,72 +1045,44 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             isinstance(e, ConnectFailed | ChannelRemoved) and e.channel_id == channel_id
             for e in events
         ):
-            attachment.pending_connects[channel_id] = (request.request_id, connect.force_relay)
+            attachment.book.expect(channel_id, plan, connecting=True)
 
-    async def ChannelData(
+    async def SessionData(
         self,
-        request_iterator: AsyncIterator[hvsock_pb2.ChannelDataRequest],
+        request_iterator: AsyncIterator[hvsock_pb2.SessionDataRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[hvsock_pb2.ChannelDataResponse]:
+    ) -> AsyncIterator[hvsock_pb2.SessionDataResponse]:
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
-        if first.WhichOneof("kind") != "open":
-            await abort(context, errors.InvalidArgument("the first frame must be open"))
-        attachment = self.host.by_secret(first.open.session)
-        if attachment is None:
+        attachment = self.host.by_secret(first.session) if first.session else None
+        if attachment is None or attachment.ended is not None:
             await abort(context, errors.Unauthenticated("unknown or ended session"))
-        channel_id, session = first.open.channel_id, attachment.session
+        data = attachment.data
         try:
-            relay = self.host.dataplane.claim_relay(channel_id, session)
+            data.open_stream()
         except errors.HvError as err:
             await abort(context, err)
-        host = self.host
+        try:
+            # Closed explicitly however this stream ends, so the ends are torn down now.
+            async with contextlib.aclosing(data.serve(first, request_iterator)) as responses:
+                async for response in responses:
+                    yield response
+        except errors.HvError as err:  # a malformed request, or a rule of the stream
+            await abort(context, err)
+        if data.ended is not None:
+            await abort(context, errors.ConnectionReset(f"the session ended: {data.ended}"))
 
-        def tell_core(method: Callable[..., list[Event]]) -> Callable[[], None]:
-            def call() -> None:
-                # The channel may be gone already (rescinded meanwhile): nothing to record.
-                with contextlib.suppress(errors.HvError):
-                    host.call(method, session, channel_id, side=relay.side)
 
-            return call
-
-        def abandon(reason: str) -> None:
-            with contextlib.suppress(errors.HvError):  # gone already: nothing to tear down
-                host.call(host.core.rescind, channel_id, reason=reason)
-
-        relay.on_fin = tell_core(host.core.shutdown)
-        relay.on_close = tell_core(host.core.close)
-        relay.on_abort = abandon
-        # Closed explicitly however this stream ends, so the relay is reclaimed now.
-        async with contextlib.aclosing(relay.run(request_iterator, context)) as frames:
-            async for response in frames:
-                yield response
-        if relay.error is not None:
-            # A protocol violation closes the channel for both ends, as the core's machine
-            # does for a bad request (both ends get a rescind notice).
-            with contextlib.suppress(errors.HvError):
-                self.host.call(
-                    self.host.core.rescind, channel_id, reason=f"protocol error: {relay.error}"
-                )
-            await abort(context, errors.InvalidArgument(relay.error))
-        if relay.corrupt is not None:  # the relay rescinded the channel (on_abort)
-            await context.abort_with_status(
-                rich_status(
-                    grpc.StatusCode.DATA_LOSS,
-                    f"channel {channel_id}: {relay.corrupt.strerror}",
-                    relay.corrupt.errno,
-                )
-            )
-        if relay.reset is not None:
-            await context.abort_with_status(
-                rich_status(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"channel {channel_id} was rescinded: {relay.reset}",
-                    errno.ECONNRESET,
-                )
-            )
+def _relay_window(request: Any) -> int | None:
+    """A Connect/Accept/Listen's relay window (None: the host's default); EINVAL if too big."""
+    if not request.HasField("relay_window"):
+        return None
+    window = int(request.relay_window)
+    if window > MAX_RELAY_WINDOW:
+        raise errors.InvalidArgument(f"relay_window is at most {MAX_RELAY_WINDOW}")
+    return window
 
 
 def limits_pb(core: HostCore) -> hvsock_pb2.Limits:

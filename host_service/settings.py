@@ -10,6 +10,8 @@ from typing import Any
 
 from hvsock_common.conventions import DEFAULT_TARGET, default_host_token_file
 
+from .core.relay import DEFAULT_RELAY_WINDOW, MAX_RELAY_WINDOW
+
 
 def _env_name(flag: str) -> str:
     return "HVSOCK_" + flag.lstrip("-").replace("-", "_").upper()
@@ -28,6 +30,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _relay_window(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_RELAY_WINDOW:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_RELAY_WINDOW}], not {value}")
     return value
 
 
@@ -164,6 +173,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=8000,
         metavar="MS",
         help="how long a closing channel waits for the peer before the host rescinds it",
+    )
+    p.option(
+        "--relay-window",
+        type=_relay_window,
+        default=DEFAULT_RELAY_WINDOW,
+        metavar="BYTES",
+        help="bytes a relayed end may send beyond the room in its peer's ring, which the host "
+        "holds meanwhile (a Connect/Accept may ask for another); 0: strict, the ring's "
+        "back-pressure byte for byte",
     )
     p.option(
         "--max-queued-responses",

@@ -27,6 +27,7 @@ STATUS_CODES: dict[str, grpc.StatusCode] = {
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
     "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "DATA_LOSS": grpc.StatusCode.DATA_LOSS,
 }
 
 

@@ -41,6 +41,7 @@ STATUS_NAMES: frozenset[str] = frozenset(
         "FAILED_PRECONDITION",
         "DEADLINE_EXCEEDED",
         "UNAVAILABLE",
+        "DATA_LOSS",
     }
 )
 

@@ -39,6 +39,7 @@ Tree::
     +-- ConnectionRefused                  ECONNREFUSED  UNAVAILABLE
     +-- ConnectTimedOut                    ETIMEDOUT     DEADLINE_EXCEEDED
     +-- ConnectionReset                    ECONNRESET    UNAVAILABLE
+    +-- RingCorrupt                        EPROTO        DATA_LOSS
 
 ``ConnectionRefused``, ``ConnectTimedOut`` and ``ConnectionReset`` also describe asynchronous
 connect failures: the ``ConnectFailed`` event carries their ``errno``/``status`` and message.
@@ -80,6 +81,7 @@ __all__ = [
     "PartitionNotRunning",
     "PermissionDenied",
     "ProtocolError",
+    "RingCorrupt",
     "ServiceNotRegistered",
     "TooManyPartitions",
     "TooManySessions",
@@ -218,3 +220,11 @@ class ConnectionReset(HvError):
 
     errno = _errno.ECONNRESET
     status = "UNAVAILABLE"
+
+
+class RingCorrupt(HvError):
+    """A ring's contents are impossible (someone mapping the memory wrote them): the channel is
+    rescinded, and a relayed end reading that ring is told this after the data before it."""
+
+    errno = _errno.EPROTO
+    status = "DATA_LOSS"

@@ -131,12 +131,20 @@ class InProcessHost:
 
 
 @contextlib.asynccontextmanager
-async def in_process_host(**config: Any) -> AsyncIterator[InProcessHost]:
-    """A host with ``HostConfig(**config)`` serving on 127.0.0.1 (port chosen by the kernel)."""
+async def in_process_host(
+    relay_window: int | None = None, **config: Any
+) -> AsyncIterator[InProcessHost]:
+    """A host with ``HostConfig(**config)`` serving on 127.0.0.1 (port chosen by the kernel),
+    with the default relay window unless ``relay_window`` says another."""
     clock = FakeClock()
     settings = HostConfig(**config)
     core = new_core(settings, TOKEN, now=clock())
-    host = Host(core, dataplane=DataPlane(map_timeout=settings.connect_timeout), clock=clock)
+    host = Host(
+        core,
+        dataplane=DataPlane(map_timeout=settings.connect_timeout),
+        clock=clock,
+        **({} if relay_window is None else {"relay_window": relay_window}),
+    )
     server, _health = build_server(host, TOKEN)
     port = server.add_insecure_port("127.0.0.1:0")
     host.start()

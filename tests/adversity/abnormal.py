@@ -25,7 +25,7 @@ from hvsock_common.addresses import PARENT, WILDCARD
 from ..integration.hostproc import HostProcess
 
 ATTACH = "/hvsock.v1.HostService/Attach"
-CHANNEL_DATA = "/hvsock.v1.HostService/ChannelData"
+SESSION_DATA = "/hvsock.v1.HostService/SessionData"
 WATCH_EVENTS = "/hvsock.v1.AdminService/WatchEvents"
 
 #: Bytes that do not parse as any request message (the patterns of the issue's findings).
@@ -268,49 +268,64 @@ def attach_ends(target: Target, state: str, how: str, malformed: bytes) -> grpc.
             other.stream.cancel()
 
 
-def channel_data_ends(
+def session_stream(target: Target, attached: Attached, timeout: float | None = None) -> RawStream:
+    """A SessionData stream of ``attached``'s session, proven running: a frame for a channel
+    nobody has is answered with a NOT_FOUND reset."""
+    stream = RawStream(
+        target.channel, SESSION_DATA, hvsock_pb2.SessionDataResponse.FromString, timeout
+    )
+    stream.send(
+        hvsock_pb2.SessionDataRequest(
+            session=attached.session,
+            frames=[hvsock_pb2.RelayFrame(channel_id=UNKNOWN_CHANNEL, credit=1)],
+        ).SerializeToString()
+    )
+    (answer,) = stream.next().frames
+    assert answer.channel_id == UNKNOWN_CHANNEL and answer.reset.code == 5, answer  # NOT_FOUND
+    return stream
+
+
+#: A channel id no test opens.
+UNKNOWN_CHANNEL = 2**63 - 5
+
+
+def frames(*frames: hvsock_pb2.RelayFrame) -> bytes:
+    return hvsock_pb2.SessionDataRequest(frames=frames).SerializeToString()
+
+
+def wait_reset(stream: RawStream, channel_id: int) -> hvsock_pb2.Error:
+    """Read ``stream`` until the reset of ``channel_id``; that reset."""
+    while True:
+        for frame in stream.next().frames:
+            if frame.channel_id == channel_id and frame.HasField("reset"):
+                return frame.reset
+
+
+def session_data_ends(
     target: Target, how: str, malformed: bytes, *, backlog: bool = False
 ) -> grpc.StatusCode:
-    """Open a relayed channel, its ChannelData stream, end that stream ``how``. With
-    ``backlog`` the peer first sends more frames than the host keeps in flight, unread."""
+    """Open a relayed channel, the guest session's SessionData stream, end that stream ``how``.
+    With ``backlog`` the peer first sends frames the guest's end takes (the host's reader of
+    that end is running), and must then see the channel reset when the guest's stream ends."""
     timeout = DEADLINE if how == "deadline" else None
     guest, root, channel_id = open_relayed(target)
     peer: RawStream | None = None
     try:
-        stream = RawStream(
-            target.channel, CHANNEL_DATA, hvsock_pb2.ChannelDataResponse.FromString, timeout
-        )
-        stream.send(
-            hvsock_pb2.ChannelDataRequest(
-                open=hvsock_pb2.ChannelDataOpen(session=guest.session, channel_id=channel_id)
-            ).SerializeToString()
-        )
-        assert stream.next().send_limit > 0
+        stream = session_stream(target, guest, timeout)
+        stream.send(frames(hvsock_pb2.RelayFrame(channel_id=channel_id, end=0, credit=1 << 20)))
         if backlog:
-            # The peer never half-closes its stream: the host must end it when the channel
-            # goes (a bounded deadline, so a host that does not fails this, not hangs).
-            peer = RawStream(
-                target.channel,
-                CHANNEL_DATA,
-                hvsock_pb2.ChannelDataResponse.FromString,
-                timeout=PEER_DEADLINE,
-            )
+            peer = session_stream(target, root, PEER_DEADLINE)
             peer.send(
-                hvsock_pb2.ChannelDataRequest(
-                    open=hvsock_pb2.ChannelDataOpen(session=root.session, channel_id=channel_id)
-                ).SerializeToString()
+                frames(*[hvsock_pb2.RelayFrame(channel_id=channel_id, end=1, data=b"x" * 100)] * 8)
             )
-            limit = peer.next().send_limit
-            for _ in range(8):  # small frames: the host sends each on its own
-                peer.send(hvsock_pb2.ChannelDataRequest(data=b"x" * 100).SerializeToString())
-            assert limit >= 800
             # The guest's stream sees the first of them: the host's reader is running.
-            assert stream.next().data
+            assert any(frame.data for frame in stream.next().frames)
         code = _end(stream, how, malformed)
         if peer is not None:
-            # Rescinded (the malformed frame, the cancel or the deadline ended the channel).
-            error = peer.error()
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            # Rescinded (the malformed frame, the cancel or the deadline ended the channel):
+            # the peer's end is reset on its own stream, which goes on.
+            reset = wait_reset(peer, channel_id)
+            assert reset.code == grpc.StatusCode.UNAVAILABLE.value[0], reset
         return code
     finally:
         guest.stream.cancel()

@@ -1,7 +1,7 @@
 """Thousands of random and malformed requests at one live ``hvsock-host``; it must survive.
 
 Every kind of attach request (on fresh streams and on two live partitions), every admin call
-(with, without and with a wrong token) and random ChannelData frames, with GUID-ish strings,
+(with, without and with a wrong token) and random SessionData frames, with GUID-ish strings,
 extreme integers, real and made-up ids. Client mistakes must come back as precise status
 codes (never UNKNOWN or INTERNAL), nothing may hang, and afterwards the server still serves a
 normal connection with no channel or shared-memory segment left behind.
@@ -172,19 +172,22 @@ admin_request = st.one_of(
 )
 token_choice = st.sampled_from(["good", "good", "good", "none", "wrong"])
 
-channel_frame = st.one_of(
-    st.builds(
-        hvsock_pb2.ChannelDataRequest,
-        open=st.builds(hvsock_pb2.ChannelDataOpen, session=st.text(max_size=40), channel_id=u64),
-    ),
-    st.builds(
-        hvsock_pb2.ChannelDataRequest,
-        data=st.one_of(st.binary(max_size=200), st.integers(65530, 65600).map(bytes)),
-    ),
-    st.builds(hvsock_pb2.ChannelDataRequest, fin=st.booleans()),
-    st.builds(hvsock_pb2.ChannelDataRequest, receive_limit=u64),
-    st.just(hvsock_pb2.ChannelDataRequest()),
+relay_frame = st.builds(
+    hvsock_pb2.RelayFrame,
+    channel_id=st.one_of(st.integers(0, 8), u64),
+    end=st.one_of(st.integers(0, 1), u32),
+    data=st.one_of(st.binary(max_size=200), st.integers(262140, 262150).map(bytes)),
+    fin=st.booleans(),
+    credit=st.one_of(st.just(0), u64),
+    close=st.booleans(),
+    close_done=st.booleans(),
 )
+data_request = st.one_of(
+    st.builds(hvsock_pb2.SessionDataRequest, frames=st.lists(relay_frame, max_size=4)),
+    st.builds(hvsock_pb2.SessionDataRequest, session=st.text(max_size=40)),
+    st.just(hvsock_pb2.SessionDataRequest()),
+)
+channel_frame = data_request
 #: (use a live session, real channel id pick, frames)
 channel_data = st.tuples(st.booleans(), known, st.lists(channel_frame, min_size=0, max_size=4))
 
@@ -361,15 +364,20 @@ class Harness:
                 if pick is not None and self.channel_ids
                 else pick or 0
             )
+            # Frames for a real channel of the session too (either end).
             requests.insert(
                 0,
-                hvsock_pb2.ChannelDataRequest(
-                    open=hvsock_pb2.ChannelDataOpen(session=session, channel_id=channel_id)
+                hvsock_pb2.SessionDataRequest(
+                    session=session,
+                    frames=[
+                        hvsock_pb2.RelayFrame(channel_id=channel_id, end=end, credit=1)
+                        for end in (0, 1)
+                    ],
                 ),
             )
         self.requests += max(len(requests), 1)
-        call = self.stub.ChannelData(iter(requests), timeout=ANSWER_TIMEOUT)
-        self._finish(call, "channel data", requests)
+        call = self.stub.SessionData(iter(requests), timeout=ANSWER_TIMEOUT)
+        self._finish(call, "session data", requests)
 
     def close(self) -> None:
         for partition in self.live:
@@ -515,14 +523,14 @@ def test_channel_data_streams_ending_abnormally_release_their_channel(
 ) -> None:
     baseline = _baseline(target)
     jobs = [
-        functools.partial(abnormal.channel_data_ends, target, how, raw, backlog=backlog)
+        functools.partial(abnormal.session_data_ends, target, how, raw, backlog=backlog)
         for how, raw in _ends()
         for backlog in (False, True)
     ]
     # Many malformed ends with a peer streaming: a peer stream the host failed to wake when
     # the channel was rescinded (a race) stayed open in about one such end in seven.
     race = functools.partial(
-        abnormal.channel_data_ends, target, "malformed", abnormal.MALFORMED["garbage"], backlog=True
+        abnormal.session_data_ends, target, "malformed", abnormal.MALFORMED["garbage"], backlog=True
     )
     _concurrently(jobs + [race] * 40)
     _assert_released(target, baseline)
@@ -569,36 +577,30 @@ def test_a_corrupt_read_index_rescinds_a_relayed_writers_channel_only(
     ((_inode, span),) = ranges.items()
     segment = pathlib.Path(f"/proc/{pid}/map_files/{span}")
     streams = []
-    for attached in (guest, root):
-        stream = abnormal.RawStream(
-            target.channel,
-            abnormal.CHANNEL_DATA,
-            hvsock_pb2.ChannelDataResponse.FromString,
-            timeout=abnormal.PEER_DEADLINE,
-        )
+    for attached, end in ((guest, 0), (root, 1)):
+        stream = abnormal.session_stream(target, attached, abnormal.PEER_DEADLINE)
         stream.send(
-            hvsock_pb2.ChannelDataRequest(
-                open=hvsock_pb2.ChannelDataOpen(session=attached.session, channel_id=channel_id)
-            ).SerializeToString()
+            abnormal.frames(hvsock_pb2.RelayFrame(channel_id=channel_id, end=end, credit=1 << 20))
         )
-        assert stream.next().send_limit > 0
         streams.append(stream)
     # Ring 0 (connector -> acceptor) starts after the segment's header page; its read index is
     # the control page's second word. 3 is not 8-aligned: impossible for a real reader.
     with open(segment, "r+b") as file, mmap.mmap(file.fileno(), 0) as mem:
         struct.pack_into("<I", mem, mmap.PAGESIZE + 4, 3)
-    streams[0].send(hvsock_pb2.ChannelDataRequest(data=b"x" * 1000).SerializeToString())
-    # The writer's stream ends UNAVAILABLE (rescinded); the reader's either so, or DATA_LOSS
+    streams[0].send(
+        abnormal.frames(hvsock_pb2.RelayFrame(channel_id=channel_id, end=0, data=b"x" * 1000))
+    )
+    # The writer's end is reset UNAVAILABLE (rescinded); the reader's either so, or DATA_LOSS
     # when it reads the ring the writer marked corrupt first (a relayed reader of a corrupt
-    # ring gets RingCorruptError, as a shared-memory reader does).
+    # ring gets RingCorruptError, as a shared-memory reader does). The streams go on.
     for stream, codes in zip(
         streams,
         [{grpc.StatusCode.UNAVAILABLE}, {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS}],
         strict=True,
     ):
-        error = stream.error()
-        assert error.code() in codes, error
-        assert "corrupt ring" in (error.details() or ""), error.details()
+        reset = abnormal.wait_reset(stream, channel_id)
+        assert reset.code in {code.value[0] for code in codes}, reset
+        assert "corrupt ring" in reset.message, reset
     notice = root.stream.next()
     while not notice.HasField("notice"):  # past the auto-accepted opening
         notice = root.stream.next()

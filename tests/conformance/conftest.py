@@ -1,7 +1,9 @@
 """One socket suite for every transport: in-memory pair, shared-memory rings, gRPC relay.
 
 ``any_env`` runs a test on all three; ``host_env`` on the two that go through a real
-``hvsock-host`` process (connection set-up, routing, personalities need the host).
+``hvsock-host`` process (connection set-up, routing, personalities need the host). The relay
+runs twice: with the host's default relay window, and strict ("relay-strict": every socket
+asks for window 0, a ring's back-pressure byte for byte, through HVSOCK_RELAY_WINDOW).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Env:
     # -- partitions -----------------------------------------------------------------------
 
     def _data_path(self) -> str:
-        return "relay" if self.transport == "relay" else "shm"
+        return "relay" if self.transport.startswith("relay") else "shm"
 
     def vm(self, personality: str = "linux", name: str = "vm") -> hv.Partition:
         assert self.host is not None
@@ -100,16 +102,25 @@ class Env:
             partition.close()
 
 
-@pytest.fixture(params=["memory", "shm", "relay"])
-def any_env(request: pytest.FixtureRequest) -> Iterator[Env]:
+def _strict(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param == "relay-strict":
+        monkeypatch.setenv("HVSOCK_RELAY_WINDOW", "0")
+
+
+@pytest.fixture(params=["memory", "shm", "relay", "relay-strict"])
+def any_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     host = request.getfixturevalue("host") if request.param != "memory" else None
+    _strict(request, monkeypatch)
     env = Env(request.param, host)
     yield env
     env.close()
 
 
-@pytest.fixture(params=["shm", "relay"])
-def host_env(request: pytest.FixtureRequest, host: HostProcess) -> Iterator[Env]:
+@pytest.fixture(params=["shm", "relay", "relay-strict"])
+def host_env(
+    request: pytest.FixtureRequest, host: HostProcess, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Env]:
+    _strict(request, monkeypatch)
     env = Env(request.param, host)
     yield env
     env.close()

@@ -53,20 +53,23 @@ def attach_host(host: HostProcess) -> RawPartition:
 
 
 def open_pair(
-    guest: RawPartition, root: RawPartition, *, relay: bool = False
+    guest: RawPartition, root: RawPartition, *, relay: bool = False, listen: bool = True
 ) -> tuple[hvsock_pb2.Channel, hvsock_pb2.Channel]:
-    """Host listens on SERVICE, the guest connects to (PARENT, SERVICE); both ends opened."""
-    listening = root.request(
-        listen=hvsock_pb2.Listen(address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE))
-    )
-    assert listening.WhichOneof("kind") == "listening", listening
+    """Host listens on SERVICE (unless it does already: ``listen=False``), the guest connects
+    to (PARENT, SERVICE); both ends opened."""
+    if listen:
+        listening = root.request(
+            listen=hvsock_pb2.Listen(address=hvsock_pb2.Address(vm_id=WILDCARD, service_id=SERVICE))
+        )
+        assert listening.WhichOneof("kind") == "listening", listening
+        root.listener_id = listening.listening.listener_id
     connect_id = guest.send(
         connect=hvsock_pb2.Connect(
             remote=hvsock_pb2.Address(vm_id=PARENT, service_id=SERVICE), force_relay=relay
         )
     )
     offer = root.event().offer
-    assert offer.listener_id == listening.listening.listener_id
+    assert offer.listener_id == root.listener_id
     accepted = root.request(
         accept=hvsock_pb2.Accept(channel_id=offer.channel.channel_id, force_relay=relay)
     )
@@ -123,7 +126,7 @@ def test_guest_to_host_over_relay(host: HostProcess) -> None:
     g, h = open_pair(guest, root)  # nobody proved shared memory: relay
     assert g.data_path == h.data_path == hvsock_pb2.DATA_PATH_GRPC_RELAY
 
-    payload = bytes(range(256)) * 40  # 10 KiB: more than the 2-page ring holds at once
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than the ring and the relay window hold
     to_host = RelayStream(guest, g.channel_id)
     from_guest = RelayStream(root, h.channel_id)
     from_guest.send_fin()

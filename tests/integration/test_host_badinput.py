@@ -479,114 +479,149 @@ def test_client_that_stops_reading_is_detached(host: HostProcess) -> None:
     assert_healthy(host)
 
 
-# -- ChannelData ----------------------------------------------------------------------------------
+# -- SessionData -----------------------------------------------------------------------------
 
 
-def data_error(partition: RawPartition, *frames: hvsock_pb2.ChannelDataRequest) -> grpc.RpcError:
-    call = partition.stub.ChannelData(iter(frames), timeout=10)
+def data_error(partition: RawPartition, *requests: hvsock_pb2.SessionDataRequest) -> grpc.RpcError:
+    """The status a SessionData stream of ``requests`` ends with (it must end with one)."""
+    call = partition.stub.SessionData(iter(requests), timeout=10)
     with pytest.raises(grpc.RpcError) as info:
         for _ in call:
             pass
     return info.value
 
 
-def open_frame(partition: RawPartition, channel_id: int) -> hvsock_pb2.ChannelDataRequest:
-    return hvsock_pb2.ChannelDataRequest(
-        open=hvsock_pb2.ChannelDataOpen(session=partition.welcome.session, channel_id=channel_id)
-    )
+def session_request(partition: RawPartition) -> hvsock_pb2.SessionDataRequest:
+    return hvsock_pb2.SessionDataRequest(session=partition.welcome.session)
 
 
-def test_channel_data_open_errors(host: HostProcess) -> None:
+def stray_reset(partition: RawPartition, frame: hvsock_pb2.RelayFrame) -> hvsock_pb2.Error:
+    """Send ``frame`` on the session's stream; the reset the host answers it with."""
+    stream = partition.data()
+    stream.send(frame)
+    answer = stream.stray.get(timeout=10)
+    assert (answer.channel_id, answer.end) == (frame.channel_id, frame.end), answer
+    assert answer.HasField("reset"), answer
+    return answer.reset
+
+
+def test_session_data_stream_errors(host: HostProcess) -> None:
     vm = create_vm(host, "vm1")
     guest, root = attach_vm(host, vm), attach_host(host)
     g, _h = open_pair(guest, root)
     cases = [
         (
-            (hvsock_pb2.ChannelDataRequest(data=b"x"),),
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "the first frame must be open",
-        ),
-        (
-            (
-                hvsock_pb2.ChannelDataRequest(
-                    open=hvsock_pb2.ChannelDataOpen(session="forged", channel_id=g.channel_id)
-                ),
-            ),
+            (hvsock_pb2.SessionDataRequest(frames=[hvsock_pb2.RelayFrame(channel_id=1)]),),
             grpc.StatusCode.UNAUTHENTICATED,
             "unknown or ended session",
         ),
-        ((open_frame(guest, 424242),), grpc.StatusCode.NOT_FOUND, "424242"),
+        (
+            (hvsock_pb2.SessionDataRequest(session="forged"),),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "unknown or ended session",
+        ),
+        (
+            (session_request(guest), session_request(guest)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "session is only in the first request",
+        ),
     ]
-    for frames, code, message in cases:
-        error = data_error(guest, *frames)
+    for requests, code, message in cases:
+        error = data_error(guest, *requests)
         assert error.code() == code, error
         assert message in (error.details() or "")
-    # A second stream for the same end while the first is open.
+    # A second stream for the session while the first is open.
     first = RelayStream(guest, g.channel_id)
-    first.send_all(b"x")  # waits for credit: the first stream is running
-    error = data_error(guest, open_frame(guest, g.channel_id))
+    first.send_all(b"x")
+    error = data_error(guest, session_request(guest))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "already has a data stream" in (error.details() or "")
+    assert "has a SessionData stream open already" in (error.details() or "")
     first.close()
     guest.close()
     root.close()
     assert_healthy(host)
 
 
-def test_channel_data_for_a_shared_memory_end_is_refused(host: HostProcess) -> None:
+def test_relay_frames_for_unknown_and_shared_memory_ends(host: HostProcess) -> None:
     vm = create_vm(host, "vm1")
     guest, root = attach_vm(host, vm), attach_host(host)
     prove(guest)
     g, _h = open_pair(guest, root)
     assert g.data_path == hvsock_pb2.DATA_PATH_SHARED_MEMORY
-    error = data_error(guest, open_frame(guest, g.channel_id))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "shared memory" in (error.details() or "")
+    for frame in (
+        hvsock_pb2.RelayFrame(channel_id=424242, data=b"x"),
+        hvsock_pb2.RelayFrame(channel_id=g.channel_id, end=0, data=b"x"),  # on shared memory
+    ):
+        reset = stray_reset(guest, frame)
+        assert reset.code == grpc.StatusCode.NOT_FOUND.value[0], reset
+        assert reset.errno.name == "ENOENT" and "no relayed end" in reset.message
+    reset = stray_reset(guest, hvsock_pb2.RelayFrame(channel_id=0, data=b"x"))
+    assert reset.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    # The channel on shared memory is untouched.
+    listed = admin_call(host, "ListChannels", hvsock_pb2.ListChannelsRequest()).channels
+    assert [c.state for c in listed] == [hvsock_pb2.CHANNEL_STATE_OPEN]
     guest.close()
     root.close()
     assert_healthy(host)
 
 
-@pytest.mark.parametrize("violation", ["oversize", "beyond_limit", "after_fin"])
-def test_channel_data_frame_violations_rescind_the_channel(
-    host: HostProcess, violation: str
-) -> None:
+@pytest.mark.parametrize(
+    "violation", ["oversize", "beyond_limit", "after_fin", "after_close", "from_client", "empty"]
+)
+def test_relay_frame_violations_reset_only_that_channel(host: HostProcess, violation: str) -> None:
     vm = create_vm(host, "vm1")
     guest, root = attach_vm(host, vm), attach_host(host)
     g, _h = open_pair(guest, root)
+    other, _ = open_pair(guest, root, listen=False)
+    limit = guest.opened[g.channel_id][1].relay_send_limit
     frames = {
-        "oversize": [hvsock_pb2.ChannelDataRequest(data=bytes(65537))],
-        "beyond_limit": [hvsock_pb2.ChannelDataRequest(data=bytes(60000))],
-        "after_fin": [
-            hvsock_pb2.ChannelDataRequest(fin=True),
-            hvsock_pb2.ChannelDataRequest(data=b"late"),
+        "oversize": [hvsock_pb2.RelayFrame(data=bytes(262145))],
+        "beyond_limit": [
+            hvsock_pb2.RelayFrame(data=bytes(min(262144, limit + 1 - start)))
+            for start in range(0, limit + 1, 262144)
         ],
+        "after_fin": [hvsock_pb2.RelayFrame(fin=True), hvsock_pb2.RelayFrame(data=b"late")],
+        "after_close": [hvsock_pb2.RelayFrame(close=True), hvsock_pb2.RelayFrame(credit=5)],
+        "from_client": [hvsock_pb2.RelayFrame(close_done=True)],
+        "empty": [hvsock_pb2.RelayFrame()],
     }[violation]
-    error = data_error(guest, open_frame(guest, g.channel_id), *frames)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
-    message = error.details() or ""
+    stream = guest.data()
+    for frame in frames:
+        frame.channel_id = g.channel_id
+    stream.send(*frames)
+    answer = stream.stray.get(timeout=10)
+    # A frame after close is refused before the close is carried out (the close waits for
+    # the data before it to leave), so that end is reset, not closed.
+    assert answer.channel_id == g.channel_id and answer.HasField("reset"), answer
+    assert answer.reset.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer
+    assert answer.reset.errno.errno == errno.EINVAL
     assert {
-        "oversize": "frame of 65537 bytes exceeds 65536",
-        "beyond_limit": "beyond send_limit",
+        "oversize": "frame of 262145 bytes exceeds 262144",
+        "beyond_limit": "beyond the send limit",
         "after_fin": "data after fin",
-    }[violation] in message
-    assert errno_of(error) == errno.EINVAL
+        "after_close": "credit after close",
+        "from_client": "reset and close_done are the host's",
+        "empty": "empty relay frame",
+    }[violation] in answer.reset.message
     # The protocol violation closes the channel for both ends, as the core's machine does.
     for p in (guest, root):
         kinds = []
         while not kinds or kinds[-1] != hvsock_pb2.ChannelNotice.KIND_RESCINDED:
             kinds.append(p.event().notice.kind)
-        assert set(kinds) <= {
-            hvsock_pb2.ChannelNotice.KIND_PEER_FIN,
-            hvsock_pb2.ChannelNotice.KIND_RESCINDED,
-        }
-    wait_for_no_channels(host)
+    # The other channel of the session, and the stream, still work.
+    mine = RelayStream(guest, other.channel_id)
+    peer = RelayStream(root, other.channel_id)
+    mine.send_all(b"still here")
+    mine.send_fin()
+    assert peer.read_all() == b"still here"
+    mine.close()
+    peer.close()
     guest.close()
     root.close()
     assert_healthy(host)
 
 
-def test_channel_data_on_a_rescinded_channel(host: HostProcess) -> None:
+def test_relay_end_of_a_rescinded_channel(host: HostProcess) -> None:
     vm = create_vm(host, "vm1")
     guest, root = attach_vm(host, vm), attach_host(host)
     g, h = open_pair(guest, root)
@@ -595,16 +630,17 @@ def test_channel_data_on_a_rescinded_channel(host: HostProcess) -> None:
     peer = RelayStream(root, h.channel_id)
     admin_call(host, "RescindChannel", hvsock_pb2.RescindChannelRequest(channel_id=g.channel_id))
     assert guest.event().notice.kind == hvsock_pb2.ChannelNotice.KIND_RESCINDED
-    # The stream of a rescinded channel ends with UNAVAILABLE / ECONNRESET after its data.
+    # The end of a rescinded channel is reset with UNAVAILABLE / ECONNRESET after its data.
     assert peer.read_all() in (b"", b"before")
-    stream._reader.join(timeout=10)
-    assert stream.call.code() == grpc.StatusCode.UNAVAILABLE
-    assert "rescinded" in (stream.call.details() or "")
-    assert errno_of(stream.call) == errno.ECONNRESET
-    # Once removed, the channel is unknown to new streams.
+    assert stream.read_all() == b""
+    assert stream.reset is not None
+    assert stream.reset.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "rescinded" in stream.reset.message
+    assert stream.reset.errno.errno == errno.ECONNRESET
+    # Once ended, the end is unknown to the stream.
     wait_for_no_channels(host)
-    error = data_error(guest, open_frame(guest, g.channel_id))
-    assert error.code() == grpc.StatusCode.NOT_FOUND
+    reset = stray_reset(guest, hvsock_pb2.RelayFrame(channel_id=g.channel_id, credit=1))
+    assert reset.code == grpc.StatusCode.NOT_FOUND.value[0]
     guest.close()
     root.close()
     assert_healthy(host)

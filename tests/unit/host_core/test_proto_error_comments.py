@@ -59,6 +59,7 @@ SUMMARY_ITEMS: dict[str, type[errors.HvError]] = {
     "connection refused: nobody listens or the backlog is full": errors.ConnectionRefused,
     "channel reset/rescinded": errors.ConnectionReset,
     "connect timed out": errors.ConnectTimedOut,
+    "a ring's contents are impossible: corrupt ring memory": errors.RingCorrupt,
 }
 
 # Per-request "Errors:" items with a reason in parentheses that name a specific core error:

@@ -1,0 +1,164 @@
+"""One session's SessionData stream: the data of all its relayed channel ends.
+
+A :class:`Link` belongs to one attach session (one generation of a :class:`._partition.
+Partition`). The stream opens with the first relayed end and lives as long as the session;
+opening another channel costs no RPC. Threads, beside the program's own:
+
+* gRPC's request consumer pulls :meth:`Link._requests`: each message carries the frames of
+  every end with work (credit, data up to 256 KiB per frame and about 1 MiB per message, FIN,
+  close), so small sends of many sockets travel together and large ones in large frames;
+* the stream thread (``hvsock-relay``, a pooled worker) reads the responses and hands each
+  frame to its end without ever blocking: credit takes effect at once, data is appended to the
+  end's receive buffer (bounded by the credit it granted).
+
+Locking: one lock per link guards the link and every one of its ends (their ``tx`` and ``rx``
+conditions are built on it), so a frame, a grant and a wake-up are applied atomically. An end
+with work is put on ``_ready`` (at most once) by its ``kick``; the request consumer drains it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.workers import WorkerPool
+
+from ._pipe import RelayPipe
+
+log = logging.getLogger("hvsock.client")
+
+#: Data bytes in one request, about (the host takes messages of up to 1 MiB).
+MAX_REQUEST_DATA = 1_000_000
+
+#: Runs each session's stream thread.
+_WORKERS = WorkerPool()
+
+
+class Link:
+    """The SessionData stream of one session and its relayed ends."""
+
+    def __init__(self, stub: hvsock_pb2_grpc.HostServiceStub, session: str) -> None:
+        self._stub = stub
+        self._session = session
+        self.lock = threading.Lock()
+        self._work = threading.Condition(self.lock)  # an end has work, or the link is over
+        self._pipes: dict[tuple[int, int], RelayPipe] = {}
+        self._ready: collections.deque[RelayPipe] = collections.deque()
+        self._queued: set[tuple[int, int]] = set()
+        self._started = False
+        self._over = False  # the stream ended (or the link was closed)
+        self._call: Any = None  # the stream, once open (cancelled by close())
+
+    def open_end(self, channel: hvsock_pb2.Channel, end: int) -> RelayPipe:
+        """A relayed end of this session: registered before any of its frames can arrive (the
+        host sends it nothing before its first credit, which this queues)."""
+        with self.lock:
+            pipe = RelayPipe(self.lock, self._kick, channel, end)
+            if self._over:
+                pipe.lost()
+                return pipe
+            self._pipes[pipe.key] = pipe
+            self._kick(pipe)
+            start = not self._started
+            self._started = True
+        if start:
+            # The stream is opened on a worker: opening one costs about 0.3 ms that neither
+            # connect() nor the attach reader, which builds this end, should wait for.
+            _WORKERS.run(self._run, "hvsock-relay")
+        return pipe
+
+    def _kick(self, pipe: RelayPipe) -> None:
+        """``pipe`` has work for the stream (lock held)."""
+        if pipe.key not in self._queued:
+            self._queued.add(pipe.key)
+            self._ready.append(pipe)
+            self._work.notify()
+
+    # -- socket -> host ----------------------------------------------------------------------
+
+    def _requests(self) -> Iterator[hvsock_pb2.SessionDataRequest]:
+        """The request stream, pulled by gRPC's consumer thread one message at a time."""
+        yield hvsock_pb2.SessionDataRequest(session=self._session)
+        ready, queued, work = self._ready, self._queued, self._work
+        while True:
+            with work:
+                while not ready and not self._over:
+                    work.wait()
+                if self._over:
+                    return
+                request = hvsock_pb2.SessionDataRequest()
+                frames, budget = request.frames, MAX_REQUEST_DATA
+                # Round robin: an end with more than this message takes goes to the back.
+                for _ in range(len(ready)):
+                    pipe = ready.popleft()
+                    budget -= pipe.frames(frames, budget)
+                    if pipe.pending():
+                        ready.append(pipe)
+                    else:
+                        queued.discard(pipe.key)
+                    if pipe.over:
+                        self._pipes.pop(pipe.key, None)
+                    if budget <= 0:
+                        break
+            if len(frames):
+                yield request
+
+    # -- host -> socket ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        lost = False
+        try:
+            call = self._stub.SessionData(self._requests())
+            with self.lock:
+                self._call = call
+                if self._over:
+                    call.cancel()
+            for response in call:
+                with self.lock:
+                    pipes = self._pipes
+                    for frame in response.frames:
+                        pipe = pipes.get((frame.channel_id, frame.end))
+                        if pipe is None:
+                            continue  # ended here already (e.g. frames that crossed a reset)
+                        pipe.on_frame(frame)
+                        if pipe.over:
+                            del pipes[pipe.key]
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.debug("session data stream ended: %s", exc)
+            # The host ends the stream with a status carrying an errno detail when the session
+            # ends; one without is the transport failing (the host went away): a reset.
+            lost = rpc_status.from_call(exc) is None
+        except ValueError:  # the partition closed its gRPC channel before the stream opened
+            lost = True
+        self._end(lost)
+
+    def _end(self, lost: bool) -> None:
+        with self.lock:
+            self._over = True
+            pipes = list(self._pipes.values())
+            self._pipes.clear()
+            for pipe in pipes:
+                if not lost:
+                    pipe.ended_by_host = True
+                pipe.lost()
+            self._work.notify_all()
+        if lost:
+            for pipe in pipes:
+                pipe.on_lost()
+
+    def close(self) -> None:
+        """The session is over: end the stream; ends still open are lost."""
+        with self.lock:
+            self._over = True
+            self._work.notify_all()
+            call = self._call
+        if call is not None:
+            call.cancel()

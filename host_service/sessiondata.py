@@ -1,0 +1,595 @@
+"""The SessionData stream of one attach session, and the ring pumps of its relayed ends.
+
+One :class:`SessionData` per attach session owns the session's relayed channel ends
+(:class:`RingRelay`), the pure rules of its stream (``core.relay.RelaySession``: windows and
+frame validation) and, while the client has it open, the stream itself. The servicer
+(:meth:`SessionData.serve`) only translates: each request's frames go through the pure
+session, whose effects are carried out here; what the ends produce is batched into responses.
+
+Threads. Ring waits block on futexes, which asyncio cannot await, so a relayed end that moves
+bytes has up to two pumps on pooled worker threads (``workers.WorkerPool``), started on first
+use: a writer (client data -> the ring toward the peer) and a reader (the ring from the peer ->
+the client, within the client's credit). Pumps never touch the pure session or the stream:
+they post to the event loop through :meth:`SessionData.post`, which batches every post made
+before the loop gets to them into one ``call_soon_threadsafe``. Everything else runs on the
+event loop.
+
+Windows (see ``core.relay``): the client's send limit is ``delivered + ring room + window``,
+computed on the loop whenever the writer reports bytes written into the ring (or, when the
+client is at its limit with nothing held, once the ring has a quarter of itself free). The
+reader never reads beyond the client's credit, and at most ``MAX_UNSENT`` bytes of an end wait
+for the stream at once, so a client that stops reading its stream stops the reader (and the
+peer, once the ring is full), never grows host memory.
+
+Teardown. An end is *finished* exactly once (:meth:`SessionData._finish`): its last frame
+(peer FIN is not last; ``reset`` or ``close_done`` is) goes out, the pure session forgets it
+and its pumps are told to stop. The mapping of its rings is released by whichever of the
+pumps and :meth:`RingRelay.stop` comes last (``RingRelay._alive``), so no thread is ever inside
+a ring when it is unmapped; a pump blocked in a ring wait returns when the ring is rescinded
+(the channel's removal rescinds it) or moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from hvsock.v1 import hvsock_pb2
+from hvsock_common.workers import WorkerPool
+from ring import RingCorruptError, shm
+
+from . import metrics
+from .core import errors
+from .core.relay import (
+    MAX_FRAME_DATA,
+    ClientClosed,
+    ClientCredit,
+    ClientData,
+    ClientFin,
+    RelaySession,
+    ResetEnd,
+)
+from .core.types import Side
+from .status import error_message
+
+log = logging.getLogger("hvsock.host.relay")
+
+#: Bytes of one end read from the ring and not yet written to the stream, at most.
+MAX_UNSENT = 1 << 20
+#: Data bytes in one response, at most: a response is one gRPC message, and clients (like the
+#: host) take messages of up to 1 MiB; this leaves room for the frames' own fields.
+MAX_RESPONSE_DATA = 1_000_000
+
+#: The relay pumps (started threads would cost the event loop a wait for each to run).
+_WORKERS = WorkerPool()
+
+
+class _Fin:
+    """Marker in the writer's queue: the client sent FIN."""
+
+
+class _Close:
+    """Marker in the writer's queue: the client closed its end."""
+
+
+class _Stop:
+    """Marker in the writer's queue: tear down."""
+
+
+_FIN, _CLOSE, _STOP = _Fin(), _Close(), _Stop()
+
+# What pumps post to the loop: (kind, relay, value).
+_DATA = "data"  # value: bytes read from the ring for the client
+_WRITTEN = "written"  # the writer wrote into the ring (value: its total)
+_ROOM = "room"  # the client is at its limit and the ring has room again
+_FIN_WRITTEN = "fin_written"  # the client's FIN is in the ring
+_CLOSED = "closed"  # the client's close: everything it sent (and FIN) is in the ring
+_READER_EOF = "reader_eof"  # the ring from the peer reached EOF (FIN, or rescinded and drained)
+_CORRUPT = "corrupt"  # a ring of this end is corrupt (value: (the ring it reads?, why))
+
+
+class RingRelay:
+    """The host's side of one relayed channel end whose peer's bytes go through the rings."""
+
+    def __init__(
+        self,
+        end: shm.Channel,
+        side: Side,
+        vm_id: str,
+        session_id: int,
+        channel_id: int,
+        owner: SessionData,
+        told: int,
+    ) -> None:
+        self.end = end
+        self.side = side
+        #: The end's number in frames: 0 the connector, 1 the acceptor.
+        self.index = 0 if side is Side.CONNECTOR else 1
+        self.key = (channel_id, self.index)
+        self.vm_id = vm_id
+        self.session_id = session_id
+        self.channel_id = channel_id
+        self.owner = owner
+        #: Client -> ring bytes written (the writer's count; read for diagnostics).
+        self.sent = 0
+        # Cleared while the host stalls this end: the client's data stops going into the ring
+        # (its sends), and the ring's data stops going to the client (its receives).
+        self.send_running = threading.Event()
+        self.send_running.set()
+        self.recv_running = threading.Event()
+        self.recv_running.set()
+        # Guards everything the pumps and the loop share below.
+        self._cond = threading.Condition()
+        self._told = told  # the client's send limit as told (the writer waits on it)
+        self._credit = 0  # the client's receive limit
+        self._read = 0  # bytes read from the ring for the client
+        self._unsent = 0  # of those, not yet written to the stream
+        self._parked = False  # the reader waits for credit (all it read is posted)
+        self._stopping = False
+        self._alive = 0  # pumps running (the mapping goes when the last one and stop() are out)
+        self._closed = False  # mapping released
+        self._inbound: queue.SimpleQueue[bytes | _Fin | _Close | _Stop] = queue.SimpleQueue()
+        self._writer = self._reader = False  # started
+        # Loop-side state.
+        self.reset: str | None = None  # the channel was rescinded: why
+        #: A ring of this end is corrupt: (whether it is the ring it reads, why).
+        self.corrupt: tuple[bool, str] | None = None
+        self.reader_eof = False
+        self.finished = False
+
+    # -- loop side -------------------------------------------------------------------------
+
+    def push(self, item: bytes | _Fin | _Close | _Stop) -> None:
+        self._inbound.put(item)
+        if not self._writer:
+            self._writer = self._start(self._write_ring, "hvsock-relay-tx")
+
+    def credit(self, limit: int) -> None:
+        with self._cond:
+            self._credit = limit
+            self._cond.notify_all()
+        if not self._reader:
+            self._reader = self._start(self._read_ring, "hvsock-relay-rx")
+
+    def tell(self, limit: int) -> None:
+        with self._cond:
+            self._told = limit
+            self._cond.notify_all()
+
+    def written_out(self, n: int) -> None:
+        """``n`` bytes of this end went onto the stream."""
+        with self._cond:
+            self._unsent -= n
+            self._cond.notify_all()
+
+    def _start(self, pump: Callable[[], None], name: str) -> bool:
+        with self._cond:
+            if self._stopping:
+                return False
+            self._alive += 1
+        _WORKERS.run(pump, name)
+        return True
+
+    def stop(self) -> None:
+        """Tell the pumps to return (a pump in a ring wait returns when the ring moves or is
+        rescinded); the mapping goes once the last one has."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._cond.notify_all()
+            last = self._alive == 0
+        self._inbound.put(_STOP)
+        self.send_running.set()
+        self.recv_running.set()
+        if last:
+            self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self.end.close()
+
+    def _pump_done(self) -> None:
+        with self._cond:
+            self._alive -= 1
+            last = self._stopping and self._alive == 0
+        if last:
+            self._release()
+
+    # -- pumps -----------------------------------------------------------------------------
+
+    def _write_ring(self) -> None:
+        tx, post = self.end.tx, self.owner.post
+        # Wait for this much room before telling a blocked client: a quarter of the ring, so
+        # the next grant is on its way while the peer drains the rest.
+        step = max(min(tx.data_size // 4, tx.max_payload), 64)
+        pulled = 0
+        fin = False  # past the client's FIN only close (or stop) can come: wait for it
+        try:
+            while True:
+                try:
+                    item = self._inbound.get(block=fin or pulled < self._told)
+                except queue.Empty:
+                    # Everything sent is in the ring and the client is at its limit: sleep on
+                    # the ring until the peer frees room, then wait for the loop's new grant.
+                    metrics.RING_FULL_WAITS.inc()
+                    tx.wait_writable(step, None)
+                    if tx.is_rescinded:
+                        return
+                    post(_ROOM, self, None)
+                    with self._cond:
+                        while not (self._stopping or self._told > pulled):
+                            self._cond.wait()
+                        if self._stopping:
+                            return
+                    continue
+                if isinstance(item, _Stop):
+                    return
+                self.send_running.wait()
+                if isinstance(item, _Fin):
+                    tx.fin(None)
+                    fin = True
+                    post(_FIN_WRITTEN, self, None)
+                    continue
+                if isinstance(item, _Close):
+                    if not tx.fin_sent:
+                        tx.fin(None)
+                    post(_CLOSED, self, None)
+                    return
+                pulled += len(item)
+                tx.write_all(item, None)
+                self.sent += len(item)
+                metrics.BYTES.labels("from_client").inc(len(item))
+                post(_WRITTEN, self, self.sent)
+        except RingCorruptError as exc:
+            # The ring's control page is impossible (someone mapping the memory wrote it): the
+            # channel is rescinded, nothing more.
+            log.warning("relay write on %s: %s", self.vm_id, exc)
+            self.end.rescind()
+            post(_CORRUPT, self, (False, str(exc)))
+        except OSError as exc:  # rescinded (EPIPE), or unmapped at teardown
+            log.debug("relay write on %s ended: %s", self.vm_id, exc)
+        finally:
+            self._pump_done()
+
+    def _read_ring(self) -> None:
+        rx, post, cond = self.end.rx, self.owner.post, self._cond
+        buffer = bytearray(MAX_FRAME_DATA)
+        try:
+            while True:
+                with cond:
+                    # Never beyond the client's credit, and never far ahead of the stream.
+                    # Parked, everything this pump read is posted already (the loop relies on
+                    # that to finish a rescinded end without waiting for more credit).
+                    self._parked = True
+                    cond.wait_for(
+                        lambda: (
+                            self._stopping
+                            or (self._credit > self._read and self._unsent < MAX_UNSENT)
+                        )
+                    )
+                    self._parked = False
+                    if self._stopping:
+                        return
+                    room = min(MAX_FRAME_DATA, self._credit - self._read)
+                # Wait for data outside the read, so a stall that starts meanwhile holds it.
+                self.recv_running.wait()
+                rx.wait_readable(None)
+                self.recv_running.wait()
+                if self._stopping:
+                    return
+                n = rx.read_into(buffer, room, None)
+                if n == 0:
+                    post(_READER_EOF, self, None)
+                    return
+                with cond:
+                    self._read += n
+                    self._unsent += n
+                metrics.BYTES.labels("to_client").inc(n)
+                post(_DATA, self, bytes(memoryview(buffer)[:n]))
+        except RingCorruptError as exc:
+            # Ring contents are the peer's to spoil: the channel is rescinded and the client
+            # gets the error a shared-memory reader would get, not an EOF hiding truncation.
+            log.warning("relay read on %s: %s", self.vm_id, exc)
+            self.end.rescind()
+            post(_CORRUPT, self, (True, exc.strerror or str(exc)))
+        except OSError as exc:  # unmapped at teardown
+            log.debug("relay read on %s ended: %s", self.vm_id, exc)
+        finally:
+            self._pump_done()
+
+
+class SessionData:
+    """One attach session's relayed ends and its SessionData stream (all on the event loop,
+    but :meth:`post`)."""
+
+    def __init__(
+        self,
+        session_id: int,
+        *,
+        on_fin: Callable[[int, Side], None],
+        on_close: Callable[[int, Side], None],
+        on_abort: Callable[[int, str], None],
+    ) -> None:
+        self.session_id = session_id
+        self.rules = RelaySession()
+        #: (channel id, end) -> the relayed end (the same keys as ``rules``).
+        self.relays: dict[tuple[int, int], RingRelay] = {}
+        #: Tell the core: the end sent FIN / closed (once it is in the ring), or must be torn
+        #: down (rescinded: a protocol error, a corrupt ring, the stream gone).
+        self._on_fin, self._on_close, self._on_abort = on_fin, on_close, on_abort
+        self._loop = asyncio.get_running_loop()
+        self._inbox: list[tuple[str, RingRelay, Any]] = []
+        self._inbox_lock = threading.Lock()
+        self._scheduled = False
+        # The stream, while open: frames waiting to go out, and the loop's wake-up for them.
+        self.streaming = False
+        self._out: collections.deque[tuple[hvsock_pb2.RelayFrame, RingRelay | None]] = (
+            collections.deque()
+        )
+        self._out_data = 0
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.ended: str | None = None  # the session is over: the stream ends UNAVAILABLE
+
+    # -- ends ------------------------------------------------------------------------------
+
+    def open_end(
+        self, end: shm.Channel, side: Side, vm_id: str, channel_id: int, window: int
+    ) -> tuple[RingRelay, int]:
+        """Register this session's relayed end of ``channel_id``; returns it and its first
+        send limit (what the peer's empty ring takes plus the window)."""
+        index = 0 if side is Side.CONNECTOR else 1
+        rules = self.rules.open_end(channel_id, index, window, end.tx.writable())
+        relay = RingRelay(end, side, vm_id, self.session_id, channel_id, self, rules.told)
+        self.relays[relay.key] = relay
+        return relay, rules.told
+
+    def rescinded(self, relay: RingRelay, reason: str) -> None:
+        """The host rescinded the channel (its rings are rescinded): the end finishes with a
+        reset once its reader has passed what was in the ring."""
+        if relay.finished:
+            return
+        relay.reset = relay.reset or reason
+        self._finish_when_drained(relay)
+
+    def _finish_when_drained(self, relay: RingRelay) -> None:
+        """Finish a rescinded (or corrupt) end with its reset now if nothing more can reach
+        the client; otherwise its reader's EOF will."""
+        if relay.reader_eof or not relay._reader or not self.streaming:
+            self._finish_reset(relay)
+            return
+        with relay._cond:
+            parked = relay._parked
+        if parked:
+            # All the reader read is posted: take those posts first (they go out before the
+            # reset), then see whether the ring holds more for credit the client may grant.
+            self._take_posts()
+            if not relay.finished and relay.end.rx.readable() == 0:
+                self._finish_reset(relay)
+
+    def _finish_reset(self, relay: RingRelay) -> None:
+        if relay.corrupt is not None and relay.corrupt[0]:
+            self._finish(relay, _reset(errors.RingCorrupt(relay.corrupt[1])))
+        else:
+            reason = relay.reset or (relay.corrupt[1] if relay.corrupt else "rescinded")
+            self._finish(
+                relay,
+                _reset(
+                    errors.ConnectionReset(f"channel {relay.channel_id} was rescinded: {reason}")
+                ),
+            )
+
+    def _finish(self, relay: RingRelay, last: hvsock_pb2.RelayFrame | None) -> None:
+        """The end is over: its last frame goes out, the rules forget it, its pumps stop."""
+        if relay.finished:
+            return
+        relay.finished = True
+        if last is not None:
+            last.channel_id, last.end = relay.key
+            self._send(last)
+        self.rules.end(*relay.key)
+        self.relays.pop(relay.key, None)
+        relay.stop()
+
+    # -- pumps -> loop ---------------------------------------------------------------------
+
+    def post(self, kind: str, relay: RingRelay, value: Any) -> None:
+        """From a pump: hand ``kind`` to the loop (batched: one wake-up for every post made
+        before the loop gets to them)."""
+        with self._inbox_lock:
+            self._inbox.append((kind, relay, value))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+            self._loop.call_soon_threadsafe(self._take_posts)
+
+    def _take_posts(self) -> None:
+        with self._inbox_lock:
+            posts, self._inbox = self._inbox, []
+            self._scheduled = False
+        for kind, relay, value in posts:
+            if relay.finished:
+                continue
+            try:
+                self._on_post(kind, relay, value)
+            except Exception:  # one end's trouble must not cost the others their posts
+                log.exception("relay post %s on channel %d", kind, relay.channel_id)
+
+    def _on_post(self, kind: str, relay: RingRelay, value: Any) -> None:
+        channel_id, index = relay.key
+        if kind == _DATA:
+            self.rules.sent(channel_id, index, len(value))
+            self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, data=value), relay)
+        elif kind in (_WRITTEN, _ROOM):
+            delivered = relay.sent if kind == _ROOM else value
+            limit = self.rules.grant(channel_id, index, delivered, relay.end.tx.writable())
+            if limit is not None:
+                relay.tell(limit)
+                self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, credit=limit))
+        elif kind == _FIN_WRITTEN:
+            self._on_fin(channel_id, relay.side)
+        elif kind == _CLOSED:
+            # Finished before the core hears of it: closing may rescind the channel at once
+            # (the peer closed first), and this end is owed close_done, not a reset.
+            self._finish(relay, hvsock_pb2.RelayFrame(close_done=True))
+            self._on_close(channel_id, relay.side)
+        elif kind == _READER_EOF:
+            relay.reader_eof = True
+            if relay.end.rx.is_rescinded or relay.reset is not None:
+                if relay.reset is None and relay.corrupt is None:
+                    # Rescinded in the memory, not by the host (a peer mapping the rings
+                    # wrote the flag): the channel is torn down for both ends.
+                    self._on_abort(channel_id, "ring rescinded by the peer")
+                self._finish_reset(relay)
+            else:
+                self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, fin=True))
+        elif kind == _CORRUPT:
+            relay.corrupt = value
+            if value[0]:
+                self._finish_reset(relay)  # the reader stopped at the corruption
+            else:
+                self._finish_when_drained(relay)
+            self._on_abort(channel_id, value[1])
+
+    # -- the stream --------------------------------------------------------------------------
+
+    def _send(self, frame: hvsock_pb2.RelayFrame, relay: RingRelay | None = None) -> None:
+        if not self.streaming:
+            return
+        self._out.append((frame, relay))
+        self._out_data += len(frame.data)
+        if self._out_data >= MAX_UNSENT:
+            self._drained.clear()
+        self._wake.set()
+
+    def _apply(self, request: hvsock_pb2.SessionDataRequest) -> None:
+        """Carry out one request's frames (on the loop)."""
+        rules, relays = self.rules, self.relays
+        for frame in request.frames:
+            effects = rules.receive(
+                frame.channel_id,
+                frame.end,
+                data=frame.data,
+                fin=frame.fin,
+                credit=frame.credit,
+                close=frame.close,
+                reset=frame.HasField("reset") or frame.close_done,
+            )
+            for effect in effects:
+                if isinstance(effect, ClientData):
+                    relays[(effect.channel_id, effect.end)].push(effect.data)
+                elif isinstance(effect, ClientCredit):
+                    relays[(effect.channel_id, effect.end)].credit(effect.limit)
+                elif isinstance(effect, ClientFin):
+                    relays[(effect.channel_id, effect.end)].push(_FIN)
+                elif isinstance(effect, ClientClosed):
+                    relays[(effect.channel_id, effect.end)].push(_CLOSE)
+                elif isinstance(effect, ResetEnd):
+                    self._reject(effect)
+
+    def _reject(self, effect: ResetEnd) -> None:
+        """A frame broke the rules: that end (only) is reset, and its channel rescinded."""
+        frame = _reset(effect.error)
+        frame.channel_id, frame.end = effect.channel_id, effect.end
+        self._send(frame)
+        relay = self.relays.pop((effect.channel_id, effect.end), None)
+        if relay is not None:  # the rules forgot it already
+            relay.finished = True
+            relay.stop()
+            self._on_abort(effect.channel_id, f"protocol error: {effect.error}")
+
+    def open_stream(self) -> None:
+        """A SessionData stream starts for this session (one at a time)."""
+        if self.streaming:
+            raise errors.InvalidState(
+                f"session {self.session_id} has a SessionData stream open already"
+            )
+        self.streaming = True
+        self._wake.clear()
+
+    async def serve(
+        self,
+        first: hvsock_pb2.SessionDataRequest,
+        requests: AsyncIterator[hvsock_pb2.SessionDataRequest],
+    ) -> AsyncGenerator[hvsock_pb2.SessionDataResponse, None]:
+        """The stream's responses (after :meth:`open_stream`), reading ``requests``
+        meanwhile; every relayed end still open when the stream ends (however it ends) is
+        torn down."""
+        reader = asyncio.create_task(self._read(first, requests))
+        reader.add_done_callback(lambda _: self._wake.set())
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._out:
+                    yield self._batch()
+                if reader.done() or self.ended is not None:
+                    break
+            if reader.done() and not reader.cancelled() and (error := reader.exception()):
+                raise error  # a malformed request, or a rule of the stream broken
+        finally:
+            self.streaming = False
+            reader.cancel()
+            # Its exception, if any, was raised above (or the stream ended some other way
+            # first): the ends must be torn down whatever it was.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self._out.clear()
+            self._out_data = 0
+            self._drained.set()
+            for relay in list(self.relays.values()):
+                self._finish(relay, None)
+                self._on_abort(relay.channel_id, "the session's data stream ended")
+
+    def _batch(self) -> hvsock_pb2.SessionDataResponse:
+        response = hvsock_pb2.SessionDataResponse()
+        frames, size = response.frames, 0
+        out = self._out
+        while out and (size + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames):
+            frame, relay = out.popleft()
+            frames.append(frame)
+            n = len(frame.data)
+            size += n
+            if relay is not None and n:
+                relay.written_out(n)
+        self._out_data -= size
+        if self._out_data < MAX_UNSENT:
+            self._drained.set()
+        return response
+
+    async def _read(
+        self,
+        first: hvsock_pb2.SessionDataRequest,
+        requests: AsyncIterator[hvsock_pb2.SessionDataRequest],
+    ) -> None:
+        self._apply(first)
+        await self._drained.wait()
+        async for request in requests:
+            if request.session:
+                raise errors.InvalidArgument("session is only in the first request")
+            self._apply(request)
+            # A client that stops reading its stream stops being read (its frames would only
+            # queue answers it does not take).
+            await self._drained.wait()
+
+    def end(self, reason: str) -> None:
+        """The attach session is over: end the stream (UNAVAILABLE)."""
+        self.ended = reason
+        self._wake.set()
+
+
+def _reset(error: errors.HvError) -> hvsock_pb2.RelayFrame:
+    """A frame ending an end with ``error`` (its channel and end filled in by the caller)."""
+    return hvsock_pb2.RelayFrame(reset=error_message(error))

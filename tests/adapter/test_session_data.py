@@ -1,0 +1,200 @@
+"""The SessionData servicer in process: windows as the Channel message states them, hostile
+frames answered per channel, and a session stream that stops reading costing nobody else."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import grpc
+import pytest
+
+from hvsock.v1 import hvsock_pb2
+from hvsock_common import addresses
+
+from .harness import AttachStream, InProcessHost, in_process_host
+
+pytestmark = pytest.mark.adapter
+
+SERVICE = addresses.service_id_for_port(5100)
+_NAMES = itertools.count(1)
+
+
+async def _pair(h: InProcessHost, **connect: Any) -> tuple[AttachStream, AttachStream, Any, Any]:
+    """(guest, root, guest's Channel, root's Channel): a relayed channel, guest -> host."""
+    number = next(_NAMES)
+    service = addresses.service_id_for_port(5100 + number)
+    created = await h.admin.CreatePartition(
+        hvsock_pb2.CreatePartitionRequest(name=f"vm{number}"), metadata=h.admin_metadata
+    )
+    root = await h.attach(hvsock_pb2.Hello(host=True, token=h.token))
+    guest = await h.attach(hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token))
+    listening = await root.request(
+        listen=hvsock_pb2.Listen(
+            address=hvsock_pb2.Address(vm_id=addresses.WILDCARD, service_id=service),
+            auto_accept=1,
+        )
+    )
+    assert listening.HasField("listening"), listening
+    opened = await guest.request(
+        connect=hvsock_pb2.Connect(
+            remote=hvsock_pb2.Address(vm_id=addresses.PARENT, service_id=service), **connect
+        )
+    )
+    assert opened.HasField("opened"), opened
+    theirs = await root.next_unsolicited()
+    assert theirs.HasField("opened"), theirs
+    return guest, root, opened.opened, theirs.opened
+
+
+async def _frames(call: Any) -> list[hvsock_pb2.RelayFrame]:
+    response = await asyncio.wait_for(call.read(), 5)
+    assert response is not grpc.aio.EOF
+    return list(response.frames)
+
+
+async def test_the_first_send_limit_is_the_ring_room_plus_the_window() -> None:
+    async with in_process_host(relay_window=100_000) as h:
+        _guest, _root, mine, theirs = await _pair(h)
+        assert mine.data_path == hvsock_pb2.DATA_PATH_GRPC_RELAY
+        assert mine.relay_window == 100_000 and theirs.relay_window == 100_000
+        room = mine.relay_send_limit - 100_000
+        assert 4000 < room < 4096  # the 2-page ring, less its framing
+        assert theirs.relay_receive_window == room + 100_000  # the same ring, read by root
+        _, _, mine, _ = await _pair(h, relay_window=0)
+        assert mine.relay_window == 0 and mine.relay_send_limit == room
+
+
+async def test_a_window_above_the_maximum_is_refused() -> None:
+    async with in_process_host() as h:
+        created = await h.admin.CreatePartition(
+            hvsock_pb2.CreatePartitionRequest(name="big"), metadata=h.admin_metadata
+        )
+        guest = await h.attach(hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token))
+        answer = await guest.request(
+            connect=hvsock_pb2.Connect(
+                remote=hvsock_pb2.Address(vm_id=addresses.PARENT, service_id=SERVICE),
+                relay_window=16 * 1024 * 1024 + 1,
+            )
+        )
+        assert answer.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answer
+        assert "relay_window is at most" in answer.error.message
+
+
+async def test_data_flows_and_hostile_frames_reset_only_their_channel() -> None:
+    async with in_process_host() as h:
+        guest, root, mine, _theirs = await _pair(h)
+        cid = mine.channel_id
+        gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(
+                session=root.welcome.session,  # type: ignore[union-attr]
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, credit=1 << 20)],
+            )
+        )
+        await gs.write(
+            hvsock_pb2.SessionDataRequest(
+                session=guest.welcome.session,  # type: ignore[union-attr]
+                frames=[
+                    hvsock_pb2.RelayFrame(channel_id=cid, end=0, data=b"hello", fin=True),
+                    # Another session's channel, seen from here: unknown.
+                    hvsock_pb2.RelayFrame(channel_id=cid, end=1, data=b"x"),
+                ],
+            )
+        )
+        (reset,) = await _frames(gs)
+        assert (reset.channel_id, reset.end) == (cid, 1)
+        assert reset.reset.code == grpc.StatusCode.NOT_FOUND.value[0]
+        got = b""
+        fin = False
+        while not fin:
+            for frame in await _frames(rs):
+                got += frame.data
+                fin = fin or frame.fin
+        assert got == b"hello"
+        # The root's end breaks a rule: only that end is reset (and the channel rescinded).
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, data=bytes(262145))]
+            )
+        )
+        frames = await _frames(rs)
+        assert frames[-1].reset.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], frames
+        assert "exceeds 262144" in frames[-1].reset.message
+        # The guest's end hears the rescind on its stream (after its data), the streams live on.
+        (rescinded,) = await _frames(gs)
+        assert rescinded.reset.code == grpc.StatusCode.UNAVAILABLE.value[0], rescinded
+        await gs.write(
+            hvsock_pb2.SessionDataRequest(frames=[hvsock_pb2.RelayFrame(channel_id=99, credit=1)])
+        )
+        (unknown,) = await _frames(gs)
+        assert unknown.reset.code == grpc.StatusCode.NOT_FOUND.value[0]
+        gs.cancel()
+        rs.cancel()
+
+
+async def test_a_second_stream_and_a_bad_session_are_refused() -> None:
+    async with in_process_host() as h:
+        guest, _root, _mine, _theirs = await _pair(h)
+        first = h.host_api.SessionData()
+        await first.write(
+            hvsock_pb2.SessionDataRequest(
+                session=guest.welcome.session,  # type: ignore[union-attr]
+                frames=[hvsock_pb2.RelayFrame(channel_id=77, credit=1)],
+            )
+        )
+        await _frames(first)  # running
+        for session, code in (
+            (guest.welcome.session, grpc.StatusCode.FAILED_PRECONDITION),  # type: ignore[union-attr]
+            ("forged", grpc.StatusCode.UNAUTHENTICATED),
+        ):
+            second = h.host_api.SessionData()
+            await second.write(hvsock_pb2.SessionDataRequest(session=session))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await second.read()
+            assert caught.value.code() == code
+        first.cancel()
+
+
+async def test_a_stream_that_stops_reading_costs_only_its_own_channel() -> None:
+    async with in_process_host() as h:
+        guest, root, mine, _theirs = await _pair(h)
+        cid = mine.channel_id
+        # The guest grants a lot of credit and never reads its stream; root floods it.
+        gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
+        await gs.write(
+            hvsock_pb2.SessionDataRequest(
+                session=guest.welcome.session,  # type: ignore[union-attr]
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=0, credit=1 << 40)],
+            )
+        )
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(session=root.welcome.session)  # type: ignore[union-attr]
+        )
+        limit = _theirs.relay_send_limit
+        sent = 0
+        for _ in range(40):
+            chunk = min(262144, limit - sent)
+            if chunk <= 0:
+                try:
+                    frames = await asyncio.wait_for(rs.read(), 0.2)
+                except TimeoutError:
+                    continue
+                limit = max([limit, *(f.credit for f in frames.frames)])
+                continue
+            await rs.write(
+                hvsock_pb2.SessionDataRequest(
+                    frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, data=bytes(chunk))]
+                )
+            )
+            sent += chunk
+        # The host holds a bounded amount; the root is held at its limit, and everyone else
+        # is served: a new partition attaches and lists.
+        assert sent < 8 << 20
+        other = await h.attach(hvsock_pb2.Hello(host=True, token=h.token))
+        assert (await other.request(unlisten=hvsock_pb2.Unlisten(listener_id=424242))).HasField(
+            "error"
+        )
+        gs.cancel()
+        rs.cancel()
