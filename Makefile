@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e bench-bridge bench-ceiling bench-abnormal demo e2e clean
 
 # Reinstall when the build inputs change (protos, Cython sources, build configuration).
-$(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h) $(wildcard hvsock_tools/preload/*.c)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
