@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import random
@@ -55,12 +56,13 @@ from typing import Any
 import guest_client as hv
 from hvsock_common import addresses
 from hvsock_common.errors import HvError
+from hvsock_common.workers import WorkerPool
 
 log = logging.getLogger("hvsock.run")
 
 PAGE = 4096
 #: Bytes moved per call from the program to the hv socket.
-RELAY_CHUNK = 256 * 1024
+RELAY_CHUNK = 128 * 1024
 #: How long a connect request waits for its data connection to be accepted here.
 DATA_WAIT = 10.0
 #: How often listeners are checked for a program that went away without closing them.
@@ -136,6 +138,10 @@ class Companion:
         self.holders = 0
         self.stopped = threading.Event()
         self._seq = 0
+        #: Threads are reused: a connect costs several jobs (its request, two relay pumps;
+        #: the accepting side a delivery and two pumps), and starting a thread for each
+        #: would cost more than the rest of the companion's work.
+        self.pool = WorkerPool(max_idle=256)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.server.bind("\0" + name)
@@ -157,7 +163,7 @@ class Companion:
                 raise
             peer = _peer_name(address)
             if not peer:
-                threading.Thread(target=self._control, args=(conn,), daemon=True).start()
+                self.pool.run(functools.partial(self._control, conn), "control")
             elif peer.startswith(f"{self.name}/s/"):
                 with self.lock:
                     old = self.data.pop(peer, None)
@@ -391,7 +397,7 @@ class Companion:
                 self.listeners[ident] = sock
             threading.Thread(
                 target=self._serve_listener, args=(ident, sock), name="hv-accept", daemon=True
-            ).start()
+            ).start()  # its own thread: it lives as long as the listener
             return f"OK {self._local_cid()} {candidate}\n"
         assert last is not None
         return _reply_error(last)
@@ -402,7 +408,7 @@ class Companion:
                 conn, _ = sock.accept()
             except OSError:
                 return  # closed: the program closed its listener
-            threading.Thread(target=self._deliver, args=(ident, conn), daemon=True).start()
+            self.pool.run(functools.partial(self._deliver, ident, conn), "deliver")
 
     def _deliver(self, ident: str, conn: Any) -> None:
         """Hand one accepted hv connection to the program's listener."""
@@ -499,11 +505,13 @@ class Relay:
         self.lock = threading.Lock()
         if recv_pages:
             # What waits in the Unix connection for the program: about one receive ring.
-            data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max((recv_pages - 1) * PAGE // 2, 4096))
+            data.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, max((recv_pages - 1) * PAGE // 2, 4096)
+            )
 
     def start(self) -> None:
-        threading.Thread(target=self._to_hv, name="relay-in", daemon=True).start()
-        threading.Thread(target=self._to_program, name="relay-out", daemon=True).start()
+        self.owner.pool.run(self._to_hv, "relay-in")
+        self.owner.pool.run(self._to_program, "relay-out")
 
     def _to_hv(self) -> None:
         """Program -> channel; then wait until the program's descriptor is gone, and close."""
@@ -539,17 +547,20 @@ class Relay:
         poller.register(self.data.fileno(), 0)  # POLLHUP and POLLERR are always reported
         while True:
             events = poller.poll()
-            if any(mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events):
+            if any(
+                mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events
+            ):
                 return
 
     def _to_program(self) -> None:
-        """Channel -> program (at most 16 KiB per read, one packet's payload)."""
-        buffer = bytearray(hv_max_delivery())
+        """Channel -> program. Reads cross packet boundaries here (one call per ring's worth,
+        not per 16 KiB packet); the shim gives the program at most 16 KiB per read."""
+        buffer = bytearray(RELAY_CHUNK)
         view = memoryview(buffer)
         try:
             while True:
                 try:
-                    n = self.sock.recv_into(buffer)
+                    n = self.sock.recv_stream_into(buffer)
                 except OSError:
                     n = 0  # closed under us (the program went away) or reset
                 if not n:
@@ -575,10 +586,6 @@ class Relay:
         if last:
             _drain_and_close(self.data)
             self.owner.forget(self.ident)
-
-
-def hv_max_delivery() -> int:
-    return 16384
 
 
 def _sends_fail(sock: Any) -> bool:
