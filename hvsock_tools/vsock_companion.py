@@ -181,9 +181,13 @@ class Companion:
         self.server.close()
 
     def _maybe_exit(self) -> None:
+        if not self.exit_when_unused:
+            return
         with self.lock:
-            unused = not self.holders and not self.relays and not self.listeners
-        if self.exit_when_unused and unused:
+            # Decided and done under the lock: a HOLD either counts before this (and keeps
+            # the companion) or finds it stopped (and its hvsock run starts a new one).
+            if self.holders or self.relays or self.listeners or self.stopped.is_set():
+                return
             log.info("companion %s: no program uses it any more, stopping", self.name)
             self.stop()
 
@@ -233,6 +237,8 @@ class Companion:
 
     def _hold(self, conn: socket.socket) -> None:
         with self.lock:
+            if self.stopped.is_set():
+                return  # no HELD answer: the caller starts another companion
             self.holders += 1
         with contextlib.suppress(OSError):
             conn.sendall(b"HELD\n")
@@ -306,7 +312,7 @@ class Companion:
             if bound_port != hv.VMADDR_PORT_ANY:
                 sock.bind((hv.HV_GUID_ZERO, addresses.service_id_for_port(bound_port)))
             sock.connect(remote)
-            local_vm, local_service = sock.getsockname()
+            _, local_service = sock.getsockname()
             peer_vm, peer_service = sock.getpeername()
         except (OSError, HvError) as exc:
             sock.close()
@@ -331,10 +337,8 @@ class Companion:
             )
             connection.state = "ok"  # before POLLOUT: SO_ERROR must find it
             self.relays += 1
-        try:
+        with contextlib.suppress(OSError):  # the program is gone already: the relay finds out
             _discard_exactly(data, fill)
-        except OSError:
-            pass  # the program is gone already; the relay finds out
         Relay(self, ident, data, sock, recv_pages or self.partition.limits.recv_ring_page).start()
         return "" if nonblocking else connection.ok_line()
 
