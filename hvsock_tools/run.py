@@ -125,10 +125,8 @@ def companion_environment(args: Any) -> tuple[dict[str, str], str, bool]:
         spec = f"name:{args.vm.lower()}"
     else:
         identity = env.get("HVSOCK_VM_IDENTITY", "")
-        spec = (
-            f"env:{env.get('HVSOCK_VM_ID', '')}:{pathlib.Path(identity).resolve() if identity else ''}"
-            f":{env.get('HVSOCK_VM_NAME', '')}"
-        )
+        where = str(pathlib.Path(identity).resolve()) if identity else ""
+        spec = f"env:{env.get('HVSOCK_VM_ID', '')}:{where}:{env.get('HVSOCK_VM_NAME', '')}"
     key = hashlib.sha256(f"{os.getuid()}\0{args.host}\0{spec}".encode()).hexdigest()[:16]
     return env, key, is_host
 
@@ -154,9 +152,7 @@ def _runtime_dir() -> pathlib.Path:
     return path
 
 
-def start_companion(
-    name: str, env: dict[str, str], *, is_host: bool, keep: bool
-) -> socket.socket:
+def start_companion(name: str, env: dict[str, str], *, is_host: bool, keep: bool) -> socket.socket:
     """Hold the companion ``name``, starting it first when none answers."""
     for _ in range(_START_TRIES):
         held = _hold(name)

@@ -424,8 +424,8 @@ class Companion:
         data = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             data.bind(f"\0{self.name}/p/{cid}.{port}.{seq}")
-            geometry = conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(geometry // 2, 4096))
+            geometry = conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # ring bytes
+            data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(geometry * 2, 4096))
             data.connect("\0" + ident)  # waits while the program's backlog is full
         except OSError as exc:
             log.info("listener %s is gone (%s): closing it", ident, exc)
@@ -508,9 +508,10 @@ class Relay:
         self.left = 2  # threads still running; the last one closes the data connection
         self.lock = threading.Lock()
         if recv_pages:
-            # What waits in the Unix connection for the program: about one receive ring.
+            # What waits in the Unix connection for the program: up to 4 receive rings'
+            # worth (the kernel doubles the value), as the shim sizes the other direction.
             data.setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDBUF, max((recv_pages - 1) * PAGE // 2, 4096)
+                socket.SOL_SOCKET, socket.SO_SNDBUF, max((recv_pages - 1) * PAGE * 2, 4096)
             )
 
     def start(self) -> None:

@@ -816,9 +816,11 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
         send_pages = send_pages ? send_pages : info_send_pages;
         recv_pages = recv_pages ? recv_pages : info_recv_pages;
     }
-    /* Back-pressure: what the Unix socket holds in flight is about one send ring more, not
-     * the kernel's default of some hundred KiB (the kernel doubles the value given). */
-    int sndbuf = (send_pages - 1) * PAGE / 2;
+    /* Back-pressure: the Unix connection holds at most 4 send rings' worth in flight (the
+     * kernel doubles the value given), so a writer whose peer does not read blocks soon after
+     * the ring is full, as with hv_sock. Less costs throughput: every wake-up is a context
+     * switch through the companion (bench/bench_run.py: 4 rings ~1.4x one ring). */
+    int sndbuf = (send_pages - 1) * PAGE * 2;
     real_setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
     long fill = 0;
     if (nonblocking) {
