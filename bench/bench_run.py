@@ -372,10 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                         host, vm_side, host_side, library, payload, runs, 7000 + 100 * index
                     )
                     results["throughput"][data_path] = figures
+                    shim_mbps = figures["vsock_shim_bytes_per_second"] / 1e6
+                    tcp_mbps = figures["tcp_loopback_bytes_per_second"] / 1e6
                     print(
-                        f"{data_path:<6} socat vsock {figures['vsock_shim_bytes_per_second'] / 1e6:7.0f}"
-                        f" MB/s  tcp {figures['tcp_loopback_bytes_per_second'] / 1e6:7.0f} MB/s"
-                        f"  ratio {figures['shim_vs_tcp']:.2f}",
+                        f"{data_path:<6} socat vsock {shim_mbps:7.0f} MB/s"
+                        f"  tcp {tcp_mbps:7.0f} MB/s  ratio {figures['shim_vs_tcp']:.2f}",
                         flush=True,
                     )
                     if data_path == "shm":
