@@ -529,8 +529,9 @@ class Relay:
                 except OSError:
                     n = 0  # the program went away with data unread: as a close
                 if not n:
-                    with contextlib.suppress(OSError):
-                        self.sock.shutdown(socket.SHUT_WR)  # the FIN
+                    if not self._hung_up(0):  # closed outright: the close below sends the FIN
+                        with contextlib.suppress(OSError):
+                            self.sock.shutdown(socket.SHUT_WR)  # a half-close: the FIN
                     break
                 try:
                     self.sock.sendall(view[:n])
@@ -540,22 +541,23 @@ class Relay:
                     with contextlib.suppress(OSError):
                         self.data.shutdown(socket.SHUT_RD)
                     break
-            self._wait_hangup()
+            self._hung_up(None)
             self.sock.close()  # the program's last descriptor is gone: close the channel
         finally:
             self._done()
 
-    def _wait_hangup(self) -> None:
-        """Until both directions of our end are shut (the program closed, or it shut writing
-        and we shut writing): POLLHUP."""
+    def _hung_up(self, timeout: float | None) -> bool:
+        """Whether both directions of our end are shut (the program closed, or it shut writing
+        and we shut writing): POLLHUP, waiting for it at most ``timeout`` (None: until then)."""
         poller = select.poll()
         poller.register(self.data.fileno(), 0)  # POLLHUP and POLLERR are always reported
+        ended = select.POLLHUP | select.POLLERR | select.POLLNVAL
         while True:
-            events = poller.poll()
-            if any(
-                mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, mask in events
-            ):
-                return
+            events = poller.poll(None if timeout is None else timeout * 1000)
+            if any(mask & ended for _, mask in events):
+                return True
+            if timeout is not None:
+                return False
 
     def _to_program(self) -> None:
         """Channel -> program. Reads cross packet boundaries here (one call per ring's worth,
