@@ -134,6 +134,17 @@ class HvSocket:
             return None
         return DATA_PATH_NAMES[self._end.channel.data_path]
 
+    @property
+    def rescinded(self) -> bool:
+        """Whether this connection's channel is gone: rescinded by the host (or the host went
+        away). What is left can still be read, then end of stream; sends fail. False while
+        unconnected, and after a mere FIN from the peer (sends still go through)."""
+        end = self._end
+        if end is None:
+            return False
+        pipe = end.pipe
+        return end.rescinded or end.reset or pipe.rx.is_rescinded or pipe.tx.is_rescinded
+
     def _check_open(self) -> None:
         if self._state == _CLOSED:
             raise OSError(errno.EBADF, "Bad file descriptor")

@@ -571,11 +571,11 @@ class Relay:
                 except OSError:
                     n = 0  # closed under us (the program went away) or reset
                 if not n:
+                    # A rescind: the program's sends fail (EPIPE) from before it can see the
+                    # end of stream, so none it makes after reading EOF is taken.
+                    how = socket.SHUT_RDWR if self.sock.rescinded else socket.SHUT_WR
                     with contextlib.suppress(OSError):
-                        self.data.shutdown(socket.SHUT_WR)  # end of stream for the program
-                    if _sends_fail(self.sock):
-                        with contextlib.suppress(OSError):
-                            self.data.shutdown(socket.SHUT_RD)  # EPIPE on its next send
+                        self.data.shutdown(how)
                     return
                 try:
                     self.data.sendall(view[:n])
@@ -593,18 +593,6 @@ class Relay:
         if last:
             _drain_and_close(self.data)
             self.owner.forget(self.ident)
-
-
-def _sends_fail(sock: Any) -> bool:
-    """At end of stream: whether the channel is gone (rescinded) rather than half-closed by
-    the peer's FIN, i.e. whether a send would fail now."""
-    try:
-        sock.send(b"", socket.MSG_DONTWAIT)
-    except (BlockingIOError, TimeoutError):
-        return False
-    except OSError:
-        return True
-    return False
 
 
 # -------------------------------------------------------------------------------------------
