@@ -283,9 +283,10 @@ def test_vms_list_counts_sessions(cli: Cli) -> None:
         assert cli.json("vms", "get", vm_id)["session_count"] == 2
         row = next(line for line in cli.ok("vms", "list").splitlines() if line.startswith(vm_id))
         assert row.split() == [
-            vm_id, "vm", "two-sessions", "linux", "running", "yes", "0", "0", "2"
+            vm_id, "vm", "two-sessions", "linux", "running", "yes", "0", "0", "2",
+            str(cid_for_vm_id(vm_id)),
         ]  # fmt: skip
-        assert cli.ok("vms", "get", vm_id).splitlines()[1].split()[-1] == "2"
+        assert cli.ok("vms", "get", vm_id).splitlines()[1].split()[-2] == "2"
 
         # Since the VM was created: created, attached, and one session_opened per attachment.
         replay = ("events", "--replay", "4", "--count", "4")
