@@ -142,8 +142,15 @@ class HvSocket:
         end = self._end
         if end is None:
             return False
+        if end.rescinded or end.reset:
+            return True
+        if end.closed:
+            return False  # closed here: no longer this socket's to say (its rings are gone)
         pipe = end.pipe
-        return end.rescinded or end.reset or pipe.rx.is_rescinded or pipe.tx.is_rescinded
+        try:
+            return pipe.rx.is_rescinded or pipe.tx.is_rescinded
+        except OSError:  # closed by another thread just now
+            return False
 
     def _check_open(self) -> None:
         if self._state == _CLOSED:
