@@ -272,6 +272,19 @@ def test_stdlib_python_vm_server_host_client(host: HostProcess, vm: Vm) -> None:
     assert status == 0 and b"accepted (2, " in out
 
 
+def test_stdlib_python_descriptor_survives_exec(host: HostProcess, vm: Vm) -> None:
+    """A connected vsock descriptor inherited across exec is still recognised (by its name)."""
+    root = hv.Partition(host.target, hvsock_pb2.Hello(host=True, token=host.token))
+    listener = _echo_service(root, 6113)
+    try:
+        done = run(host, vm, stdlib("exec", 2, 6113))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert b"inherited True (2, 6113)" in done.stdout and b"echo after exec" in done.stdout
+    finally:
+        listener.close()
+        root.close()
+
+
 # ---- a C program -----------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ through ``hvsock run`` by test_run_shim.py.
     vsock_stdlib.py asyncio-client CID PORT NBYTES   non-blocking connect through the event loop
     vsock_stdlib.py rescind CID PORT                 read to EOF after a rescind, then send
     vsock_stdlib.py backpressure CID PORT            send without the peer reading
+    vsock_stdlib.py exec CID PORT                    connect, then exec a program that inherits it
 
 Each prints what it found, one line per fact, and exits 0 when all is as expected.
 """
@@ -182,6 +183,27 @@ def backpressure(cid, port):
     return 0
 
 
+def exec_parent(cid, port):
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.connect((cid, port))
+    sock.set_inheritable(True)
+    fd = sock.detach()
+    os.execv(sys.executable, [sys.executable, __file__, "exec-child", str(fd), str(port)])
+
+
+def exec_child(fd, port):
+    """After exec: the descriptor is still a vsock socket, to Python's socket() too."""
+    sock = socket.socket(fileno=fd)
+    print("inherited", sock.family == socket.AF_VSOCK, sock.getpeername(), flush=True)
+    sock.sendall(b"after exec")
+    sock.shutdown(socket.SHUT_WR)
+    got = b""
+    while data := sock.recv(100):
+        got += data
+    print("echo", got.decode(), flush=True)
+    return 0 if got == b"after exec" and sock.getpeername() == (2, port) else 1
+
+
 def main(argv):
     mode, args = argv[1], [int(a) for a in argv[2:]]
     if mode == "echo-server":
@@ -198,6 +220,10 @@ def main(argv):
         return rescind(*args)
     if mode == "backpressure":
         return backpressure(*args)
+    if mode == "exec":
+        return exec_parent(*args)
+    if mode == "exec-child":
+        return exec_child(*args)
     print("unknown mode", mode, file=sys.stderr)
     return 2
 
