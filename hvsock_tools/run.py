@@ -120,7 +120,9 @@ def companion_environment(args: Any) -> tuple[dict[str, str], str, bool]:
         env["HVSOCK_TOKEN"] = token
         spec = f"id:{args.vm.lower()}"
     elif args.vm is not None:
-        env.pop("HVSOCK_VM_ID", None)
+        # By name alone: an identity file in the environment names another VM's id.
+        for name in ("HVSOCK_VM_ID", "HVSOCK_TOKEN", "HVSOCK_VM_IDENTITY"):
+            env.pop(name, None)
         env["HVSOCK_VM_NAME"] = args.vm
         spec = f"name:{args.vm.lower()}"
     else:
