@@ -31,9 +31,12 @@ RUN set -eu; \
     python3 -m venv /opt/hvsock; \
     /opt/hvsock/bin/pip wheel --no-deps --wheel-dir /dist /src; \
     /opt/hvsock/bin/pip install /dist/hvsock_emulator-*.whl; \
-    cd / && /opt/hvsock/bin/python -c "import ring._ring, hvsock.v1.hvsock_pb2_grpc, hvsock_common.workers, guest_client, hvsock_tools.cli"
+    cd / && /opt/hvsock/bin/python -c "import ring._ring, hvsock.v1.hvsock_pb2_grpc, hvsock_common.workers, guest_client, hvsock_tools.cli; from hvsock_tools.run import preload_library; preload_library()"
 
 FROM ${RUNTIME_IMAGE}
+# socat: the unmodified vsock program the testbed runs with `hvsock run` (vm-vsock). The local
+# base images have it; a registry image (python:X-slim) gets it from Debian.
+RUN command -v socat >/dev/null || { apt-get update && apt-get install -y --no-install-recommends socat && rm -rf /var/lib/apt/lists/*; }
 # One unprivileged user with a fixed uid in every container: the host's shared-memory socket
 # (in the shm-socket volume) is the host user's, so the VMs that use it run as the same uid.
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin hvsock \

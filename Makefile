@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e bench-bridge bench-ceiling bench-abnormal demo e2e clean
+.PHONY: run test build debug asan lint bench bench-ring bench-scale bench-e2e bench-bridge bench-run bench-ceiling bench-abnormal demo e2e clean
 
 # Reinstall when the build inputs change (protos, Cython sources, build configuration).
-$(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard protos/hvsock/v1/*.proto) $(wildcard ring/*.pyx ring/*.pxd ring/*.h) $(wildcard hvsock_tools/preload/*.c)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -53,6 +53,10 @@ bench-scale: $(STAMP)
 # hv sockets end to end (both data paths) vs TCP, Unix sockets and a raw gRPC stream.
 bench-e2e: $(STAMP)
 	$(PY) bench/bench_e2e.py $(if $(QUICK),--quick)
+
+# socat through `hvsock run`'s vsock shim vs the same socat over TCP loopback; connect rates.
+bench-run: $(STAMP)
+	$(PY) bench/bench_run.py $(if $(QUICK),--quick)
 
 # The relay's transport alone (grpcio bidi streams, 64 KiB frames, credit) vs raw gRPC.
 bench-ceiling: $(STAMP)

@@ -1,12 +1,14 @@
 """Build steps that pyproject.toml cannot express declaratively.
 
-Two generated artefacts, both produced here and never committed:
+Three generated artefacts, all produced here and never committed:
 
 * ``ring._ring`` — the Cython ring core. Build flavour is chosen by environment:
   ``HVSOCK_BUILD=release`` (default: ``-O2``, warnings are errors, asserts off),
   ``HVSOCK_BUILD=debug`` (``-O0 -g``, asserts on, ``CYTHON_TRACE`` line tracing),
   ``HVSOCK_BUILD=asan`` (debug plus AddressSanitizer/UBSan; run under
   ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``, see ``make asan``).
+* ``hvsock_tools._preload`` — the ``LD_PRELOAD`` library of ``hvsock run`` (plain C, no Python
+  API: it is never imported, only found by path and loaded into other programs).
 * ``hvsock.v1`` — protobuf/gRPC modules and ``.pyi`` stubs generated from ``protos/``
   with grpcio-tools. They are written into the source tree (git-ignored) whenever this
   file runs — before setuptools looks for packages — so regular wheels, sdists and
@@ -91,5 +93,17 @@ def ring_extension() -> list[Extension]:
     )
 
 
+def preload_extension() -> Extension:
+    """The vsock shim: built as an extension module so that ``pip install``, editable
+    installs and wheels all put it next to ``hvsock_tools`` (found with
+    ``importlib.util.find_spec``). Only the socket functions it takes over are exported."""
+    return Extension(
+        "hvsock_tools._preload",
+        ["hvsock_tools/preload/hvsock_preload.c"],
+        extra_compile_args=["-Wall", "-Wextra", "-Werror", "-O2", "-fvisibility=hidden"],
+        libraries=["dl", "pthread"],
+    )
+
+
 generate_protos()
-setup(ext_modules=ring_extension())
+setup(ext_modules=[*ring_extension(), preload_extension()])

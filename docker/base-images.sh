@@ -8,8 +8,11 @@
 set -euo pipefail
 suite=${1:-bookworm}
 mirror=${2:-http://deb.debian.org/debian}
-build_image=hvsock-base-build:$suite
-runtime_image=hvsock-base-runtime:$suite
+# The revision after the suite changes whenever the package lists below change, so that images
+# cached under the old name are not taken for the new ones (2: socat in the runtime image).
+revision=2
+build_image=hvsock-base-build:$suite-$revision
+runtime_image=hvsock-base-runtime:$suite-$revision
 
 make_image() {  # NAME PACKAGES
   local name=$1 packages=$2 root
@@ -27,8 +30,9 @@ make_image() {  # NAME PACKAGES
   echo "built $name" >&2
 }
 
-# The build stage compiles the Cython ring: a compiler and the Python headers. The runtime only
-# runs Python (the virtual environment comes from the build stage).
+# The build stage compiles the Cython ring and the vsock shim: a compiler, the Python and libc
+# headers. The runtime runs Python (the virtual environment comes from the build stage) and
+# socat, the unmodified vsock program of the testbed's vm-vsock (`hvsock run`).
 make_image "$build_image" python3,python3-venv,python3-dev,gcc,libc6-dev
-make_image "$runtime_image" python3
+make_image "$runtime_image" python3,socat
 echo "$build_image $runtime_image"

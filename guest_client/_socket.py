@@ -153,6 +153,24 @@ class HvSocket:
             return None
         return DATA_PATH_NAMES[self._end.channel.data_path]
 
+    @property
+    def rescinded(self) -> bool:
+        """Whether this connection's channel is gone: rescinded by the host (or the host went
+        away). What is left can still be read, then end of stream; sends fail. False while
+        unconnected, and after a mere FIN from the peer (sends still go through)."""
+        end = self._end
+        if end is None:
+            return False
+        if end.rescinded or end.reset:
+            return True
+        if end.closed:
+            return False  # closed here: no longer this socket's to say (its rings are gone)
+        pipe = end.pipe
+        try:
+            return pipe.rx.is_rescinded or pipe.tx.is_rescinded
+        except OSError:  # closed by another thread just now
+            return False
+
     def _check_open(self) -> None:
         if self._state == _CLOSED:
             raise OSError(errno.EBADF, "Bad file descriptor")
@@ -377,6 +395,16 @@ class HvSocket:
                 self._readiness.update()
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        return self._read(buffer, nbytes, flags, MAX_DELIVERY)
+
+    def recv_stream_into(self, buffer: Any, nbytes: int = 0) -> int:
+        """``recv_into`` across packet boundaries: as many bytes as the channel holds, up to
+        ``nbytes`` (default: the buffer's size). Not a kernel socket call: for relays that
+        hand the bytes to a reader which applies the 16 KiB delivery itself (``hvsock run``'s
+        companion), and would otherwise pay one call per packet."""
+        return self._read(buffer, nbytes, 0, 0)
+
+    def _read(self, buffer: Any, nbytes: int, flags: int, limit: int) -> int:
         # The hot path of the shared-memory data path: keep the per-call checks few.
         timeout = self._op_timeout(flags) if flags else self._timeout
         end = self._end
@@ -392,8 +420,8 @@ class HvSocket:
         # dequeue copies from a single packet per recvmsg.
         if nbytes <= 0:
             nbytes = len(buffer) if type(buffer) is bytearray else memoryview(buffer).nbytes
-        if nbytes > MAX_DELIVERY:
-            nbytes = MAX_DELIVERY
+        if limit and nbytes > limit:
+            nbytes = limit
         try:
             timeout = end.pipe.hold(True, timeout)
             n = end.pipe.rx.read_into(buffer, nbytes, timeout)

@@ -12,6 +12,7 @@ The well-known values are from hvsock-facts section 1.2 (Microsoft docs, go-wini
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "WILDCARD",
     "ZERO",
     "Address",
+    "cid_for_vm_id",
     "guid_from_bytes_le",
     "guid_to_bytes_le",
     "is_vsock_service_id",
@@ -38,6 +40,7 @@ __all__ = [
     "port_for_service_id",
     "service_id_for_port",
     "vm_id_for_cid",
+    "vm_id_for_host_cid",
 ]
 
 ZERO = "00000000-0000-0000-0000-000000000000"
@@ -131,6 +134,42 @@ def vm_id_for_cid(cid: int) -> str:
     if cid == VMADDR_CID_ANY:
         return WILDCARD
     raise NetworkUnreachable(f"vsock CID {cid} is unreachable over hv_sock (only CID 2, the host)")
+
+
+#: CIDs given to VMs: [3, 2**31 - 1). 0 (hypervisor), 1 (local), 2 (host) and
+#: VMADDR_CID_ANY are never a VM's; staying below 2**31 keeps tools that print a CID as a
+#: signed int honest.
+_CID_FIRST = 3
+_CID_SPAN = 0x7FFFFFFF - _CID_FIRST
+
+
+def cid_for_vm_id(vm_id: str) -> int:
+    """The vsock CID a host-side vsock program uses for a VM (``hvsock vms list`` shows it).
+
+    Hyper-V has no CIDs: a VM is its GUID. A host program written for vsock needs a number,
+    so the emulator derives one from the VM id: the first 4 bytes of SHA-256 of the
+    canonical GUID text, read little-endian, folded into ``[3, 2**31 - 1)``. Deterministic
+    (the same VM has the same CID on every host and after restarts), computed without asking
+    the host; two VMs may in principle share one (about 1 in 2**31 per pair), which the
+    inverse reports as ambiguous.
+    """
+    digest = hashlib.sha256(parse_guid(vm_id, what="VM id").encode("ascii")).digest()
+    return _CID_FIRST + int.from_bytes(digest[:4], "little") % _CID_SPAN
+
+
+def vm_id_for_host_cid(cid: int, vm_ids: list[str]) -> str:
+    """What a host-side vsock connect to ``cid`` means, among the VMs ``vm_ids``.
+
+    CID 2 (the host itself) and 1 (local) are LOOPBACK; a VM's CID (``cid_for_vm_id``) is that
+    VM; anything else is ENETUNREACH, as a CID no VM has.
+    """
+    if cid in (1, VMADDR_CID_HOST):
+        return LOOPBACK
+    found = [vm_id for vm_id in vm_ids if cid_for_vm_id(vm_id) == cid]
+    if len(found) != 1:
+        what = "no VM has" if not found else f"{len(found)} VMs share"
+        raise NetworkUnreachable(f"vsock CID {cid} is unreachable: {what} it")
+    return parse_guid(found[0], what="VM id")
 
 
 def guid_to_bytes_le(guid: str) -> bytes:

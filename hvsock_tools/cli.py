@@ -28,9 +28,10 @@ from google.protobuf import timestamp_pb2
 
 from guest_client import DATA_PATH_NAMES, PERSONALITIES
 from hvsock.v1 import hvsock_pb2
+from hvsock_common import addresses
 from hvsock_common.conventions import DEFAULT_TARGET
 
-from . import proxies
+from . import proxies, run
 from ._api import Client, CliError, describe_rpc_error, open_channel
 
 PAGE = 4096
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     stall.add_argument("--direction", choices=list(DIRECTIONS), default="both")
 
     proxies.add_cli_commands(commands, command)
+    run.add_cli_command(commands, command)
     return parser
 
 
@@ -279,6 +281,8 @@ def partition_dict(p: hvsock_pb2.Partition) -> dict[str, Any]:
         "channel_count": p.channel_count,
         "listener_count": p.listener_count,
         "session_count": p.session_count,
+        # The vsock CID a host-side `hvsock run` program dials this VM at (none in Hyper-V).
+        "cid": addresses.VMADDR_CID_HOST if p.host else addresses.cid_for_vm_id(p.vm_id),
     }
 
 
@@ -344,6 +348,7 @@ PARTITION_HEADERS = (
     "CHANNELS",
     "LISTENERS",
     "SESSIONS",
+    "CID",
 )
 
 
@@ -358,6 +363,7 @@ def partition_row(p: dict[str, Any]) -> list[Any]:
         p["channel_count"],
         p["listener_count"],
         p["session_count"],
+        p["cid"],
     ]
 
 

@@ -158,6 +158,24 @@ def test_the_vm_through_a_hybrid_vsock_socket(testbed: ComposeProject) -> None:
     assert int(length) == 4 * 2**20 and digest.strip() == want
 
 
+def test_unmodified_socat_in_a_vm_through_hvsock_run(testbed: ComposeProject) -> None:
+    """vm-vsock: Debian's socat listening on vsock port 5000 in a VM (hvsock run); the host
+    partition dials the VM's CID with socat through hvsock run too, sends 4 MiB and reads
+    back its SHA-256 (computed in the VM)."""
+
+    def listening() -> dict[str, Any] | None:
+        vm = _vms(testbed).get("vm-vsock")
+        return vm if vm is not None and vm["attached"] and vm["listener_count"] else None
+
+    vm = wait_for("vm-vsock's socat to listen", listening, 120)
+    script = (
+        "head -c 4194304 /dev/urandom > /tmp/blob && sha256sum < /tmp/blob && "
+        f"hvsock run --host-partition -- socat -t 30 - VSOCK-CONNECT:{vm['cid']}:5000 < /tmp/blob"
+    )
+    sent, received = testbed.exec("host", "sh", "-c", script).stdout.split()[::2]
+    assert sent == received
+
+
 def test_a_vm_connecting_to_another_vm_is_refused(testbed: ComposeProject) -> None:
     other = _vm_named(testbed, "vm-windows")["vm_id"]
     done = testbed.exec(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from hvsock.v1 import hvsock_pb2
+from hvsock_common.addresses import cid_for_vm_id
 
 from .hostproc import HostProcess, run_host
 from .rawclient import RawPartition, RelayStream
@@ -233,6 +234,7 @@ def test_vms_create_with_id_and_personality(cli: Cli) -> None:
         "channel_count": 0,
         "listener_count": 0,
         "session_count": 0,
+        "cid": cid_for_vm_id(vm_id),
     }
     assert "ALREADY_EXISTS" in cli.fails(
         "ALREADY_EXISTS", "vms", "create", "--name", "again", "--vm-id", vm_id
@@ -257,12 +259,15 @@ def test_vms_list_table_and_json(cli: Cli) -> None:
         "CHANNELS",
         "LISTENERS",
         "SESSIONS",
+        "CID",
     ]
     assert table[1].split()[:3] == [PARENT, "host", "host"]
     row = next(line for line in table if line.startswith(created["vm_id"]))
     assert row.split() == [
-        created["vm_id"], "vm", "listed", "linux", "running", "no", "0", "0", "0"
+        created["vm_id"], "vm", "listed", "linux", "running", "no", "0", "0", "0",
+        str(cid_for_vm_id(created["vm_id"])),
     ]  # fmt: skip
+    assert table[1].split()[-1] == "2"  # the host partition: VMADDR_CID_HOST
 
 
 def test_vms_list_counts_sessions(cli: Cli) -> None:
@@ -278,9 +283,10 @@ def test_vms_list_counts_sessions(cli: Cli) -> None:
         assert cli.json("vms", "get", vm_id)["session_count"] == 2
         row = next(line for line in cli.ok("vms", "list").splitlines() if line.startswith(vm_id))
         assert row.split() == [
-            vm_id, "vm", "two-sessions", "linux", "running", "yes", "0", "0", "2"
+            vm_id, "vm", "two-sessions", "linux", "running", "yes", "0", "0", "2",
+            str(cid_for_vm_id(vm_id)),
         ]  # fmt: skip
-        assert cli.ok("vms", "get", vm_id).splitlines()[1].split()[-1] == "2"
+        assert cli.ok("vms", "get", vm_id).splitlines()[1].split()[-2] == "2"
 
         # Since the VM was created: created, attached, and one session_opened per attachment.
         replay = ("events", "--replay", "4", "--count", "4")
