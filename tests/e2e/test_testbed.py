@@ -465,6 +465,7 @@ STOPPED_IN_ORDER = (
     "web-bridge",
     "vm-web-vsock",
     "vm-web",
+    "vm-vsock",
     "hostprog",
     "vm-windows",
     "vm-linux",
