@@ -79,3 +79,16 @@ def describe_rpc_error(exc: grpc.RpcError) -> CliError:
                 detail.Unpack(errno_detail)
                 message = f"{message} ({errno_detail.name or errno_detail.errno})"
     return CliError(status, message)
+
+
+def list_vms(channel: grpc.Channel, token: str, *, errno_code: int, doing: str) -> list[Any]:
+    """The VM partitions (not the host's) from the admin API, with the host token ``token``; a
+    failed call is ``OSError(errno_code, "<doing>: <details>")``, as a socket caller expects."""
+    stub = hvsock_pb2_grpc.AdminServiceStub(channel)
+    try:
+        listed = stub.ListPartitions(
+            hvsock_pb2.ListPartitionsRequest(), metadata=((TOKEN_METADATA, token),), timeout=10
+        )
+    except grpc.RpcError as exc:
+        raise OSError(errno_code, f"{doing}: {exc.details()}") from None
+    return [p for p in listed.partitions if not p.host]

@@ -15,10 +15,8 @@ from typing import Any
 import grpc
 
 from guest_client import Partition, attach, attach_host, find_token
-from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-from hvsock_common.conventions import TOKEN_METADATA
 
-from ._api import CliError, open_channel
+from ._api import CliError, list_vms, open_channel
 from .bridge import _VM_NAME, Bridge, HvEndpoint, PlainEndpoint, _guid, parse_endpoint, parse_vm
 from .hybrid import HybridVsock
 
@@ -142,20 +140,12 @@ def _vm_resolver(args: Any) -> Callable[[str], str]:
     def resolve(name: str) -> str:
         token = args.host_token or find_token(args.token) or ""
         with open_channel(args) as channel:
-            stub = hvsock_pb2_grpc.AdminServiceStub(channel)
-            try:
-                listed = stub.ListPartitions(
-                    hvsock_pb2.ListPartitionsRequest(),
-                    metadata=((TOKEN_METADATA, token),),
-                    timeout=10,
-                )
-            except grpc.RpcError as exc:
-                raise OSError(
-                    errno.EHOSTUNREACH, f"looking up VM {name!r}: {exc.details()}"
-                ) from None
+            vms = list_vms(
+                channel, token, errno_code=errno.EHOSTUNREACH, doing=f"looking up VM {name!r}"
+            )
         # Names are unique on a host ignoring case, as the host compares them.
-        for partition in listed.partitions:
-            if partition.name.casefold() == name.casefold() and not partition.host:
+        for partition in vms:
+            if partition.name.casefold() == name.casefold():
                 return str(partition.vm_id)
         raise OSError(errno.EHOSTUNREACH, f"no VM named {name!r}")
 

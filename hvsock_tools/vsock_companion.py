@@ -604,22 +604,13 @@ def _vm_lister(target: str) -> Callable[[], list[str]]:
     """VM ids from the admin API, with the host token (host partition companions only)."""
     import grpc
 
-    from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-    from hvsock_common.conventions import TOKEN_METADATA
+    from ._api import list_vms
 
     def list_vm_ids() -> list[str]:
         token = hv.find_token(None) or ""
         with grpc.insecure_channel(target) as channel:
-            stub = hvsock_pb2_grpc.AdminServiceStub(channel)
-            try:
-                listed = stub.ListPartitions(
-                    hvsock_pb2.ListPartitionsRequest(),
-                    metadata=((TOKEN_METADATA, token),),
-                    timeout=10,
-                )
-            except grpc.RpcError as exc:
-                raise OSError(errno.ENETUNREACH, f"listing VMs: {exc.details()}") from None
-        return [p.vm_id for p in listed.partitions if not p.host]
+            vms = list_vms(channel, token, errno_code=errno.ENETUNREACH, doing="listing VMs")
+        return [p.vm_id for p in vms]
 
     return list_vm_ids
 
