@@ -60,8 +60,19 @@ from hvsock_common.addresses import Address
 
 __all__ = ["Channels"]
 
-_FIN = {Side.CONNECTOR: ChannelInput.FIN_CONNECTOR, Side.ACCEPTOR: ChannelInput.FIN_ACCEPTOR}
-_CLOSE = {Side.CONNECTOR: ChannelInput.CLOSE_CONNECTOR, Side.ACCEPTOR: ChannelInput.CLOSE_ACCEPTOR}
+#: What one end's shutdown, close and reset feed the channel's machine, by the end that asks,
+#: and the reason recorded ("{end}": connector or acceptor).
+_END_ACTIONS: dict[str, tuple[dict[Side, ChannelInput], str]] = {
+    "shutdown": (
+        {Side.CONNECTOR: ChannelInput.FIN_CONNECTOR, Side.ACCEPTOR: ChannelInput.FIN_ACCEPTOR},
+        "shutdown by the {end}",
+    ),
+    "close": (
+        {Side.CONNECTOR: ChannelInput.CLOSE_CONNECTOR, Side.ACCEPTOR: ChannelInput.CLOSE_ACCEPTOR},
+        "closed by the {end}",
+    ),
+    "reset": ({side: ChannelInput.RESCIND for side in Side}, "reset by the {end}"),
+}
 #: The input each timer kind fires, and the reason it gives.
 _TIMEOUTS = {
     "connect": (ChannelInput.CONNECT_TIMEOUT, "connect timed out"),
@@ -252,38 +263,20 @@ class Channels:
         self._notices.established(out, channel, now)
         return out
 
-    def shutdown(
+    def end_action(
         self,
+        action: str,
         partition: _Partition,
         session: Session,
         channel_id: int,
         now: float,
         side: Side | None,
     ) -> list[Event]:
+        """``action`` (shutdown, close or reset, see _END_ACTIONS) by the end ``session``
+        holds."""
         channel, end = self.end(partition, session, channel_id, side)
-        return self.feed(channel, _FIN[end], now, f"shutdown by the {end}")
-
-    def close(
-        self,
-        partition: _Partition,
-        session: Session,
-        channel_id: int,
-        now: float,
-        side: Side | None,
-    ) -> list[Event]:
-        channel, end = self.end(partition, session, channel_id, side)
-        return self.feed(channel, _CLOSE[end], now, f"closed by the {end}")
-
-    def reset(
-        self,
-        partition: _Partition,
-        session: Session,
-        channel_id: int,
-        now: float,
-        side: Side | None,
-    ) -> list[Event]:
-        channel, end = self.end(partition, session, channel_id, side)
-        return self.feed(channel, ChannelInput.RESCIND, now, f"reset by the {end}")
+        inputs, reason = _END_ACTIONS[action]
+        return self.feed(channel, inputs[end], now, reason.format(end=end))
 
     def rescind(self, channel_id: int, now: float, reason: str) -> list[Event]:
         return self.feed(self.get(channel_id), ChannelInput.RESCIND, now, reason)

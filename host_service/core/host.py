@@ -473,7 +473,7 @@ class HostCore:
         """``shutdown(SHUT_WR)`` (or SHUT_RDWR): send the FIN.  SHUT_RD is local to the socket
         (no wire signal exists) and never reaches the host."""
         partition = self._partitions.of_session(session, _ACT)
-        return self._channels.shutdown(partition, session, channel_id, now, side)
+        return self._channels.end_action("shutdown", partition, session, channel_id, now, side)
 
     def close(
         self, session: Session, channel_id: int, now: float, *, side: Side | None = None
@@ -481,7 +481,7 @@ class HostCore:
         """Close one end: implies its FIN; the host rescinds once the peer's FIN arrives or
         after the close timeout.  Closing a connecting end abandons the connect."""
         partition = self._partitions.of_session(session, _ACT)
-        return self._channels.close(partition, session, channel_id, now, side)
+        return self._channels.end_action("close", partition, session, channel_id, now, side)
 
     def reset(
         self, session: Session, channel_id: int, now: float, *, side: Side | None = None
@@ -489,7 +489,7 @@ class HostCore:
         """An end that cannot use its channel (e.g. it cannot map the rings it was handed)
         tears it down: a rescind, as for an end that crashed, but only by one of its ends."""
         partition = self._partitions.of_session(session, _ACT)
-        return self._channels.reset(partition, session, channel_id, now, side)
+        return self._channels.end_action("reset", partition, session, channel_id, now, side)
 
     def rescind(
         self, channel_id: int, now: float, *, reason: str = "fault injected"
