@@ -131,11 +131,15 @@ class Link:
                         if pipe.over:
                             del pipes[pipe.key]
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                # Cancelled here (close(), or the attach stream found the host gone), maybe
+                # after the host's own status arrived: the ends still open are lost.
+                lost = True
+            else:
                 log.debug("session data stream ended: %s", exc)
-            # The host ends the stream with a status carrying an errno detail when the session
-            # ends; one without is the transport failing (the host went away): a reset.
-            lost = rpc_status.from_call(exc) is None
+                # The host ends the stream with a status carrying an errno detail when the
+                # session ends; one without is the transport failing (the host went away).
+                lost = rpc_status.from_call(exc) is None
         except ValueError:  # the partition closed its gRPC channel before the stream opened
             lost = True
         self._end(lost)
