@@ -86,8 +86,8 @@ _FIN, _CLOSE, _STOP = _Fin(), _Close(), _Stop()
 
 # What pumps post to the loop: (kind, relay, value).
 _DATA = "data"  # value: bytes read from the ring for the client
-_WRITTEN = "written"  # the writer wrote into the ring (value: its total)
-_ROOM = "room"  # the client is at its limit and the ring has room again
+_WRITTEN = "written"  # the writer wrote into the ring (value: its total, the ring's room)
+_ROOM = "room"  # the client is at its limit and the ring has room again (value: as _WRITTEN)
 _FIN_WRITTEN = "fin_written"  # the client's FIN is in the ring
 _CLOSED = "closed"  # the client's close: everything it sent (and FIN) is in the ring
 _READER_EOF = "reader_eof"  # the ring from the peer reached EOF (FIN, or rescinded and drained)
@@ -225,7 +225,7 @@ class RingRelay:
                     tx.wait_writable(step, None)
                     if tx.is_rescinded:
                         return
-                    post(_ROOM, self, None)
+                    post(_ROOM, self, (self.sent, tx.writable()))
                     with self._cond:
                         while not (self._stopping or self._told > pulled):
                             self._cond.wait()
@@ -249,7 +249,10 @@ class RingRelay:
                 tx.write_all(item, None)
                 self.sent += len(item)
                 metrics.BYTES.labels("from_client").inc(len(item))
-                post(_WRITTEN, self, self.sent)
+                # The room is read here, by the ring's writer: writable() is the owner's call
+                # (it checks the writer's own index), and from the loop thread it could catch
+                # a publish half done and mark the ring corrupt (INDEX_MOVED).
+                post(_WRITTEN, self, (self.sent, tx.writable()))
         except RingCorruptError as exc:
             # The ring's control page is impossible (someone mapping the memory wrote it): the
             # channel is rescinded, nothing more.
@@ -433,8 +436,8 @@ class SessionData:
             self.rules.sent(channel_id, index, len(value))
             self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, data=value), relay)
         elif kind in (_WRITTEN, _ROOM):
-            delivered = relay.sent if kind == _ROOM else value
-            limit = self.rules.grant(channel_id, index, delivered, relay.end.tx.writable())
+            delivered, room = value
+            limit = self.rules.grant(channel_id, index, delivered, room)
             if limit is not None:
                 relay.tell(limit)
                 self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, credit=limit))
