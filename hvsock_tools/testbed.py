@@ -287,6 +287,23 @@ def _echo_until_up(
 # ---- the host program --------------------------------------------------------------------------
 
 
+def _listen_when_attached(partition: hv.Partition, service: str) -> hv.HvSocket:
+    """A listener on ``service`` once the partition is attached, attaching again (and waiting)
+    as often as the host goes away before the listen is done."""
+    while True:
+        partition.wait_attached()
+        listener: hv.HvSocket = partition.socket()
+        try:
+            listener.bind((hv.HV_GUID_WILDCARD, service))
+            listener.listen(64)
+            return listener
+        except OSError as exc:
+            listener.close()
+            _STOPPER.park_if_stopping()
+            if not isinstance(exc, ConnectionResetError):
+                raise
+
+
 class HostProgram:
     def __init__(self, partition: hv.Partition, admin: Admin, nbytes: int) -> None:
         self.partition = partition
@@ -301,16 +318,7 @@ class HostProgram:
 
     def run(self) -> None:
         while True:
-            self.partition.wait_attached()
-            listener = self.partition.socket()
-            try:
-                listener.bind((hv.HV_GUID_WILDCARD, HOST_ECHO))
-                listener.listen(64)
-            except OSError as exc:
-                _STOPPER.park_if_stopping()
-                if not isinstance(exc, ConnectionResetError):
-                    raise
-                continue  # lost the host again before listening: wait for the next attach
+            listener = _listen_when_attached(self.partition, HOST_ECHO)
             OUT.line(f"host program: echo service {HOST_ECHO} listening")
             accepting = serve_echo(
                 listener, self._echoed_back, on_start=self._echo_started, on_end=self._echo_ended
@@ -615,16 +623,7 @@ def vm_main(args: argparse.Namespace) -> int:
         {"kind": "note", "attached": True, "vm_id": vm.vm_id, "vm_name": vm.name},
     )
     while True:
-        vm.wait_attached()
-        listener = vm.socket()
-        try:
-            listener.bind((hv.HV_GUID_WILDCARD, VM_ECHO))
-            listener.listen(64)
-        except OSError as exc:
-            _STOPPER.park_if_stopping()
-            if not isinstance(exc, ConnectionResetError):
-                raise
-            continue
+        listener = _listen_when_attached(vm, VM_ECHO)
         accepting = serve_echo(listener)
         _vm_echo_with_host(vm, args.bytes, args.wait)
         accepting.join()  # the accept loop ends when the host service goes away
