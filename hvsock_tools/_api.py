@@ -32,14 +32,21 @@ def _read(path: pathlib.Path) -> bytes:
         raise CliError("INVALID_ARGUMENT", f"{path}: {exc.strerror}") from None
 
 
-def open_channel(args: argparse.Namespace) -> grpc.Channel:
+def tls_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """The ``--tls-*`` options as channel credentials (None: plain text)."""
     if args.tls_ca is None:
-        return grpc.insecure_channel(args.host)
-    credentials = grpc.ssl_channel_credentials(
+        return None
+    return grpc.ssl_channel_credentials(
         root_certificates=_read(args.tls_ca),
         private_key=_read(args.tls_key) if args.tls_key else None,
         certificate_chain=_read(args.tls_cert) if args.tls_cert else None,
     )
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    credentials = tls_credentials(args)
+    if credentials is None:
+        return grpc.insecure_channel(args.host)
     options = []
     if args.tls_server_name:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))

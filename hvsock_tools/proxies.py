@@ -12,11 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
 from guest_client import Partition, attach, attach_host, find_token
 
-from ._api import CliError, list_vms, open_channel
+from ._api import CliError, list_vms, open_channel, tls_credentials
 from .bridge import _VM_NAME, Bridge, HvEndpoint, PlainEndpoint, _guid, parse_endpoint, parse_vm
 from .hybrid import HybridVsock
 
@@ -117,13 +115,7 @@ def _partition_options(parser: Any, *, vm: bool) -> None:
 
 
 def _cli_partition(args: Any) -> Partition:
-    credentials = None
-    if args.tls_ca is not None:
-        credentials = grpc.ssl_channel_credentials(
-            args.tls_ca.read_bytes(),
-            args.tls_key.read_bytes() if args.tls_key else None,
-            args.tls_cert.read_bytes() if args.tls_cert else None,
-        )
+    credentials = tls_credentials(args)
     if getattr(args, "vm_id", None) and args.command == "bridge":
         token = args.token if args.token is not None else os.environ.get("HVSOCK_TOKEN", "")
         return attach(args.host, vm_id=args.vm_id, token=token, credentials=credentials)
