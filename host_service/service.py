@@ -591,13 +591,16 @@ class Host:
     # -- attachments -----------------------------------------------------------------------
 
     def register(self, session: Session) -> Attachment:
-        def tell_core(method: Callable[..., list[Event]]) -> Callable[[int, Side], None]:
-            def call(channel_id: int, side: Side) -> None:
-                # The channel may be gone already (rescinded meanwhile): nothing to record.
-                with contextlib.suppress(errors.HvError):
-                    self.call(method, session, channel_id, side=side)
+        # A relayed end's FIN and close, once in the peer's ring. The channel may be gone
+        # already (rescinded meanwhile): nothing to record then.
+        def fin(channel_id: int, side: Side) -> None:
+            with contextlib.suppress(errors.HvError):
+                self.call(self.core.shutdown, session, channel_id, side=side)
 
-            return call
+        def close(channel_id: int, side: Side) -> None:
+            with contextlib.suppress(errors.HvError):
+                self.closing(attachment, channel_id)
+                self.call(self.core.close, session, channel_id, side=side)
 
         def abandon(channel_id: int, reason: str) -> None:
             with contextlib.suppress(errors.HvError):  # gone already: nothing to tear down
@@ -608,8 +611,8 @@ class Host:
             secret=secrets.token_urlsafe(24),
             data=SessionData(
                 session.session_id,
-                on_fin=tell_core(self.core.shutdown),
-                on_close=tell_core(self.core.close),
+                on_fin=fin,
+                on_close=close,
                 on_abort=abandon,
             ),
             max_queued=self.max_queued_responses,
@@ -618,6 +621,17 @@ class Host:
         self.attachments[session.session_id] = attachment
         self._by_secret[attachment.secret] = attachment
         return attachment
+
+    def closing(self, attachment: Attachment, channel_id: int) -> None:
+        """The session is closing its end of ``channel_id``: it wants no more notices on the
+        channel (its rescind, soon), unless it holds the other end too. NotFound if the
+        channel is gone."""
+        info = self.core.get_channel(channel_id)
+        if info.acceptor is None or (info.acceptor.vm_id, info.acceptor.session_id) != (
+            info.connector.vm_id,
+            info.connector.session_id,
+        ):
+            attachment.book.closed.add(channel_id)
 
     def unregister(self, attachment: Attachment, reason: str) -> None:
         attachment.end(reason)
@@ -998,12 +1012,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                 host.call(core.reset, session, channel_id)
                 return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
             with contextlib.suppress(errors.NotFound):
-                info = core.get_channel(channel_id)
-                if info.acceptor is None or (info.acceptor.vm_id, info.acceptor.session_id) != (
-                    info.connector.vm_id,
-                    info.connector.session_id,
-                ):
-                    attachment.book.closed.add(channel_id)
+                host.closing(attachment, channel_id)
                 host.call(core.close, session, channel_id)
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
         if kind == "prove_shared_memory":
