@@ -62,6 +62,7 @@ from ring.handover import (
     KIND_PROBE,
     KIND_REQUEST,
     KIND_RESPONSE,
+    MAGIC,
     MESSAGE,
     frame,
     pack,
@@ -238,6 +239,9 @@ class DescriptorServer:
             return
         buffer = owned.inbound
         buffer += chunk
+        if not MAGIC.startswith(bytes(buffer[: len(MAGIC)])):  # judged from the first byte
+            self._drop(conn, error="bytes after the secret that are not a request frame")
+            return
         while len(buffer) >= MESSAGE.size:
             try:
                 _, length = parse_header(buffer[: MESSAGE.size], (KIND_REQUEST,))
@@ -252,6 +256,9 @@ class DescriptorServer:
             self._request(conn, payload)
             if conn not in self._owned:
                 return  # the request ended the session (or broke the rules)
+            if buffer and not MAGIC.startswith(bytes(buffer[: len(MAGIC)])):
+                self._drop(conn, error="bytes after the secret that are not a request frame")
+                return
 
     def _drop(
         self, conn: socket.socket, *, tell: bool = True, error: str | None = None
