@@ -38,10 +38,11 @@ after its secret other than well-formed request frames (bad magic or kind, a fra
 ``MAX_CONTROL_FRAME``, a first frame that is not a proof) is a protocol error and closes the
 connection: a session that had not moved its requests here uses the relay for its later
 channels; one that had is ended with INVALID_ARGUMENT. A client that reads neither its
-descriptors nor its answers fills its socket buffer, then the queue: past the session's limit
-(``max_queued``) the host stops queueing for it (:meth:`DescriptorServer.send_channel` and
-:meth:`DescriptorServer.send_response` return False: the end goes on the relay, the session is
-ended as one that stopped reading). The host never reads anything from a segment it hands over
+descriptors nor its answers fills its socket buffer, then the queue: past a bound (the
+session's ``max_queued`` answers, :data:`MAX_QUEUED_DESCRIPTORS` for a descriptor) the host
+stops queueing for it (:meth:`DescriptorServer.send_response` and
+:meth:`DescriptorServer.send_channel` return False: the session is ended as one that stopped
+reading, the end goes on the relay). The host never reads anything from a segment it hands over
 to decide what to do.
 """
 
@@ -84,6 +85,8 @@ NONCE_SIZE = 32
 
 #: Bytes read from an owned connection at a time.
 READ_SIZE = 64 * 1024
+#: Messages queued on a connection beyond which a descriptor is not queued (its end is relayed).
+MAX_QUEUED_DESCRIPTORS = 4096
 
 #: Takes a session secret and the connection it came on; returns the nonce to put in the probe
 #: (the session now owns the connection), or None to refuse.
@@ -310,11 +313,9 @@ class DescriptorServer:
         owned.outbound.append(_Out(frame(KIND_RESPONSE, payload)))
         return self._flush(conn, owned)
 
-    def _send(
-        self, conn: socket.socket, kind: int, channel_id: int, fd: int, max_queued: int = 4096
-    ) -> bool:
+    def _send(self, conn: socket.socket, kind: int, channel_id: int, fd: int) -> bool:
         owned = self._owned.get(conn)
-        if owned is None or len(owned.outbound) >= max_queued:
+        if owned is None or len(owned.outbound) >= MAX_QUEUED_DESCRIPTORS:
             if owned is not None:
                 log.info("descriptor socket full: channel %d end goes on the relay", channel_id)
             return False
