@@ -20,6 +20,7 @@ host is back; sockets open at that moment fail with ``ConnectionResetError``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -335,12 +336,10 @@ class Partition:
         if control is None:
             self._requests.put(request)
             return
-        try:
+        # A broken connection means the host is gone: the control reader reports it, and
+        # whoever waits on an answer gets the loss (_connection_lost answers every pending one).
+        with contextlib.suppress(OSError):
             control.send(request)
-        except OSError:
-            # The host is gone: the control reader reports it, and whoever waits on an answer
-            # gets the loss (_connection_lost answers every pending request).
-            pass
 
     def request(self, timeout: float | None = None, **kind: Any) -> hvsock_pb2.AttachResponse:
         """Send a request and wait for its answer; an in-stream error becomes an OSError."""

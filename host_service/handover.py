@@ -263,9 +263,7 @@ class DescriptorServer:
                 self._drop(conn, error="bytes after the secret that are not a request frame")
                 return
 
-    def _drop(
-        self, conn: socket.socket, *, tell: bool = True, error: str | None = None
-    ) -> None:
+    def _drop(self, conn: socket.socket, *, tell: bool = True, error: str | None = None) -> None:
         """Close ``conn`` (idempotent); a session owning it is told (with the protocol error,
         if that is why) unless ``tell`` is False."""
         hello = self._hellos.pop(conn, None)
