@@ -10,6 +10,7 @@ there, end the session with INVALID_ARGUMENT; the host keeps serving everyone el
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import socket
@@ -227,3 +228,32 @@ def test_the_library_moves_a_shared_memory_session_and_keeps_a_relayed_one(
     with relayed:
         assert not relayed.shm and relayed._control is None
     assert_healthy(host)
+
+
+def test_a_client_that_stops_reading_its_answers_is_detached(tmp_path: pathlib.Path) -> None:
+    """Answers a client does not take fill its socket, then the host's queue for it: the
+    session is ended as one that stopped reading; the host and others go on."""
+    with run_host(tmp_path, "--max-queued-responses", "200") as host:
+        lazy = attach_vm(host, create_vm(host, "lazy"))
+        control = Control(lazy)
+        control.prove()
+        unlisten = hvsock_pb2.AttachRequest(
+            request_id=1, unlisten=hvsock_pb2.Unlisten(listener_id=999)
+        )
+        # Enough answers that neither the socket buffers nor the host's queue can hold them;
+        # the host drops the connection at some point, which breaks our sending.
+        burst = frame(KIND_REQUEST, unlisten.SerializeToString()) * 20_000
+        with contextlib.suppress(OSError):
+            control.sock.sendall(burst)
+        error = _status(lazy)
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error
+        assert "stopped reading" in (error.details() or "")
+        control.close()
+        lazy.close()
+        busy = attach_vm(host, create_vm(host, "busy"))
+        busy_control = Control(busy)
+        busy_control.prove()
+        _listen(busy_control, str(uuid.uuid4()))
+        busy_control.close()
+        busy.close()
+        assert_healthy(host)
