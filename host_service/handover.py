@@ -85,6 +85,8 @@ NONCE_SIZE = 32
 
 #: Bytes read from an owned connection at a time.
 READ_SIZE = 64 * 1024
+#: Request frames served in one turn of the event loop.
+FRAMES_PER_TURN = 64
 #: Messages queued on a connection beyond which a descriptor is not queued (its end is relayed).
 MAX_QUEUED_DESCRIPTORS = 4096
 
@@ -114,6 +116,7 @@ class _Owned:
     inbound: bytearray = field(default_factory=bytearray)
     outbound: collections.deque[_Out] = field(default_factory=collections.deque)
     writing: bool = False  # waiting for the socket to take more (add_writer)
+    paused: bool = False  # not read while the frames already read wait for their turn
 
 
 def default_address() -> str:
@@ -227,7 +230,7 @@ class DescriptorServer:
 
     def _read_owned(self, conn: socket.socket) -> None:
         """Request frames, each handed on whole as it completes; EOF or a protocol error ends
-        the connection."""
+        the connection (EOF only once every frame before it is served)."""
         owned = self._owned.get(conn)
         if owned is None:
             return
@@ -240,12 +243,22 @@ class DescriptorServer:
         if not chunk:
             self._drop(conn)
             return
+        owned.inbound += chunk
+        self._serve(conn, owned)
+
+    def _serve(self, conn: socket.socket, owned: _Owned) -> None:
+        """Hand on the whole frames in ``owned.inbound``, at most :data:`FRAMES_PER_TURN` before
+        the loop runs others' work; meanwhile the connection is not read, so a client sending
+        faster than its requests are served fills its own socket, not the host's memory."""
+        if self._owned.get(conn) is not owned:
+            return  # dropped meanwhile
         buffer = owned.inbound
-        buffer += chunk
-        if not MAGIC.startswith(bytes(buffer[: len(MAGIC)])):  # judged from the first byte
-            self._drop(conn, error="bytes after the secret that are not a request frame")
-            return
-        while len(buffer) >= MESSAGE.size:
+        for _ in range(FRAMES_PER_TURN):
+            if not MAGIC.startswith(bytes(buffer[: len(MAGIC)])):  # judged from the first byte
+                self._drop(conn, error="bytes after the secret that are not a request frame")
+                return
+            if len(buffer) < MESSAGE.size:
+                break
             try:
                 _, length = parse_header(buffer[: MESSAGE.size], (KIND_REQUEST,))
             except OSError as exc:
@@ -253,15 +266,23 @@ class DescriptorServer:
                 return
             end = MESSAGE.size + length
             if len(buffer) < end:
-                return
+                break
             payload = bytes(buffer[MESSAGE.size : end])
             del buffer[:end]
             self._request(conn, payload)
             if conn not in self._owned:
-                return  # the request ended the session (or broke the rules)
-            if buffer and not MAGIC.startswith(bytes(buffer[: len(MAGIC)])):
-                self._drop(conn, error="bytes after the secret that are not a request frame")
+                return  # the request ended the session
+        else:
+            if len(buffer) >= MESSAGE.size:
+                assert self._loop is not None
+                if not owned.paused:
+                    owned.paused = True
+                    self._loop.remove_reader(conn)
+                self._loop.call_soon(self._serve, conn, owned)
                 return
+        if owned.paused and self._loop is not None:
+            owned.paused = False
+            self._loop.add_reader(conn, self._read_owned, conn)
 
     def _drop(self, conn: socket.socket, *, tell: bool = True, error: str | None = None) -> None:
         """Close ``conn`` (idempotent); a session owning it is told (with the protocol error,
@@ -278,7 +299,7 @@ class DescriptorServer:
                     os.close(item.fd)
             owned.outbound.clear()
         if conn.fileno() >= 0 and self._loop is not None:
-            self._loop.remove_reader(conn)
+            self._loop.remove_reader(conn)  # (a no-op while paused)
             if owned is not None and owned.writing:
                 self._loop.remove_writer(conn)
         conn.close()
