@@ -1,7 +1,12 @@
 """A partition's attachment to the host service: the attach stream and what arrives on it.
 
 Threads: requests are queued by any thread and written by gRPC's request-consumer thread; one
-reader thread (``hvsock-attach``) receives every answer and event and routes it:
+reader thread (``hvsock-attach``) receives every answer and event and routes it. When the host
+offers control frames on its descriptor socket (``Welcome.control_socket``) and this process
+maps shared memory, the session moves there after the welcome: requests are written by the
+calling thread itself, and the descriptor socket's reader (``hvsock-control``) routes what
+arrives, at a fraction of a gRPC message's cost; the attach stream stays open, silent, and its
+reader only notices the host going away. Either way, what is routed:
 
 * answers wake the caller waiting on that request id (:class:`_Pending`);
 * an ``offer`` for a listener with backlog room is accepted at once (the kernel, not the
@@ -15,6 +20,7 @@ host is back; sockets open at that moment fail with ``ConnectionResetError``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -109,6 +115,8 @@ class Partition:
         #: says (a volume mounted at another path): HVSOCK_SHM_SOCKET.
         self.shm_socket = shm_socket or os.environ.get("HVSOCK_SHM_SOCKET") or None
         self._handover: Handover | None = None
+        #: The descriptor connection, once this session's requests and answers go there.
+        self._control: Handover | None = None
         #: The session's SessionData stream (opened with its first relayed end).
         self._link: Link | None = None
         self._lock = threading.Lock()
@@ -178,7 +186,9 @@ class Partition:
         # Attached only once the proof is done: a connect made as soon as wait_attached()
         # returns must already get shared memory.
         if welcome.shm_socket and self.data_path != "relay":
-            self._prove_shared_memory(self.shm_socket or welcome.shm_socket, welcome.session)
+            self._prove_shared_memory(
+                self.shm_socket or welcome.shm_socket, welcome.session, welcome.control_socket
+            )
         if self.data_path == "shm" and not self.shm:
             # End this session (its reader, one generation behind now, lets it go quietly).
             self._generation += 1
@@ -192,15 +202,27 @@ class Partition:
         self._lost.clear()
         self._attached.set()
 
-    def _prove_shared_memory(self, address: str, secret: str) -> None:
-        """Receive and map the host's probe over its descriptor socket and prove it; any
-        failure leaves this session on the relay."""
+    def _prove_shared_memory(self, address: str, secret: str, control: bool) -> None:
+        """Receive and map the host's probe over its descriptor socket and prove it (there,
+        moving the session's requests and answers to it, when the host offers ``control``);
+        any failure leaves this session on the relay."""
         try:
             handover = Handover(address, secret)
         except OSError as exc:
             # Another machine, container or user: the socket is not reachable from here.
             log.debug("no shared memory via %s (%s): using the relay", address, exc)
             return
+        if control:
+            generation, call = self._generation, self._call
+
+            def lost(reason: str) -> None:
+                # The attach stream's reader is the one place that handles losing the host.
+                if generation == self._generation and not (self._closed or self._stopping):
+                    log.debug("descriptor socket lost (%s)", reason)
+                    call.cancel()
+
+            handover.start_control(self._route, lost)
+            self._control = handover
         pending = self._send(prove_shared_memory=hvsock_pb2.ProveSharedMemory(nonce=handover.nonce))
         if (
             pending.done.wait(_HANDOVER_PROOF_TIMEOUT)
@@ -210,6 +232,7 @@ class Partition:
             self._handover = handover
             self.shm = True
         else:
+            self._control = None
             handover.close()
 
     def _read(self, call: Any, generation: int) -> None:
@@ -298,7 +321,7 @@ class Partition:
         pending = _Pending(on_answer)
         with self._lock:
             self._pending[request_id] = pending
-        self._requests.put(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
+        self._put(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
         return pending
 
     def notify(self, **kind: Any) -> None:
@@ -306,7 +329,17 @@ class Partition:
         answered, so the host spends no message on an acknowledgement."""
         if self._closed or not self._attached.is_set():
             return  # nothing to tell a host that is gone: it has dropped the channel already
-        self._requests.put(hvsock_pb2.AttachRequest(request_id=0, **kind))
+        self._put(hvsock_pb2.AttachRequest(request_id=0, **kind))
+
+    def _put(self, request: hvsock_pb2.AttachRequest) -> None:
+        control = self._control
+        if control is None:
+            self._requests.put(request)
+            return
+        # A broken connection means the host is gone: the control reader reports it, and
+        # whoever waits on an answer gets the loss (_connection_lost answers every pending one).
+        with contextlib.suppress(OSError):
+            control.send(request)
 
     def request(self, timeout: float | None = None, **kind: Any) -> hvsock_pb2.AttachResponse:
         """Send a request and wait for its answer; an in-stream error becomes an OSError."""
@@ -394,6 +427,7 @@ class Partition:
 
     def _drop_handover(self) -> None:
         handover, self._handover = self._handover, None
+        self._control = None
         if handover is not None:
             handover.close()
 
@@ -512,7 +546,11 @@ class Partition:
         self._stopping = True
         reader = self._reader
         if reader is not None and self._attached.is_set():
-            self._requests.put(None)
+            control = self._control
+            if control is not None:
+                control.shutdown_write()  # the requests' end, behind every one of them
+            else:
+                self._requests.put(None)
             reader.join(timeout)
         self.close()
 

@@ -302,10 +302,16 @@ class HvSocket:
             relay_window=self._relay_window,
         )
         self._connect_error = None
-        self._pending_connect = self.partition.send_request(
-            on_answer=self._on_connect_answer, connect=request
-        )
-        self._state = _CONNECTING
+        # Connecting before the request leaves: its answer may be routed (on the reader
+        # thread) before send_request returns, and must find the socket waiting for it.
+        state, self._state = self._state, _CONNECTING
+        try:
+            self._pending_connect = self.partition.send_request(
+                on_answer=self._on_connect_answer, connect=request
+            )
+        except BaseException:
+            self._state = state
+            raise
         self._finish_connect(wait=self._timeout != 0)
 
     def _on_connect_answer(self, answer: hvsock_pb2.AttachResponse) -> None:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.addresses import Address
@@ -76,6 +77,9 @@ T = TypeVar("T")
 #: Responses queued for one attach stream before the host gives up on a client that does not
 #: read them (it is detached, as a VM whose VMBus stopped answering would be).
 MAX_QUEUED_RESPONSES = 65536
+#: Why a session ends when its client ends its requests (its request stream, or its
+#: descriptor connection once requests moved there): the stream then ends OK.
+ATTACH_STREAM_ENDED = "attach stream ended"
 #: Events queued for one WatchEvents stream before the host cuts off a watcher that does not
 #: keep up (RESOURCE_EXHAUSTED): a watcher that stopped reading must not grow host memory.
 MAX_WATCH_BACKLOG = 10_000
@@ -144,6 +148,11 @@ class Attachment:
     shm_conn: socket.socket | None = None
     #: The nonce in the probe sent on shm_conn.
     shm_nonce: bytes = b""
+    #: Set once the session moved its requests to shm_conn (Welcome.control_socket): sends
+    #: one answer there; False when the client takes nothing more.
+    control: Callable[[hvsock_pb2.AttachResponse], bool] | None = None
+    #: Why the session was ended for breaking the control protocol (the stream's status).
+    error: errors.HvError | None = None
     #: Answers owed (connects, accepts), auto-accept credit, channels closed: pure state.
     book: SessionBook = field(default_factory=SessionBook)
     ended: str | None = None
@@ -157,13 +166,17 @@ class Attachment:
     def send(self, response: hvsock_pb2.AttachResponse) -> None:
         if self.ended is not None:
             return
-        if self.responses.qsize() >= self.max_queued:
+        if self.control is not None:
+            if self.control(response):
+                return
+        elif self.responses.qsize() < self.max_queued:
+            self.responses.put_nowait(response)
+            return
+        if self.ended is None:  # (the control connection may have broken meanwhile)
             self.end("the partition stopped reading its attach stream")
             if self.on_overflow is not None:
                 # Not now: send() runs inside event dispatch, and detaching is a core call.
                 asyncio.get_running_loop().call_soon(self.on_overflow, self)
-            return
-        self.responses.put_nowait(response)
 
     def end(self, reason: str) -> None:
         """Close the stream from the host side (the handler then detaches the partition)."""
@@ -215,11 +228,15 @@ class Host:
         self.store = store
         #: Hands ring memory to programs (None: shared memory is off, everything is relayed).
         self.handover = (
-            DescriptorServer(shm_socket, self._claim_handover, self._handover_lost)
+            DescriptorServer(
+                shm_socket, self._claim_handover, self._handover_lost, self._control_frame
+            )
             if shm_socket is not None
             else None
         )
         self._by_conn: dict[socket.socket, Attachment] = {}
+        #: Carries out one attach request (the servicer's; control frames go through it too).
+        self.serve_request: Callable[[hvsock_pb2.AttachRequest, Attachment], None] | None = None
         self.clock = clock
         # Monotonic -> wall clock, for timestamps shown to people.
         self._wall_offset = time.time() - clock()
@@ -673,12 +690,51 @@ class Host:
         self._by_conn[conn] = attachment
         return attachment.shm_nonce
 
-    def _handover_lost(self, conn: socket.socket) -> None:
+    def _handover_lost(self, conn: socket.socket, error: str | None) -> None:
         """The program closed its descriptor connection (or broke its protocol): the session's
-        later channel ends use the relay."""
+        later channel ends use the relay; a session whose requests came there is over."""
         attachment = self._by_conn.get(conn)
-        if attachment is not None:
+        if attachment is None:
+            return
+        if attachment.control is None:
             self._release_handover(attachment)
+            return
+        if error is not None:
+            attachment.error = errors.InvalidArgument(f"descriptor socket: {error}")
+        attachment.end(ATTACH_STREAM_ENDED if error is None else f"descriptor socket: {error}")
+
+    def _control_frame(self, conn: socket.socket, payload: bytes) -> None:
+        """One request frame from a session's descriptor connection (Welcome.control_socket)."""
+        attachment = self._by_conn.get(conn)
+        if attachment is None or attachment.ended is not None or self.serve_request is None:
+            return
+        try:
+            request = hvsock_pb2.AttachRequest.FromString(payload)
+        except DecodeError as exc:
+            self._control_broken(conn, f"request frame does not decode: {exc}")
+            return
+        if attachment.control is None:
+            # The first frame moves the session's requests here: only with the probe's proof,
+            # and before its answer leaves (it must come here too).
+            proof = request.prove_shared_memory.nonce
+            if request.WhichOneof("kind") != "prove_shared_memory" or not (
+                proof and secrets.compare_digest(proof, attachment.shm_nonce)
+            ):
+                self._control_broken(conn, "the first request frame must prove the probe")
+                return
+            handover, limit = self.handover, attachment.max_queued
+            assert handover is not None
+
+            def control(response: hvsock_pb2.AttachResponse) -> bool:
+                return handover.send_response(conn, response.SerializeToString(), limit)
+
+            attachment.control = control
+        self.serve_request(request, attachment)
+
+    def _control_broken(self, conn: socket.socket, why: str) -> None:
+        log.info("descriptor socket: %s", why)
+        if self.handover is not None:
+            self.handover.drop(conn, error=why)
 
     def _release_handover(self, attachment: Attachment) -> None:
         conn, attachment.shm_conn = attachment.shm_conn, None
@@ -803,6 +859,7 @@ def _describe(event: Event) -> tuple[str, str, int, str]:
 class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  # untyped gencode
     def __init__(self, host: Host) -> None:
         self.host = host
+        host.serve_request = self.serve_request
 
     async def GetInfo(
         self, request: hvsock_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
@@ -824,7 +881,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         welcome, attachment = await self._hello(first.hello, context)
         attachment.task = asyncio.current_task()
         reader: asyncio.Task[None] | None = None
-        reason = "attach stream ended"
+        reason = ATTACH_STREAM_ENDED
         try:
             # Inside the try: a client that hangs up before reading welcome is detached too.
             yield hvsock_pb2.AttachResponse(request_id=first.request_id, welcome=welcome)
@@ -845,7 +902,9 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                         await reader
             finally:
                 host.unregister(attachment, attachment.ended or reason)
-        if attachment.ended not in (None, "attach stream ended"):
+        if attachment.error is not None:
+            await abort(context, attachment.error)
+        if attachment.ended not in (None, ATTACH_STREAM_ENDED):
             await context.abort(grpc.StatusCode.UNAVAILABLE, attachment.ended)
 
     async def _hello(
@@ -892,6 +951,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             personality=_PERSONALITY_TO_PB[session.personality],
             session=attachment.secret,
             shm_socket=host.handover.address if host.handover is not None else "",
+            control_socket=host.handover is not None,
             limits=limits_pb(core),
             host=session.is_host,
             token=new_token,
@@ -930,25 +990,32 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             async for request in request_iterator:
                 if attachment.ended is not None:
                     return
-                try:
-                    response = self._handle(request, attachment)
-                except errors.HvError as err:
-                    response = hvsock_pb2.AttachResponse(error=error_message(err))
-                if response is None:
-                    continue
-                if request.request_id == 0:
-                    # A notification (close, shutdown, unlisten the client does not wait on):
-                    # never answered; a failure is only logged.
-                    if response.HasField("error"):
-                        log.debug("notification %s failed: %s", request, response.error)
-                    continue
-                response.request_id = request.request_id
-                attachment.send(response)
+                self.serve_request(request, attachment)
         except MalformedRequest as err:
             attachment.end(err.message)  # the reason the session is detached with
             raise
         finally:
-            attachment.end("attach stream ended")
+            attachment.end(ATTACH_STREAM_ENDED)
+
+    def serve_request(self, request: hvsock_pb2.AttachRequest, attachment: Attachment) -> None:
+        """Carry out one request of the session, from its stream or its descriptor connection,
+        and send its answer (if it has one now)."""
+        if attachment.ended is not None:
+            return
+        try:
+            response = self._handle(request, attachment)
+        except errors.HvError as err:
+            response = hvsock_pb2.AttachResponse(error=error_message(err))
+        if response is None:
+            return
+        if request.request_id == 0:
+            # A notification (close, shutdown, unlisten the client does not wait on): never
+            # answered; a failure is only logged.
+            if response.HasField("error"):
+                log.debug("notification %s failed: %s", request, response.error)
+            return
+        response.request_id = request.request_id
+        attachment.send(response)
 
     def _handle(
         self, request: hvsock_pb2.AttachRequest, attachment: Attachment

@@ -7,6 +7,14 @@ probe (:data:`KIND_PROBE`, a sealed file holding a nonce), then one per channel 
 session opens on shared memory (:data:`KIND_CHANNEL`). The host's side and the rules it
 enforces are in ``host_service/handover.py``; the proto documents the protocol for clients in
 other languages (``Welcome.shm_socket``).
+
+Control frames. A host that says so (``Welcome.control_socket``) also carries the session's
+attach requests and answers on this socket, which costs a fraction of a gRPC message: a frame is
+the same 16-byte header with kind :data:`KIND_REQUEST` (client -> host) or
+:data:`KIND_RESPONSE` (host -> client), the payload's length in the channel-id field, and then
+that many bytes of a serialized ``AttachRequest`` / ``AttachResponse``, never a descriptor. The
+client's first frame proves the probe (``ProveSharedMemory``); from the host's answer on, every
+answer of the session comes on this socket.
 """
 
 from __future__ import annotations
@@ -22,8 +30,12 @@ from .shm import check_sealed
 MAGIC = b"HVFD"
 KIND_PROBE = 1
 KIND_CHANNEL = 2
-#: magic, kind, channel id (0 for the probe).
+KIND_REQUEST = 3
+KIND_RESPONSE = 4
+#: magic, kind, channel id (0 for the probe; the payload's length for a control frame).
 MESSAGE = struct.Struct("<4sIQ")
+#: Largest control frame payload (attach requests and answers are a few hundred bytes).
+MAX_CONTROL_FRAME = 64 * 1024
 
 
 def unix_address(address: str) -> str:
@@ -33,6 +45,65 @@ def unix_address(address: str) -> str:
 
 def pack(kind: int, channel_id: int) -> bytes:
     return MESSAGE.pack(MAGIC, kind, channel_id)
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    """A control frame: header and payload."""
+    return MESSAGE.pack(MAGIC, kind, len(payload)) + payload
+
+
+def parse_header(header: bytes | bytearray | memoryview, kinds: tuple[int, ...]) -> tuple[int, int]:
+    """(kind, channel id or payload length) of a 16-byte header; ``OSError(EPROTO)`` for a bad
+    magic, a kind not in ``kinds`` or a control frame longer than :data:`MAX_CONTROL_FRAME`."""
+    magic, kind, value = MESSAGE.unpack(header)
+    if magic != MAGIC or kind not in kinds:
+        raise OSError(errno.EPROTO, "malformed message on the descriptor socket")
+    if kind in (KIND_REQUEST, KIND_RESPONSE) and value > MAX_CONTROL_FRAME:
+        raise OSError(errno.EPROTO, f"control frame of {value} bytes on the descriptor socket")
+    return kind, value
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    while len(view):
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionResetError(errno.ECONNRESET, "the host closed the descriptor socket")
+        view = view[n:]
+
+
+def receive_any(sock: socket.socket) -> tuple[int, int, int | bytes]:
+    """Read one host message of any kind: (kind, channel id, descriptor) for a probe or a
+    channel, (KIND_RESPONSE, length, payload) for a control frame. A descriptor is the
+    caller's. Errors as :func:`receive`."""
+    data, fds, flags, _ = socket.recv_fds(sock, MESSAGE.size, 1, socket.MSG_CMSG_CLOEXEC)
+    try:
+        if not data and not fds:
+            raise ConnectionResetError(errno.ECONNRESET, "the host closed the descriptor socket")
+        if flags & socket.MSG_CTRUNC:
+            raise OSError(errno.EPROTO, "malformed message on the descriptor socket")
+        header = bytearray(data)
+        if len(header) < MESSAGE.size:
+            # Only a control frame's header can arrive in pieces (a descriptor message is
+            # 16 bytes sent whole); the rest carries no descriptor.
+            if fds:
+                raise OSError(errno.EPROTO, "malformed message on the descriptor socket")
+            rest = bytearray(MESSAGE.size - len(header))
+            _recv_exactly(sock, memoryview(rest))
+            header += rest
+        kind, value = parse_header(header, (KIND_PROBE, KIND_CHANNEL, KIND_RESPONSE))
+        if kind == KIND_RESPONSE:
+            if fds:
+                raise OSError(errno.EPROTO, "a descriptor with a control frame")
+            payload = bytearray(value)
+            _recv_exactly(sock, memoryview(payload))
+            return kind, value, bytes(payload)
+        if len(fds) != 1:
+            raise OSError(errno.EPROTO, "malformed message on the descriptor socket")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return kind, value, fds[0]
 
 
 def receive(sock: socket.socket) -> tuple[int, int, int]:
