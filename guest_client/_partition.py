@@ -58,6 +58,9 @@ PERSONALITIES = {
 _REATTACH_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 #: Seconds the host has to acknowledge ProveSharedMemory.
 _HANDOVER_PROOF_TIMEOUT = 10.0
+#: Seconds the attach stream has to end by itself after the descriptor socket carrying the
+#: session's requests broke, before it is ended here.
+_CONTROL_LOSS_GRACE = 2.0
 
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -215,11 +218,19 @@ class Partition:
         if control:
             generation, call = self._generation, self._call
 
+            def cancel() -> None:
+                if generation == self._generation and not (self._closed or self._stopping):
+                    call.cancel()
+
             def lost(reason: str) -> None:
                 # The attach stream's reader is the one place that handles losing the host.
-                if generation == self._generation and not (self._closed or self._stopping):
-                    log.debug("descriptor socket lost (%s)", reason)
-                    call.cancel()
+                # Whenever the host closes this connection it ends the session's stream too,
+                # with the reason the program should hear (e.g. "partition stopped"): give
+                # that a moment to arrive before ending the stream here.
+                log.debug("descriptor socket lost (%s)", reason)
+                timer = threading.Timer(_CONTROL_LOSS_GRACE, cancel)
+                timer.daemon = True
+                timer.start()
 
             handover.start_control(self._route, lost)
             self._control = handover
