@@ -25,8 +25,10 @@ match its header. The memory lives until the last mapping and descriptor are gon
 process killed at any point leaves nothing behind.
 
 Ends are taken with an atomic fetch-or on ``mapped_mask``: two attachers can never both hold
-the same end. The creator keeps its descriptor (:meth:`Channel.fileno`) until
-:meth:`Channel.close_fd` or :meth:`Channel.close`, so that it can hand it over.
+the same end. :meth:`Channel.view_end` takes an end over an existing mapping (the host relaying
+an end over its broker's mapping): no second mapping, no second descriptor. The creator keeps
+its descriptor (:meth:`Channel.fileno`) until :meth:`Channel.close_fd` or :meth:`Channel.close`,
+so that it can hand it over.
 ``multiprocessing.shared_memory`` is not used: on Python 3.11 it registers even attached
 segments with the resource tracker.
 """
@@ -140,6 +142,11 @@ class Channel:
     _view: memoryview
     _slices: list[memoryview]
     _rings: tuple[Ring, Ring]
+    _mapping_users: list[int]  # Channels on this mapping (shared by views): the last unmaps
+    _mapping_lock: threading.Lock  # guards _mapping_users (views close on other threads)
+    _ring_pages: tuple[int, int]
+    _max_payload: int
+    _spin_ns: int | None
     _closed: bool
     _stall_waiters: int
     _stall_lock: threading.Lock
@@ -157,9 +164,17 @@ class Channel:
         ring_pages: tuple[int, int],
         max_payload: int,
         spin_ns: int | None,
+        share: Channel | None = None,
     ) -> Channel:
         self = cls.__new__(cls)
         self.end, self.is_creator, self._fd = end, fd is not None, fd
+        self._ring_pages, self._max_payload, self._spin_ns = ring_pages, max_payload, spin_ns
+        if share is None:
+            self._mapping_users, self._mapping_lock = [1], threading.Lock()
+        else:  # a view: one more user of ``share``'s mapping (undone by _unmap on failure)
+            self._mapping_users, self._mapping_lock = share._mapping_users, share._mapping_lock
+            with self._mapping_lock:
+                self._mapping_users[0] += 1
         # A creator dropped without close() still gives its descriptor back.
         self._fd_finalizer = None if fd is None else weakref.finalize(self, os.close, fd)
         self._mm = mm
@@ -264,6 +279,29 @@ class Channel:
             raise
         futex_wake(mm, OFF_MAPPED_MASK)
         return chan
+
+    def view_end(self, end: int) -> Channel:
+        """End ``end`` over this channel's own mapping (a broker's): taken in ``mapped_mask``
+        like :meth:`attach_fd`, but without a second mapping or descriptor (Python's mmap keeps
+        a descriptor per mapping: a host relaying ten thousand ends would run out). The view
+        has rings of its own (an end's private indices); the memory stays mapped until this
+        channel and every view of it are closed, in any order, on any threads."""
+        if end not in (0, 1):
+            raise ValueError("end must be 0 or 1")
+        self._check_open()
+        _take_end(self._mm, end)
+        view = Channel._from_mapping(
+            self._mm,
+            end,
+            None,
+            False,
+            self._ring_pages,
+            self._max_payload,
+            self._spin_ns,
+            share=self,
+        )
+        futex_wake(self._mm, OFF_MAPPED_MASK)
+        return view
 
     @classmethod
     def pair(
@@ -413,7 +451,11 @@ class Channel:
             part.release()
         self._slices.clear()
         self._view.release()
-        self._mm.close()
+        with self._mapping_lock:
+            self._mapping_users[0] -= 1
+            last = self._mapping_users[0] == 0
+        if last:  # every channel on the mapping has released its views of it
+            self._mm.close()
 
     def close(self) -> None:
         """Unmap this end (the creator also drops its descriptor).
