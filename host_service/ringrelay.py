@@ -21,8 +21,9 @@ three things to start it again:
 
 Before parking in the watcher, a pump that has just moved bytes waits in the ring for
 :data:`GRACE` seconds (spinning, then a futex sleep), so a busy stream keeps its thread and
-pays no hand-off, while an idle one lets it go. The reader reads into a buffer of its worker
-thread (a window's worth, allocated once per thread, not per channel).
+pays no hand-off, while an idle one lets it go. The reader reads small amounts into buffers of
+their size and large ones into a buffer of its worker thread (allocated on the first large read
+of that thread): window buffers exist while data is in flight, never per channel.
 
 State. Per direction, ``_rx_active`` / ``_tx_active`` say a job runs, is queued, or is parked in
 the watcher; at most one job per direction exists, and only the code that clears the flag (a
@@ -45,7 +46,6 @@ most ``MAX_UNSENT`` bytes of an end wait for the stream at once.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 from collections.abc import Callable
@@ -73,7 +73,10 @@ GRACE = 0.005
 _WORKERS = WorkerPool()
 #: Sleeps on the rings of parked pumps.
 _WATCHER = RingWatcher()
-#: The reader's buffer, one per worker thread.
+#: Reads of up to this many bytes go into a buffer of their own size (an idle end's one
+#: message costs no window); larger ones into the worker thread's buffer.
+_SMALL_READ = 65536
+#: The reader's buffer for large reads, one per worker thread (allocated on first use).
 _SCRATCH = threading.local()
 
 
@@ -97,17 +100,28 @@ _READER_EOF = "reader_eof"  # the ring from the peer reached EOF (FIN, or rescin
 _CORRUPT = "corrupt"  # a ring of this end is corrupt (value: (the ring it reads?, why))
 
 
-class _Gate(threading.Event):
-    """A stall gate (cleared while the host stalls that direction): setting it also starts the
-    direction's pump, which stopped at the closed gate without a thread waiting on it."""
+class _Gate:
+    """A stall gate (cleared while the host stalls that direction), with ``threading.Event``'s
+    set/clear/is_set: setting it also starts the direction's pump, which stopped at the closed
+    gate without a thread waiting on it (an Event would cost a Condition per gate for
+    nothing). The flag is read by the pump under the relay's lock after ``set`` has stored it
+    and before ``set`` takes that lock to start the pump, so a pump never misses the opening."""
+
+    __slots__ = ("_kick", "_open")
 
     def __init__(self, kick: Callable[[], None]) -> None:
-        super().__init__()
+        self._open = True
         self._kick = kick
 
     def set(self) -> None:
-        super().set()
+        self._open = True
         self._kick()
+
+    def clear(self) -> None:
+        self._open = False
+
+    def is_set(self) -> bool:
+        return self._open
 
 
 def _scratch() -> bytearray:
@@ -119,6 +133,47 @@ def _scratch() -> bytearray:
 
 class RingRelay:
     """The host's side of one relayed channel end whose peer's bytes go through the rings."""
+
+    # Slots: ten thousand idle ends each carry these and nothing more.
+    __slots__ = (
+        "_alive",
+        "_closed",
+        "_credit",
+        "_fin",
+        "_inbound",
+        "_item",
+        "_item_size",
+        "_lock",
+        "_parked",
+        "_pulled",
+        "_read",
+        "_reader",
+        "_room_told",
+        "_rx_active",
+        "_rx_over",
+        "_rx_watch",
+        "_stopping",
+        "_told",
+        "_tx_active",
+        "_tx_over",
+        "_tx_watch",
+        "_unsent",
+        "channel_id",
+        "corrupt",
+        "end",
+        "finished",
+        "index",
+        "key",
+        "owner",
+        "reader_eof",
+        "recv_running",
+        "reset",
+        "send_running",
+        "sent",
+        "session_id",
+        "side",
+        "vm_id",
+    )
 
     def __init__(
         self,
@@ -156,7 +211,9 @@ class RingRelay:
         self._stopping = False
         self._alive = 0  # active directions (the mapping goes when none is, once stopping)
         self._closed = False  # mapping released
-        self._inbound: collections.deque[bytes | _Fin | _Close] = collections.deque()
+        # A list, not a deque: it holds a few frames at most (the window), and an empty deque
+        # costs 600 bytes per end, idle or not.
+        self._inbound: list[bytes | _Fin | _Close] = []
         # The writer's own (only the one writer job touches them).
         self._item: memoryview | _Fin | _Close | None = None  # taken, not yet all written
         self._item_size = 0  # bytes of the data item taken (``_item`` is what is left of it)
@@ -172,9 +229,7 @@ class RingRelay:
         # Cleared while the host stalls this end: the client's data stops going into the ring
         # (its sends), and the ring's data stops going to the client (its receives). Open.
         self.send_running = _Gate(self._kick_writer)
-        threading.Event.set(self.send_running)
         self.recv_running = _Gate(self._kick_reader)
-        threading.Event.set(self.recv_running)
 
     # -- loop side -------------------------------------------------------------------------
 
@@ -315,7 +370,7 @@ class RingRelay:
                     if self._stopping:
                         break
                     if self._item is None and self._inbound:
-                        queued = self._inbound.popleft()
+                        queued = self._inbound.pop(0)
                         if isinstance(queued, bytes):
                             self._item, self._item_size = memoryview(queued), len(queued)
                         else:
@@ -413,7 +468,6 @@ class RingRelay:
         """Read while there is credit: False (out of credit, or stalled), True (over for
         good), or None (parked in the watcher, whose callback runs the next job)."""
         rx, post = self.end.rx, self.owner.post
-        buffer = _scratch()
         resume = self._resume(self._read_ring, "hvsock-relay-rx")
         moved = False
         over = False
@@ -434,8 +488,11 @@ class RingRelay:
                     break
                 if not self.recv_running.is_set():
                     continue  # the check above ends the job; the gate starts it again
+                # A small read into its own buffer; a large one into the thread's.
+                small = min(room, rx.readable())
+                target = bytearray(small) if small <= _SMALL_READ else _scratch()
                 try:
-                    n = rx.read_into(buffer, room, 0)
+                    n = rx.read_into(target, min(room, len(target)), 0)
                 except BlockingIOError:
                     moved = False  # woken by something else than data: wait again
                     continue
@@ -447,7 +504,8 @@ class RingRelay:
                     self._read += n
                     self._unsent += n
                 metrics.BYTES.labels("to_client").inc(n)
-                post(_DATA, self, bytes(memoryview(buffer)[:n]))
+                data = bytes(target) if n == len(target) else bytes(memoryview(target)[:n])
+                post(_DATA, self, data)
                 moved = True
         except RingCorruptError as exc:
             # Ring contents are the peer's to spoil: the channel is rescinded and the client
