@@ -349,8 +349,12 @@ class RingRelay:
                 self._tx_watch = watch
         return True
 
-    def _resume(self, pump: Callable[[], None], name: str) -> Callable[[], object]:
-        return lambda: _WORKERS.run(pump, name)
+    # The watches' callbacks (bound methods: the watch of an idle end is all it holds).
+    def _resume_writer(self) -> None:
+        _WORKERS.run(self._write_ring, "hvsock-relay-tx")
+
+    def _resume_reader(self) -> None:
+        _WORKERS.run(self._read_ring, "hvsock-relay-rx")
 
     # -- the writer: client -> ring ------------------------------------------------------------
 
@@ -455,8 +459,7 @@ class RingRelay:
 
     def _park_writer(self, need: int) -> bool:
         tx = self.end.tx
-        resume = self._resume(self._write_ring, "hvsock-relay-tx")
-        return self._park(False, lambda: _WATCHER.writable(tx, need, resume))
+        return self._park(False, lambda: _WATCHER.writable(tx, need, self._resume_writer))
 
     # -- the reader: ring -> client ------------------------------------------------------------
 
@@ -468,7 +471,6 @@ class RingRelay:
         """Read while there is credit: False (out of credit, or stalled), True (over for
         good), or None (parked in the watcher, whose callback runs the next job)."""
         rx, post = self.end.rx, self.owner.post
-        resume = self._resume(self._read_ring, "hvsock-relay-rx")
         moved = False
         over = False
         try:
@@ -483,7 +485,7 @@ class RingRelay:
                     room = min(MAX_FRAME_DATA, self._credit - self._read)
                 # Wait for data outside the read, so a stall that starts meanwhile holds it.
                 if not rx.wait_readable(GRACE if moved else 0):
-                    if self._park(True, lambda: _WATCHER.readable(rx, resume)):
+                    if self._park(True, lambda: _WATCHER.readable(rx, self._resume_reader)):
                         return None
                     break
                 if not self.recv_running.is_set():
