@@ -69,8 +69,10 @@ MAX_UNSENT = 1 << 20
 #: Seconds a pump that has just moved bytes waits in the ring before it parks in the watcher.
 GRACE = 0.005
 
-#: The relay pumps (started threads would cost the event loop a wait for each to run).
-_WORKERS = WorkerPool()
+#: The relay pumps (started threads would cost the event loop a wait for each to run). A pump
+#: holds its worker only while its end moves bytes, so a few idle workers serve many ends; more
+#: would only keep their stacks (about 48 KiB each) after a burst.
+_WORKERS = WorkerPool(max_idle=16)
 #: Sleeps on the rings of parked pumps.
 _WATCHER = RingWatcher()
 #: Reads of up to this many bytes go into a buffer of their own size (an idle end's one
