@@ -77,7 +77,7 @@ _WORKERS = WorkerPool(max_idle=16)
 _WATCHER = RingWatcher()
 #: Reads of up to this many bytes go into a buffer of their own size (an idle end's one
 #: message costs no window); larger ones into the worker thread's buffer.
-_SMALL_READ = 65536
+_SMALL_READ = 4096
 #: The reader's buffer for large reads, one per worker thread (allocated on first use).
 _SCRATCH = threading.local()
 
@@ -393,8 +393,8 @@ class RingRelay:
                     # Everything sent is in the ring and the client is at its limit: once the
                     # peer has freed a quarter of the ring, ask the loop for a new grant.
                     step = max(min(tx.data_size // 4, tx.max_payload), 64)
-                    metrics.RING_FULL_WAITS.inc()
                     if not tx.wait_writable(step, 0):
+                        metrics.RING_FULL_WAITS.inc()
                         if self._park_writer(room_for(tx, step)):
                             return None
                         break
