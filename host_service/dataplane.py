@@ -106,7 +106,8 @@ class DataPlane:
         if path is EndPath.RELAY:
             if relays is None:
                 raise ValueError("a relayed end needs its session's SessionData")
-            attached = shm.Channel.attach_fd(rings.broker.fileno(), end=end)
+            # Over the broker's mapping: a second one would cost a descriptor per relayed end.
+            attached = rings.broker.view_end(end)
             try:
                 relay, send_limit = relays.open_end(attached, side, vm_id, channel_id, window)
             except BaseException:

@@ -6,13 +6,14 @@ frame validation) and, while the client has it open, the stream itself. The serv
 (:meth:`SessionData.serve`) only translates: each request's frames go through the pure
 session, whose effects are carried out here; what the ends produce is batched into responses.
 
-Threads. Ring waits block on futexes, which asyncio cannot await, so a relayed end that moves
-bytes has up to two pumps on pooled worker threads (``workers.WorkerPool``), started on first
-use: a writer (client data -> the ring toward the peer) and a reader (the ring from the peer ->
-the client, within the client's credit). Pumps never touch the pure session or the stream:
-they post to the event loop through :meth:`SessionData.post`, which batches every post made
-before the loop gets to them into one ``call_soon_threadsafe``. Everything else runs on the
-event loop.
+Threads. Ring waits block on futexes, which asyncio cannot await, so each relayed end
+(``ringrelay.RingRelay``) has two pumps that run on pooled worker threads while they have
+work and park (no thread) in a ring watcher when they have none: a writer (client data -> the
+ring toward the peer) and a reader (the ring from the peer -> the client, within the client's
+credit); see ``ringrelay`` for their life cycle. Pumps never touch the pure session or the
+stream: they post to the event loop through :meth:`SessionData.post`, which batches every post
+made before the loop gets to them into one ``call_soon_threadsafe``. Everything else runs on
+the event loop.
 
 Windows (see ``core.relay``): the client's send limit is ``delivered + ring room + window``,
 computed on the loop whenever the writer reports bytes written into the ring (or, when the
@@ -25,8 +26,8 @@ Teardown. An end is *finished* exactly once (:meth:`SessionData._finish`): its l
 (peer FIN is not last; ``reset`` or ``close_done`` is) goes out, the pure session forgets it
 and its pumps are told to stop. The mapping of its rings is released by whichever of the
 pumps and :meth:`RingRelay.stop` comes last (``RingRelay._alive``), so no thread is ever inside
-a ring when it is unmapped; a pump blocked in a ring wait returns when the ring is rescinded
-(the channel's removal rescinds it) or moves.
+a ring, nor a watch armed on it, when it is unmapped; a pump parked in the watcher is started
+by ``stop`` cancelling its watch, and ends.
 """
 
 from __future__ import annotations
@@ -35,19 +36,15 @@ import asyncio
 import collections
 import contextlib
 import logging
-import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from hvsock.v1 import hvsock_pb2
-from hvsock_common.workers import WorkerPool
-from ring import RingCorruptError, shm
+from ring import shm
 
-from . import metrics
 from .core import errors
 from .core.relay import (
-    MAX_FRAME_DATA,
     ClientClosed,
     ClientCredit,
     ClientData,
@@ -56,259 +53,28 @@ from .core.relay import (
     ResetEnd,
 )
 from .core.types import Side
+from .ringrelay import (
+    _CLOSE,
+    _CLOSED,
+    _CORRUPT,
+    _DATA,
+    _FIN,
+    _FIN_WRITTEN,
+    _READER_EOF,
+    _ROOM,
+    _WRITTEN,
+    MAX_UNSENT,
+    RingRelay,
+)
 from .status import error_message
+
+__all__ = ["MAX_RESPONSE_DATA", "RingRelay", "SessionData"]
 
 log = logging.getLogger("hvsock.host.relay")
 
-#: Bytes of one end read from the ring and not yet written to the stream, at most.
-MAX_UNSENT = 1 << 20
 #: Data bytes in one response, at most: a response is one gRPC message, and clients (like the
 #: host) take messages of up to 1 MiB; this leaves room for the frames' own fields.
 MAX_RESPONSE_DATA = 1_000_000
-
-#: The relay pumps (started threads would cost the event loop a wait for each to run).
-_WORKERS = WorkerPool()
-
-
-class _Fin:
-    """Marker in the writer's queue: the client sent FIN."""
-
-
-class _Close:
-    """Marker in the writer's queue: the client closed its end."""
-
-
-class _Stop:
-    """Marker in the writer's queue: tear down."""
-
-
-_FIN, _CLOSE, _STOP = _Fin(), _Close(), _Stop()
-
-# What pumps post to the loop: (kind, relay, value).
-_DATA = "data"  # value: bytes read from the ring for the client
-_WRITTEN = "written"  # the writer wrote into the ring (value: its total, the ring's room)
-_ROOM = "room"  # the client is at its limit and the ring has room again (value: as _WRITTEN)
-_FIN_WRITTEN = "fin_written"  # the client's FIN is in the ring
-_CLOSED = "closed"  # the client's close: everything it sent (and FIN) is in the ring
-_READER_EOF = "reader_eof"  # the ring from the peer reached EOF (FIN, or rescinded and drained)
-_CORRUPT = "corrupt"  # a ring of this end is corrupt (value: (the ring it reads?, why))
-
-
-class RingRelay:
-    """The host's side of one relayed channel end whose peer's bytes go through the rings."""
-
-    def __init__(
-        self,
-        end: shm.Channel,
-        side: Side,
-        vm_id: str,
-        session_id: int,
-        channel_id: int,
-        owner: SessionData,
-        told: int,
-    ) -> None:
-        self.end = end
-        self.side = side
-        #: The end's number in frames: 0 the connector, 1 the acceptor.
-        self.index = 0 if side is Side.CONNECTOR else 1
-        self.key = (channel_id, self.index)
-        self.vm_id = vm_id
-        self.session_id = session_id
-        self.channel_id = channel_id
-        self.owner = owner
-        #: Client -> ring bytes written (the writer's count; read for diagnostics).
-        self.sent = 0
-        # Cleared while the host stalls this end: the client's data stops going into the ring
-        # (its sends), and the ring's data stops going to the client (its receives).
-        self.send_running = threading.Event()
-        self.send_running.set()
-        self.recv_running = threading.Event()
-        self.recv_running.set()
-        # Guards everything the pumps and the loop share below.
-        self._cond = threading.Condition()
-        self._told = told  # the client's send limit as told (the writer waits on it)
-        self._credit = 0  # the client's receive limit
-        self._read = 0  # bytes read from the ring for the client
-        self._unsent = 0  # of those, not yet written to the stream
-        self._parked = False  # the reader waits for credit (all it read is posted)
-        self._stopping = False
-        self._alive = 0  # pumps running (the mapping goes when the last one and stop() are out)
-        self._closed = False  # mapping released
-        self._inbound: queue.SimpleQueue[bytes | _Fin | _Close | _Stop] = queue.SimpleQueue()
-        self._writer = self._reader = False  # started
-        # Loop-side state.
-        self.reset: str | None = None  # the channel was rescinded: why
-        #: A ring of this end is corrupt: (whether it is the ring it reads, why).
-        self.corrupt: tuple[bool, str] | None = None
-        self.reader_eof = False
-        self.finished = False
-
-    # -- loop side -------------------------------------------------------------------------
-
-    def push(self, item: bytes | _Fin | _Close | _Stop) -> None:
-        self._inbound.put(item)
-        if not self._writer:
-            self._writer = self._start(self._write_ring, "hvsock-relay-tx")
-
-    def credit(self, limit: int) -> None:
-        with self._cond:
-            self._credit = limit
-            self._cond.notify_all()
-        if not self._reader:
-            self._reader = self._start(self._read_ring, "hvsock-relay-rx")
-
-    def tell(self, limit: int) -> None:
-        with self._cond:
-            self._told = limit
-            self._cond.notify_all()
-
-    def written_out(self, n: int) -> None:
-        """``n`` bytes of this end went onto the stream."""
-        with self._cond:
-            self._unsent -= n
-            self._cond.notify_all()
-
-    def _start(self, pump: Callable[[], None], name: str) -> bool:
-        with self._cond:
-            if self._stopping:
-                return False
-            self._alive += 1
-        _WORKERS.run(pump, name)
-        return True
-
-    def stop(self) -> None:
-        """Tell the pumps to return (a pump in a ring wait returns when the ring moves or is
-        rescinded); the mapping goes once the last one has."""
-        with self._cond:
-            if self._stopping:
-                return
-            self._stopping = True
-            self._cond.notify_all()
-            last = self._alive == 0
-        self._inbound.put(_STOP)
-        self.send_running.set()
-        self.recv_running.set()
-        if last:
-            self._release()
-
-    def _release(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-        self.end.close()
-
-    def _pump_done(self) -> None:
-        with self._cond:
-            self._alive -= 1
-            last = self._stopping and self._alive == 0
-        if last:
-            self._release()
-
-    # -- pumps -----------------------------------------------------------------------------
-
-    def _write_ring(self) -> None:
-        tx, post = self.end.tx, self.owner.post
-        # Wait for this much room before telling a blocked client: a quarter of the ring, so
-        # the next grant is on its way while the peer drains the rest.
-        step = max(min(tx.data_size // 4, tx.max_payload), 64)
-        pulled = 0
-        fin = False  # past the client's FIN only close (or stop) can come: wait for it
-        try:
-            while True:
-                try:
-                    item = self._inbound.get(block=fin or pulled < self._told)
-                except queue.Empty:
-                    # Everything sent is in the ring and the client is at its limit: sleep on
-                    # the ring until the peer frees room, then wait for the loop's new grant.
-                    metrics.RING_FULL_WAITS.inc()
-                    tx.wait_writable(step, None)
-                    if tx.is_rescinded:
-                        return
-                    post(_ROOM, self, (self.sent, tx.writable()))
-                    with self._cond:
-                        while not (self._stopping or self._told > pulled):
-                            self._cond.wait()
-                        if self._stopping:
-                            return
-                    continue
-                if isinstance(item, _Stop):
-                    return
-                self.send_running.wait()
-                if isinstance(item, _Fin):
-                    tx.fin(None)
-                    fin = True
-                    post(_FIN_WRITTEN, self, None)
-                    continue
-                if isinstance(item, _Close):
-                    if not tx.fin_sent:
-                        tx.fin(None)
-                    post(_CLOSED, self, None)
-                    return
-                pulled += len(item)
-                tx.write_all(item, None)
-                self.sent += len(item)
-                metrics.BYTES.labels("from_client").inc(len(item))
-                # The room is read here, by the ring's writer: writable() is the owner's call
-                # (it checks the writer's own index), and from the loop thread it could catch
-                # a publish half done and mark the ring corrupt (INDEX_MOVED).
-                post(_WRITTEN, self, (self.sent, tx.writable()))
-        except RingCorruptError as exc:
-            # The ring's control page is impossible (someone mapping the memory wrote it): the
-            # channel is rescinded, nothing more.
-            log.warning("relay write on %s: %s", self.vm_id, exc)
-            self.end.rescind()
-            post(_CORRUPT, self, (False, str(exc)))
-        except OSError as exc:  # rescinded (EPIPE), or unmapped at teardown
-            log.debug("relay write on %s ended: %s", self.vm_id, exc)
-        finally:
-            self._pump_done()
-
-    def _read_ring(self) -> None:
-        rx, post, cond = self.end.rx, self.owner.post, self._cond
-        buffer = bytearray(MAX_FRAME_DATA)
-        try:
-            while True:
-                with cond:
-                    # Never beyond the client's credit, and never far ahead of the stream.
-                    # Parked, everything this pump read is posted already (the loop relies on
-                    # that to finish a rescinded end without waiting for more credit).
-                    self._parked = True
-                    cond.wait_for(
-                        lambda: (
-                            self._stopping
-                            or (self._credit > self._read and self._unsent < MAX_UNSENT)
-                        )
-                    )
-                    self._parked = False
-                    if self._stopping:
-                        return
-                    room = min(MAX_FRAME_DATA, self._credit - self._read)
-                # Wait for data outside the read, so a stall that starts meanwhile holds it.
-                self.recv_running.wait()
-                rx.wait_readable(None)
-                self.recv_running.wait()
-                if self._stopping:
-                    return
-                n = rx.read_into(buffer, room, None)
-                if n == 0:
-                    post(_READER_EOF, self, None)
-                    return
-                with cond:
-                    self._read += n
-                    self._unsent += n
-                metrics.BYTES.labels("to_client").inc(n)
-                post(_DATA, self, bytes(memoryview(buffer)[:n]))
-        except RingCorruptError as exc:
-            # Ring contents are the peer's to spoil: the channel is rescinded and the client
-            # gets the error a shared-memory reader would get, not an EOF hiding truncation.
-            log.warning("relay read on %s: %s", self.vm_id, exc)
-            self.end.rescind()
-            post(_CORRUPT, self, (True, exc.strerror or str(exc)))
-        except OSError as exc:  # unmapped at teardown
-            log.debug("relay read on %s ended: %s", self.vm_id, exc)
-        finally:
-            self._pump_done()
 
 
 class SessionData:
@@ -372,7 +138,7 @@ class SessionData:
         if relay.reader_eof or not relay._reader or not self.streaming:
             self._finish_reset(relay)
             return
-        with relay._cond:
+        with relay._lock:
             parked = relay._parked
         if parked:
             # All the reader read is posted: take those posts first (they go out before the

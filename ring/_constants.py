@@ -122,6 +122,10 @@ def packet_len(n: int) -> int:
 # threshold readiness observers sleep on. ring/_layout.pxd spells it out as 80.
 WATCH_SPACE = packet_len(1) + FIN_PACKET_LEN + 8
 
+# Ring waits one WaitSet holds: futex_waitv(2) takes at most 128 words, and one is the set's own
+# wake-up word.
+WAITSET_CAPACITY = 127
+
 
 def ring_bytes(pages: int) -> int:
     """Total bytes (control page + data area) of a ring of ``pages`` 4 KiB pages."""

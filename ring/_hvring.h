@@ -101,11 +101,66 @@ static inline int hv_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeo
 #endif
 }
 
+/*
+ * Vectorised wait (futex_waitv(2), Linux 5.16+): sleep until one of the n words (at most
+ * HV_WAITV_MAX) no longer holds its expected value or is woken, at most until the absolute
+ * CLOCK_MONOTONIC deadline_ns (< 0: no limit). ``shared`` says per word whether it lives in
+ * shared memory (a ring's sequence word: keyed by inode and offset, woken by another process)
+ * or in this process only (FUTEX2_PRIVATE). Returns 0 when woken (or spuriously), EAGAIN when a
+ * word differs already, ETIMEDOUT, EINTR; ENOSYS where there is no futex_waitv (the caller
+ * then polls).
+ */
+#define HV_WAITV_MAX 128
+
+struct hv_waitv {            /* the kernel's struct futex_waitv, spelled out for old headers */
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
+#define HV_FUTEX2_SIZE_U32 0x02
+#define HV_FUTEX2_PRIVATE 128
+
+static inline int hv_futex_waitv(struct hv_waitv *waiters, unsigned int n, int64_t deadline_ns)
+{
+#if HV_HAVE_FUTEX
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449  /* the same number on every architecture (a new-style syscall) */
+#endif
+    struct timespec ts, *tsp = NULL;
+    if (deadline_ns >= 0) {
+        ts.tv_sec = (time_t)(deadline_ns / 1000000000LL);
+        ts.tv_nsec = (long)(deadline_ns % 1000000000LL);
+        tsp = &ts;
+    }
+    long rc = syscall(SYS_futex_waitv, waiters, n, 0, tsp, CLOCK_MONOTONIC);
+    if (rc >= 0)
+        return 0;
+    return errno;
+#else
+    (void)waiters; (void)n; (void)deadline_ns;
+    return ENOSYS;
+#endif
+}
+
 /* Wake up to n waiters sleeping on addr; returns the number woken (or -errno). */
 static inline int hv_futex_wake(uint32_t *addr, int n)
 {
 #if HV_HAVE_FUTEX
     long rc = syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+    return rc < 0 ? -errno : (int)rc;
+#else
+    (void)addr; (void)n;
+    return 0;
+#endif
+}
+
+/* hv_futex_wake for a word private to this process (a FUTEX2_PRIVATE waiter's). */
+static inline int hv_futex_wake_private(uint32_t *addr, int n)
+{
+#if HV_HAVE_FUTEX
+    long rc = syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
     return rc < 0 ? -errno : (int)rc;
 #else
     (void)addr; (void)n;

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 __all__ = [
     "IMPLEMENTATION",
     "Ring",
+    "WaitSet",
     "atomic_fetch_or",
     "atomic_load",
     "atomic_store",
@@ -23,14 +24,38 @@ IMPLEMENTATION: str
 
 if TYPE_CHECKING:
     # Both implementations have the same API; the compiled one's stub is the public type.
-    from ._ring import Ring, atomic_fetch_or, atomic_load, atomic_store, futex_wait, futex_wake
+    from ._ring import (
+        Ring,
+        WaitSet,
+        atomic_fetch_or,
+        atomic_load,
+        atomic_store,
+        futex_wait,
+        futex_wake,
+    )
 
     IMPLEMENTATION = "cython"
 elif os.environ.get("HVSOCK_RING_IMPL") == "python":
-    from ._pyring import Ring, atomic_fetch_or, atomic_load, atomic_store, futex_wait, futex_wake
+    from ._pyring import (
+        Ring,
+        WaitSet,
+        atomic_fetch_or,
+        atomic_load,
+        atomic_store,
+        futex_wait,
+        futex_wake,
+    )
 
     IMPLEMENTATION = "python"
 else:
-    from ._ring import Ring, atomic_fetch_or, atomic_load, atomic_store, futex_wait, futex_wake
+    from ._ring import (
+        Ring,
+        WaitSet,
+        atomic_fetch_or,
+        atomic_load,
+        atomic_store,
+        futex_wait,
+        futex_wake,
+    )
 
     IMPLEMENTATION = "cython"

@@ -57,6 +57,20 @@
 #     1-byte packet plus the FIN reserve); FUTEX_WAIT. The reader signals also when
 #     space_watchers > 0 and free_before < WATCH_SPACE <= free_after, and wakes when
 #     space_waiters or space_watchers > 0.
+#
+# Wait sets (WaitSet: one thread sleeps on up to WAITSET_CAPACITY rings at once with
+# futex_waitv, each word armed with the protocol above, never with a spin):
+#   data: as an observer (data_waiters += 1 while armed; ready when the observer's condition
+#     holds), so it may be armed whatever the reader did last.
+#   space: as the writer's DELEGATE, for a writer that has handed its waiting over and runs
+#     no ring call until the set has disarmed the entry (the hand-over orders the two):
+#     pending_send_sz = need; space_waiters += 1; ready when the writer's own condition
+#     (free >= need, from its private write index) holds; disarming stores
+#     pending_send_sz = 0. The reader then signals exactly as for the writer itself.
+#   Arming happens once per entry (the counts stay raised while it is in the set); every
+#   round of the set reads each entry's sequence word, THEN re-checks its condition, then
+#   sleeps on all the words read, so a signal between the read and the sleep is never lost.
+#   Each armed entry keeps its Ring busy (close() refuses, EBUSY) until disarmed.
 # ---------------------------------------------------------------------------------------
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -81,6 +95,14 @@ cdef extern from "_hvring.h" nogil:
     int64_t hv_now_ns()
     int hv_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns)
     int hv_futex_wake(uint32_t *addr, int n)
+    int hv_futex_wake_private(uint32_t *addr, int n)
+    enum: HV_WAITV_MAX, HV_FUTEX2_SIZE_U32, HV_FUTEX2_PRIVATE
+    struct hv_waitv:
+        uint64_t val
+        uint64_t uaddr
+        uint32_t flags
+        uint32_t reserved
+    int hv_futex_waitv(hv_waitv *waiters, unsigned int n, int64_t deadline_ns)
 
 
 cdef enum:
@@ -118,6 +140,7 @@ cdef enum:
     WRITE_RESERVE = 72
     WATCH_SPACE = 80  # packet_len(1) + FIN_PACKET_LEN + 8: what wait_writable(1) waits for
     MIN_RING_PAGES = 2
+    WAITSET_CAPACITY = 127  # futex_waitv takes 128 words; one is the set's own wake-up word
 
     # status codes (ring/_errors.py)
     ST_OK = 0

@@ -63,6 +63,7 @@ from ._constants import (
     W_SPACE_WATCHERS,
     W_VERSION,
     W_WRITE_INDEX,
+    WAITSET_CAPACITY,
     WATCH_SPACE,
     WRITE_RESERVE,
     packet_len,
@@ -92,7 +93,15 @@ from ._errors import (
     status_error,
 )
 
-__all__ = ["Ring", "atomic_fetch_or", "atomic_load", "atomic_store", "futex_wait", "futex_wake"]
+__all__ = [
+    "Ring",
+    "WaitSet",
+    "atomic_fetch_or",
+    "atomic_load",
+    "atomic_store",
+    "futex_wait",
+    "futex_wake",
+]
 
 _HDR = struct.Struct("<HHHHQII")  # descriptor (type, offset8, len8, flags, trans_id) + pipe header
 _TRAILER = struct.Struct("<Q")
@@ -108,6 +117,11 @@ _SYS_FUTEX: int = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(
 )
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
+_FUTEX_PRIVATE_FLAG = 128
+_SYS_FUTEX_WAITV = 449 if _SYS_FUTEX >= 0 else -1  # one number on every architecture
+_FUTEX2_SIZE_U32 = 0x02
+_FUTEX2_PRIVATE = 128
+_CLOCK_MONOTONIC = 1
 
 
 class _Timespec(ctypes.Structure):
@@ -156,6 +170,39 @@ def _futex_wake_addr(addr: int, count: int) -> int:
         ctypes.c_int(0),
     )
     return int(rc) if rc >= 0 else -ctypes.get_errno()
+
+
+class _Waitv(ctypes.Structure):
+    _fields_ = [
+        ("val", ctypes.c_uint64),
+        ("uaddr", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+def _futex_waitv_addrs(words: list[tuple[int, int, bool]], timeout_ns: int) -> None:
+    """futex_waitv on (address, expected, shared) words for at most ``timeout_ns``; returns
+    whatever happened (woken, a word moved, timeout, signal: the caller looks again). Without
+    the syscall (or ctypes' libc): a short sleep."""
+    if _libc is not None and _SYS_FUTEX_WAITV >= 0:
+        vector = (_Waitv * len(words))()
+        for entry, (addr, expected, shared) in zip(vector, words, strict=True):
+            entry.val, entry.uaddr = expected, addr
+            entry.flags = _FUTEX2_SIZE_U32 | (0 if shared else _FUTEX2_PRIVATE)
+        deadline = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + timeout_ns
+        ts = _Timespec(deadline // 1_000_000_000, deadline % 1_000_000_000)
+        rc = _libc.syscall(
+            ctypes.c_long(_SYS_FUTEX_WAITV),
+            vector,
+            ctypes.c_uint(len(words)),
+            ctypes.c_uint(0),
+            ctypes.byref(ts),
+            ctypes.c_int(_CLOCK_MONOTONIC),
+        )
+        if rc >= 0 or ctypes.get_errno() != _errno.ENOSYS:
+            return
+    time.sleep(min(timeout_ns, 1_000_000) / 1e9)
 
 
 def _deadline(timeout: float | None) -> int:
@@ -853,6 +900,104 @@ class Ring:
             return "<ring._pyring.Ring closed>"
         w, r = self.write_index, self.read_index
         return f"<ring._pyring.Ring data_size={self._size} w={w} r={r}>"
+
+
+# ---- wait sets (same API as ring._ring.WaitSet) ---------------------------------------------
+
+
+class WaitSet:
+    """Pure-Python twin of :class:`ring._ring.WaitSet` (see there, and "Wait sets" in
+    ``ring/_layout.pxd``): the same words armed the same way; sleeps capped at 10 ms like the
+    twin's other waits."""
+
+    def __init__(self) -> None:
+        self._slots: list[tuple[Ring, bool, int] | None] = [None] * WAITSET_CAPACITY
+        self._count = 0
+        self._wake = ctypes.c_uint32(0)
+        self._seen = 0
+
+    def add(self, ring: Ring, space: bool, need: int = 0) -> int:
+        ring._check_open()
+        if space and not 0 < need <= ring._size:
+            raise ValueError(f"need must be 1..{ring._size} bytes, not {need}")
+        if self._count >= WAITSET_CAPACITY:
+            raise OverflowError(f"a wait set holds at most {WAITSET_CAPACITY} waits")
+        slot = self._slots.index(None)
+        ctl = ring._ctl
+        if space:
+            ctl[W_PENDING_SEND_SZ] = need
+            ctl[W_SPACE_WAITERS] = (ctl[W_SPACE_WAITERS] + 1) & _U32_MASK
+        else:
+            ctl[W_DATA_WAITERS] = (ctl[W_DATA_WAITERS] + 1) & _U32_MASK
+        ring._busy += 1
+        self._slots[slot] = (ring, bool(space), need)
+        self._count += 1
+        return slot
+
+    def remove(self, slot: int) -> None:
+        entry = self._slots[slot] if 0 <= slot < WAITSET_CAPACITY else None
+        if entry is None:
+            raise ValueError(f"no wait in slot {slot}")
+        ring, space, _need = entry
+        ctl = ring._ctl
+        if space:
+            ctl[W_PENDING_SEND_SZ] = 0
+            ctl[W_SPACE_WAITERS] = (ctl[W_SPACE_WAITERS] - 1) & _U32_MASK
+        else:
+            ctl[W_DATA_WAITERS] = (ctl[W_DATA_WAITERS] - 1) & _U32_MASK
+        ring._busy -= 1
+        self._slots[slot] = None
+        self._count -= 1
+
+    def close(self) -> None:
+        for slot, entry in enumerate(self._slots):
+            if entry is not None:
+                self.remove(slot)
+
+    def wake(self) -> None:
+        # Under the GIL the increment is not torn by another Python thread.
+        self._wake.value = (self._wake.value + 1) & _U32_MASK
+        if _libc is not None:
+            _libc.syscall(
+                ctypes.c_long(_SYS_FUTEX),
+                ctypes.c_void_p(ctypes.addressof(self._wake)),
+                ctypes.c_int(_FUTEX_WAKE | _FUTEX_PRIVATE_FLAG),
+                ctypes.c_int(0x7FFFFFFF),
+                None,
+                None,
+                ctypes.c_int(0),
+            )
+
+    def __len__(self) -> int:
+        return self._count
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        deadline = _deadline(timeout)
+        while True:
+            wake = self._wake.value
+            words: list[tuple[int, int, bool]] = []
+            ready = []
+            for slot, entry in enumerate(self._slots):
+                if entry is None:
+                    continue
+                ring, space, need = entry
+                seq_w = W_SPACE_SEQ if space else W_DATA_SEQ
+                words.append((ring._futex_addr(seq_w), ring._ctl[seq_w], True))  # word first
+                if ring._cond(True, need) if space else ring._watched(False):
+                    ready.append(slot)
+            if wake != self._seen:
+                self._seen = wake
+                return ready
+            if ready or deadline == 0:
+                return ready
+            remaining = _MAX_SLEEP_NS
+            if deadline > 0:
+                left = deadline - time.monotonic_ns()
+                if left <= 0:
+                    return []
+                remaining = min(remaining, left)
+            words.append((ctypes.addressof(self._wake), wake, False))
+            _futex_waitv_addrs(words, remaining)
 
 
 # ---- word helpers (same API as ring._ring) -------------------------------------------------

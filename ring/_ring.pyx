@@ -9,6 +9,8 @@ Python-level contract (and the pure-Python twin that must agree byte for byte) i
   allocate, return ``ST_*`` status codes;
 * the ``Ring`` class: acquires the caller's buffers, releases the GIL around the core, and
   converts a failed status to an exception in exactly one place (``Ring._fail``);
+* the ``WaitSet`` class: one thread sleeping on many rings' futex words at once
+  (``futex_waitv``), for readiness watchers that must not cost a thread per ring;
 * small module-level helpers (atomics and futex on any buffer) for ``ring.shm``.
 """
 
@@ -18,8 +20,9 @@ from cpython.buffer cimport (
     PyBuffer_Release,
     PyObject_GetBuffer,
 )
+cimport cython
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport EINTR, ETIMEDOUT
+from libc.errno cimport EINTR, ENOSYS, ETIMEDOUT
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset
@@ -33,6 +36,7 @@ from ring._errors import status_error as _status_error
 
 __all__ = [
     "Ring",
+    "WaitSet",
     "atomic_fetch_or",
     "atomic_load",
     "atomic_store",
@@ -931,6 +935,179 @@ cdef class Ring:
             return "<ring._ring.Ring closed>"
         return (f"<ring._ring.Ring data_size={self.rg.size} "
                 f"w={self.write_index} r={self.read_index}>")
+
+
+# ------------------------------------------------------------------------------------------
+# Wait sets: one thread asleep on many rings (see "Wait sets" in _layout.pxd)
+# ------------------------------------------------------------------------------------------
+
+cdef inline uint32_t *_armed_seq(hvring *rg, bint space) noexcept nogil:
+    return &rg.ctl[W_SPACE_SEQ] if space else &rg.ctl[W_DATA_SEQ]
+
+
+cdef inline bint _armed_ready(hvring *rg, bint space, uint32_t need) noexcept nogil:
+    # data: the observer's condition (shared words only); space: the writer's own (the set
+    # is its delegate, and the writer is not running while the entry is armed).
+    return _cond_space(rg, need) if space else _watched(rg, False, 0)
+
+
+@cython.no_gc_clear  # __dealloc__ disarms through the rings it still holds
+cdef class WaitSet:
+    """Up to ``WAITSET_CAPACITY`` (127) ring waits that one thread sleeps on at once.
+
+    ``add(ring, space, need)`` arms a wait and returns its slot: for data (``space`` false:
+    the ring holds something to read, or is rescinded or corrupt) as an observer; for room
+    (``space``: ``need`` free bytes, or rescinded/corrupt) as the delegate of the ring's
+    writer, which must make no ring call until ``remove(slot)`` has disarmed it (see "Wait
+    sets" in ``ring/_layout.pxd``). ``wait(timeout)`` returns the slots whose condition holds,
+    sleeping (without the GIL, never spinning) until one does, ``wake()`` is called, or the
+    timeout passes (then possibly ``[]``); ready entries stay armed until removed. An armed
+    ring is busy: its ``close()`` refuses (EBUSY) until the entry is removed.
+
+    ``add``, ``remove``, ``wait`` and ``close``: the set's owner thread only. ``wake``: any.
+    """
+
+    cdef hvring *rg[WAITSET_CAPACITY]
+    cdef uint32_t need[WAITSET_CAPACITY]
+    cdef bint space[WAITSET_CAPACITY]
+    # Built by each round: the armed entries' sequence words, then the wake-up word.
+    cdef hv_waitv wv[HV_WAITV_MAX]
+    cdef uint32_t wake_word  # bumped by wake(); a private futex (this object never moves)
+    cdef uint32_t seen_wake  # wake_word as the last wait() saw it
+    cdef list rings  # slot -> the armed Ring (kept alive, and busy, while armed) or None
+    cdef int count
+
+    def __cinit__(self):
+        memset(self.rg, 0, sizeof(self.rg))
+        self.rings = [None] * WAITSET_CAPACITY
+        self.count = 0
+        self.wake_word = 0
+        self.seen_wake = 0
+
+    def __dealloc__(self):
+        self._disarm_all()
+
+    cdef void _disarm(self, int slot) noexcept:
+        cdef hvring *rg = self.rg[slot]
+        cdef Ring ring = self.rings[slot]
+        if self.space[slot]:
+            hv_store_seq(&rg.ctl[W_PENDING_SEND_SZ], 0)
+            hv_fetch_sub(&rg.ctl[W_SPACE_WAITERS], 1)
+        else:
+            hv_fetch_sub(&rg.ctl[W_DATA_WAITERS], 1)
+        ring.busy -= 1
+        self.rg[slot] = NULL
+        self.rings[slot] = None
+        self.count -= 1
+
+    cdef void _disarm_all(self) noexcept:
+        cdef int i
+        if self.rings is None:
+            return
+        for i in range(WAITSET_CAPACITY):
+            if self.rg[i] != NULL:
+                self._disarm(i)
+
+    def add(self, Ring ring not None, bint space, uint32_t need=0):
+        """Arm a wait on ``ring``: for data, or (``space``) for ``need`` free ring bytes
+        (1 ..data size). Returns the slot. ``OverflowError`` when the set is full."""
+        cdef int i
+        cdef hvring *rg = &ring.rg
+        ring._check_open()
+        if space and not 0 < need <= rg.size:
+            raise ValueError(f"need must be 1..{rg.size} bytes, not {need}")
+        if self.count >= WAITSET_CAPACITY:
+            raise OverflowError(f"a wait set holds at most {WAITSET_CAPACITY} waits")
+        i = 0
+        while self.rg[i] != NULL:
+            i += 1
+        if space:
+            # The writer's wait, phase 2 (_wait / _sleep): the threshold first, then counted.
+            hv_store_seq(&rg.ctl[W_PENDING_SEND_SZ], need)
+            hv_fetch_add(&rg.ctl[W_SPACE_WAITERS], 1)
+        else:
+            hv_fetch_add(&rg.ctl[W_DATA_WAITERS], 1)  # an observer (_watch)
+        ring.busy += 1
+        self.rg[i] = rg
+        self.space[i] = space
+        self.need[i] = need
+        self.rings[i] = ring
+        self.count += 1
+        return i
+
+    def remove(self, int slot):
+        """Disarm the wait in ``slot`` (its ring is no longer busy on this set's account)."""
+        if not 0 <= slot < WAITSET_CAPACITY or self.rg[slot] == NULL:
+            raise ValueError(f"no wait in slot {slot}")
+        self._disarm(slot)
+
+    def close(self):
+        """Disarm every wait. Idempotent."""
+        self._disarm_all()
+
+    def wake(self):
+        """Make the owner's current (or next) ``wait`` return. Any thread."""
+        hv_fetch_add(&self.wake_word, 1)
+        hv_futex_wake_private(&self.wake_word, INT_MAX)
+
+    def __len__(self):
+        return self.count
+
+    cdef int _round(self, int64_t deadline, int *ready, int *nready) noexcept nogil:
+        """Collect the ready slots into ``ready``; sleep on every armed word and the wake-up
+        word while none is, until woken, the deadline, or a signal. 0, or EINTR."""
+        cdef int i, k, rc
+        cdef uint32_t w
+        cdef uint32_t *seq
+        while True:
+            k = 0
+            nready[0] = 0
+            w = hv_load_seq(&self.wake_word)
+            for i in range(WAITSET_CAPACITY):
+                if self.rg[i] == NULL:
+                    continue
+                # The word first, then the condition: a signal in between changes the word,
+                # so the sleep below returns at once instead of losing it.
+                seq = _armed_seq(self.rg[i], self.space[i])
+                self.wv[k].val = hv_load_seq(seq)
+                self.wv[k].uaddr = <uintptr_t>seq
+                self.wv[k].flags = HV_FUTEX2_SIZE_U32  # shared: the peer process wakes it
+                self.wv[k].reserved = 0
+                k += 1
+                if _armed_ready(self.rg[i], self.space[i], self.need[i]):
+                    ready[nready[0]] = i
+                    nready[0] += 1
+            if w != self.seen_wake:
+                self.seen_wake = w
+                return 0
+            if nready[0] or deadline == 0 or (deadline > 0 and hv_now_ns() >= deadline):
+                return 0
+            self.wv[k].val = w
+            self.wv[k].uaddr = <uintptr_t>&self.wake_word
+            self.wv[k].flags = HV_FUTEX2_SIZE_U32 | HV_FUTEX2_PRIVATE
+            self.wv[k].reserved = 0
+            rc = hv_futex_waitv(self.wv, k + 1, deadline)
+            if rc == EINTR:
+                return EINTR
+            if rc == ENOSYS:
+                # No futex_waitv (a kernel before 5.16, or a seccomp filter): poll, 1 ms.
+                hv_futex_wait(&self.wake_word, w, 1000000)
+            # 0 (woken), EAGAIN (a word moved already), ETIMEDOUT: look again
+
+    def wait(self, timeout=None):
+        """The slots whose wait is ready (``[]`` after ``wake()`` or on timeout): sleeps
+        until one is, without the GIL. ``timeout``: None forever, 0 never sleeps."""
+        cdef int64_t deadline = _deadline(timeout)
+        cdef int ready[WAITSET_CAPACITY]
+        cdef int nready = 0
+        cdef int rc
+        while True:
+            with nogil:
+                rc = self._round(deadline, ready, &nready)
+            if rc != EINTR:
+                break
+            PyErr_CheckSignals()
+        return [ready[i] for i in range(nready)]
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ match its header. The memory lives until the last mapping and descriptor are gon
 process killed at any point leaves nothing behind.
 
 Ends are taken with an atomic fetch-or on ``mapped_mask``: two attachers can never both hold
-the same end. The creator keeps its descriptor (:meth:`Channel.fileno`) until
-:meth:`Channel.close_fd` or :meth:`Channel.close`, so that it can hand it over.
+the same end. :meth:`Channel.view_end` takes an end over an existing mapping (the host relaying
+an end over its broker's mapping): no second mapping, no second descriptor. The creator keeps
+its descriptor (:meth:`Channel.fileno`) until :meth:`Channel.close_fd` or :meth:`Channel.close`,
+so that it can hand it over.
 ``multiprocessing.shared_memory`` is not used: on Python 3.11 it registers even attached
 segments with the resource tracker.
 """
@@ -132,14 +134,34 @@ class Channel:
     receives on ring 1; end 1 the other way round.
     """
 
+    # Slots: a host holds one of these per channel (and one more per end it relays).
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_fd",
+        "_fd_finalizer",
+        "_map",
+        "_max_payload",
+        "_mm",
+        "_ring_pages",
+        "_rings",
+        "_spin_ns",
+        "_stall_lock",
+        "_stall_waiters",
+        "end",
+        "is_creator",
+    )
+
     end: int | None
     is_creator: bool
     _fd: int | None  # creator only, until close_fd(): the descriptor to hand over
     _fd_finalizer: weakref.finalize[[int], Channel] | None
     _mm: mmap.mmap
-    _view: memoryview
-    _slices: list[memoryview]
+    _map: _Mapping  # the mapping and its ring slices, shared with views (view_end)
     _rings: tuple[Ring, Ring]
+    _ring_pages: tuple[int, int]
+    _max_payload: int
+    _spin_ns: int | None
     _closed: bool
     _stall_waiters: int
     _stall_lock: threading.Lock
@@ -157,24 +179,25 @@ class Channel:
         ring_pages: tuple[int, int],
         max_payload: int,
         spin_ns: int | None,
+        share: Channel | None = None,
     ) -> Channel:
         self = cls.__new__(cls)
         self.end, self.is_creator, self._fd = end, fd is not None, fd
+        self._ring_pages, self._max_payload, self._spin_ns = ring_pages, max_payload, spin_ns
         # A creator dropped without close() still gives its descriptor back.
         self._fd_finalizer = None if fd is None else weakref.finalize(self, os.close, fd)
         self._mm = mm
-        self._view = memoryview(mm)
-        self._slices = []
+        if share is None:
+            self._map = _Mapping(mm, ring_pages)
+        else:  # a view: one more user of ``share``'s mapping and slices
+            self._map = share._map
+            self._map.join()
         rings: list[Ring] = []
-        offset = HEADER_PAGE_SIZE
         try:
-            for pages in ring_pages:
-                part = self._view[offset : offset + pages * PAGE_SIZE]
-                self._slices.append(part)
+            for part in self._map.slices:
                 rings.append(
                     Ring(part, initialize=initialize, max_payload=max_payload, spin_ns=spin_ns)
                 )
-                offset += pages * PAGE_SIZE
         except BaseException:
             self._unmap(rings)
             raise
@@ -264,6 +287,29 @@ class Channel:
             raise
         futex_wake(mm, OFF_MAPPED_MASK)
         return chan
+
+    def view_end(self, end: int) -> Channel:
+        """End ``end`` over this channel's own mapping (a broker's): taken in ``mapped_mask``
+        like :meth:`attach_fd`, but without a second mapping or descriptor (Python's mmap keeps
+        a descriptor per mapping: a host relaying ten thousand ends would run out). The view
+        has rings of its own (an end's private indices); the memory stays mapped until this
+        channel and every view of it are closed, in any order, on any threads."""
+        if end not in (0, 1):
+            raise ValueError("end must be 0 or 1")
+        self._check_open()
+        _take_end(self._mm, end)
+        view = Channel._from_mapping(
+            self._mm,
+            end,
+            None,
+            False,
+            self._ring_pages,
+            self._max_payload,
+            self._spin_ns,
+            share=self,
+        )
+        futex_wake(self._mm, OFF_MAPPED_MASK)
+        return view
 
     @classmethod
     def pair(
@@ -409,11 +455,7 @@ class Channel:
     def _unmap(self, rings: list[Ring] | tuple[Ring, ...]) -> None:
         for r in rings:
             r.close()
-        for part in self._slices:
-            part.release()
-        self._slices.clear()
-        self._view.release()
-        self._mm.close()
+        self._map.leave()
 
     def close(self) -> None:
         """Unmap this end (the creator also drops its descriptor).
@@ -435,6 +477,40 @@ class Channel:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"end={self.end}"
         return f"<ring.Channel {state}>"
+
+
+class _Mapping:
+    """One mapping of a segment and its two ring slices, shared by a channel and its views
+    (:meth:`Channel.view_end`): the last of them to close releases the slices and unmaps."""
+
+    __slots__ = ("lock", "mm", "slices", "users", "view")
+
+    def __init__(self, mm: mmap.mmap, ring_pages: tuple[int, int]) -> None:
+        self.mm = mm
+        self.view = memoryview(mm)
+        self.slices: list[memoryview] = []
+        offset = HEADER_PAGE_SIZE
+        for pages in ring_pages:
+            self.slices.append(self.view[offset : offset + pages * PAGE_SIZE])
+            offset += pages * PAGE_SIZE
+        self.users = 1
+        self.lock = threading.Lock()  # views close on other threads than their channel
+
+    def join(self) -> None:
+        with self.lock:
+            self.users += 1
+
+    def leave(self) -> None:
+        """One user is gone (its rings closed: nothing exports the slices on its account)."""
+        with self.lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
+            for part in self.slices:
+                part.release()
+            self.slices.clear()
+            self.view.release()
+            self.mm.close()
 
 
 def _take_end(mm: mmap.mmap, end: int | None) -> int:

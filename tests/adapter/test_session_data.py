@@ -198,3 +198,56 @@ async def test_a_stream_that_stops_reading_costs_only_its_own_channel() -> None:
         )
         gs.cancel()
         rs.cancel()
+
+
+async def test_idle_relayed_ends_hold_no_thread() -> None:
+    # Both ends of 16 channels relayed, each having moved a message each way: afterwards every
+    # reader is parked in the ring watcher (a thread per 127 waits), no writer runs, and no
+    # pump holds a worker (issue 12, item 5).
+    from host_service import ringrelay
+
+    async with in_process_host() as h:
+        pairs = [await _pair(h) for _ in range(16)]
+        streams = []
+        for guest, root, mine, theirs in pairs:
+            for attach, end, channel in ((guest, 0, mine), (root, 1, theirs)):
+                call = h.host_api.SessionData()
+                await call.write(
+                    hvsock_pb2.SessionDataRequest(
+                        session=attach.welcome.session,  # type: ignore[union-attr]
+                        frames=[
+                            hvsock_pb2.RelayFrame(
+                                channel_id=mine.channel_id,
+                                end=end,
+                                credit=channel.relay_receive_window,
+                                data=b"ping" if end == 0 else b"pong",
+                            )
+                        ],
+                    )
+                )
+                streams.append((call, end))
+        for call, end in streams:
+            got = b""
+            while len(got) < 4:
+                for frame in await _frames(call):
+                    got += frame.data
+            assert got == (b"pong" if end == 0 else b"ping")
+        ids = {mine.channel_id for _, _, mine, _ in pairs}
+        relays = [
+            relay
+            for attachment in h.host.attachments.values()
+            for relay in attachment.data.relays.values()
+            if relay.channel_id in ids
+        ]
+        assert len(relays) == 32
+
+        def parked() -> bool:
+            return all(
+                r._rx_watch is not None and not r._tx_active and r._alive == 1 for r in relays
+            )
+
+        await h.until(parked)
+        # 32 waits: one futex_waitv sleeper (two if another test's waits are still armed).
+        assert ringrelay._WATCHER.threads <= 2
+        for call, _ in streams:
+            call.cancel()

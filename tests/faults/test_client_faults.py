@@ -244,6 +244,111 @@ def test_stress_32_connections_256_mib_echoed(host: HostProcess, data_path: str)
     eventually(lambda: not channels(host), within=15.0)
 
 
+#: (the VM's data path, the host partition's): the VM relayed with the host partition on shared
+#: memory (the usual relay deployment), and both relayed (the host moves bytes between streams).
+RELAY_CONFIGS = {"relay-vm": ("relay", "shm"), "relay": ("relay", "relay")}
+
+
+@pytest.mark.parametrize("config", sorted(RELAY_CONFIGS))
+def test_stress_1_gib_each_way_over_the_relay(host: HostProcess, config: str) -> None:
+    """1 GiB from the VM to the host partition and the same back (an echo), over 4 connections
+    with 64-page rings and random send sizes; SHA-256 of each direction checked at its
+    receiver. HVSOCK_RELAY_STRESS_BYTES sets the total for quick local runs."""
+    vm_path, root_path = RELAY_CONFIGS[config]
+    vm_created = create_vm(host)
+    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), root_path)
+    vm = partition(
+        host,
+        hvsock_pb2.Hello(vm_id=vm_created.partition.vm_id, token=vm_created.token),
+        vm_path,
+    )
+    listener = root.socket()
+    listener.bind((hv.HV_GUID_WILDCARD, SERVICE))
+    listener.listen(8)
+    connections = 4
+    per_connection = int(os.environ.get("HVSOCK_RELAY_STRESS_BYTES", 1 << 30)) // connections
+    errors: list[BaseException] = []
+    #: connection seed -> SHA-256 of what the echo server received (the VM -> host direction).
+    server_digests: dict[int, bytes] = {}
+    client_digests: dict[int, bytes] = {}
+
+    def echo_server() -> None:
+        for _ in range(connections):
+            conn, _ = listener.accept()
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn: hv.HvSocket) -> None:
+        try:
+            received = hashlib.sha256()
+            buffer = bytearray(262144)
+            head = bytearray()  # each stream starts with its connection's seed
+            while n := conn.recv_into(buffer):
+                data = memoryview(buffer)[:n]
+                received.update(data)
+                if len(head) < 4:
+                    head += data[: 4 - len(head)]
+                conn.sendall(data)
+            conn.shutdown(hv.SHUT_WR)
+            server_digests[int.from_bytes(head, "little")] = received.digest()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    def client(seed: int) -> None:
+        try:
+            rng = random.Random(seed)
+            sock = vm.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 63 * 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 63 * 4096)
+            sock.connect((hv.HV_GUID_PARENT, SERVICE))
+            sent, received = hashlib.sha256(), hashlib.sha256()
+
+            def reader() -> None:
+                buffer = bytearray(262144)
+                while n := sock.recv_into(buffer):
+                    received.update(memoryview(buffer)[:n])
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            # The first bytes name the connection (the server keys its digest by them).
+            head = seed.to_bytes(4, "little")
+            sent.update(head)
+            sock.sendall(head)
+            left = per_connection - len(head)
+            block = rng.randbytes(262144)
+            while left:
+                size = min(rng.randint(1, 262144), left)
+                start = rng.randint(0, 262144 - size)
+                chunk = memoryview(block)[start : start + size]
+                sent.update(chunk)
+                sock.sendall(chunk)
+                left -= size
+            sock.shutdown(hv.SHUT_WR)
+            thread.join()
+            sock.close()
+            client_digests[seed] = sent.digest()
+            assert received.digest() == sent.digest(), f"connection {seed}: echo corrupted"
+        except BaseException as exc:
+            errors.append(exc)
+
+    server = threading.Thread(target=echo_server)
+    server.start()
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=900)
+    server.join(timeout=60)
+    assert not errors, errors[:3]
+    assert not any(thread.is_alive() for thread in clients), "a connection never finished"
+    assert server_digests == client_digests  # the VM -> host direction on its own
+    listener.close()
+    vm.close()
+    root.close()
+    eventually(lambda: not channels(host), within=15.0)
+
+
 @pytest.mark.parametrize("data_path", DATA_PATHS)
 def test_listeners_after_the_host_restarts(
     host: HostProcess, tmp_path: pathlib.Path, data_path: str

@@ -309,3 +309,35 @@ def test_mapped_mask_offset_is_in_header() -> None:
         a.fileno()  # pair() hands over and drops the creator's descriptor
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("broker_first", [True, False])
+def test_a_view_end_shares_the_brokers_mapping(broker_first: bool) -> None:
+    host = ring.Channel.create(2, 3, end=None)
+    fds = open_fds()
+    view = host.view_end(0)
+    assert open_fds() == fds  # no second descriptor, and one mapping of the segment
+    assert len(mappings_of(os.fstat(host.fileno()).st_ino)) == 1
+    assert view.end == 0 and host.mapped_mask == 0b01
+    with pytest.raises(OSError) as ei:
+        host.view_end(0)  # taken, as for attach_fd
+    assert ei.value.errno == errno.EBUSY
+    inode = os.fstat(host.fileno()).st_ino
+    peer = ring.Channel.attach_fd(host.fileno())
+    host.close_fd()
+    view.sendall(b"ping")
+    assert peer.recv(16) == b"ping"
+    peer.sendall(b"pong")
+    assert view.recv(16) == b"pong"
+    first, second = (host, view) if broker_first else (view, host)
+    first.close()
+    assert first.closed and not second.closed
+    assert len(mappings_of(inode)) == 2  # the peer's, and the one the other still uses
+    if second is view:
+        view.sendall(b"x")
+        assert peer.recv(16) == b"x"
+    else:
+        assert host.mapped_mask == 0b11
+    second.close()
+    peer.close()
+    assert mappings_of(inode) == []
