@@ -21,6 +21,11 @@ reader never reads beyond the client's credit, and at most ``MAX_UNSENT`` bytes 
 for the stream at once, so a client that stops reading its stream stops the reader (and the
 peer, once the ring is full), never grows host memory.
 
+Forwarded ends. When both ends of a channel are relayed there is no ring and no pump: the
+data plane registers a ``forward.ForwardEnd`` in ``relays`` instead, which takes the same
+calls (push, credit, written_out, stop) and puts its peer's frames on this stream itself
+(:meth:`SessionData.queue_frame` and the few calls next to it).
+
 Teardown. An end is *finished* exactly once (:meth:`SessionData._finish`): its last frame
 (peer FIN is not last; ``reset`` or ``close_done`` is) goes out, the pure session forgets it
 and its pumps are told to stop. The mapping of its rings is released by whichever of the
@@ -38,7 +43,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from hvsock.v1 import hvsock_pb2
 from hvsock_common.workers import WorkerPool
@@ -57,6 +62,13 @@ from .core.relay import (
 )
 from .core.types import Side
 from .status import error_message
+
+if TYPE_CHECKING:
+    from .forward import ForwardEnd
+
+#: A relayed end of this session: on a ring of the host's, or forwarded to its peer's stream
+#: (both ends relayed, ``forward``). Both take push, credit, written_out and stop.
+RelayedEnd: TypeAlias = "RingRelay | ForwardEnd"
 
 log = logging.getLogger("hvsock.host.relay")
 
@@ -83,6 +95,17 @@ class _Stop:
 
 
 _FIN, _CLOSE, _STOP = _Fin(), _Close(), _Stop()
+
+
+def is_fin(item: object) -> bool:
+    """Whether ``item``, pushed to a relayed end, is the client's FIN (for other end kinds)."""
+    return item is _FIN
+
+
+def is_close(item: object) -> bool:
+    """Whether ``item``, pushed to a relayed end, is the client's close."""
+    return item is _CLOSE
+
 
 # What pumps post to the loop: (kind, relay, value).
 _DATA = "data"  # value: bytes read from the ring for the client
@@ -326,7 +349,7 @@ class SessionData:
         self.session_id = session_id
         self.rules = RelaySession()
         #: (channel id, end) -> the relayed end (the same keys as ``rules``).
-        self.relays: dict[tuple[int, int], RingRelay] = {}
+        self.relays: dict[tuple[int, int], RelayedEnd] = {}
         #: Tell the core: the end sent FIN / closed (once it is in the ring), or must be torn
         #: down (rescinded: a protocol error, a corrupt ring, the stream gone).
         self._on_fin, self._on_close, self._on_abort = on_fin, on_close, on_abort
@@ -336,7 +359,7 @@ class SessionData:
         self._scheduled = False
         # The stream, while open: frames waiting to go out, and the loop's wake-up for them.
         self.streaming = False
-        self._out: collections.deque[tuple[hvsock_pb2.RelayFrame, RingRelay | None]] = (
+        self._out: collections.deque[tuple[hvsock_pb2.RelayFrame, RelayedEnd | None]] = (
             collections.deque()
         )
         self._out_data = 0
@@ -393,7 +416,7 @@ class SessionData:
                 ),
             )
 
-    def _finish(self, relay: RingRelay, last: hvsock_pb2.RelayFrame | None) -> None:
+    def _finish(self, relay: RelayedEnd, last: hvsock_pb2.RelayFrame | None) -> None:
         """The end is over: its last frame goes out, the rules forget it, its pumps stop."""
         if relay.finished:
             return
@@ -466,9 +489,25 @@ class SessionData:
                 self._finish_when_drained(relay)
             self._on_abort(channel_id, value[1])
 
-    # -- the stream --------------------------------------------------------------------------
+    # -- what forwarded ends (forward.ForwardEnd) need of their session ----------------------
 
-    def _send(self, frame: hvsock_pb2.RelayFrame, relay: RingRelay | None = None) -> None:
+    def queue_frame(self, frame: hvsock_pb2.RelayFrame, end: RelayedEnd | None = None) -> None:
+        """Queue ``frame`` for the stream (``end``: the end whose data it carries, told when
+        it is written out)."""
+        self._send(frame, end)
+
+    def finish(self, end: RelayedEnd, last: hvsock_pb2.RelayFrame | None) -> None:
+        self._finish(end, last)
+
+    def tell_fin(self, channel_id: int, side: Side) -> None:
+        self._on_fin(channel_id, side)
+
+    def tell_closed(self, channel_id: int, side: Side) -> None:
+        self._on_close(channel_id, side)
+
+    # -- the stream ----------------------------------------------------------------------
+
+    def _send(self, frame: hvsock_pb2.RelayFrame, relay: RelayedEnd | None = None) -> None:
         if not self.streaming:
             return
         self._out.append((frame, relay))
