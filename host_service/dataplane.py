@@ -261,6 +261,11 @@ class DataPlane:
         if rings.broker is not None:
             rings.broker.close()
 
+    def forwarded(self, channel_id: int) -> bool:
+        """Whether the channel's frames pass stream to stream (both ends relayed, no rings)."""
+        rings = self._channels.get(channel_id)
+        return rings is not None and rings.forward is not None
+
     def ring_used(self, channel_id: int) -> tuple[int, int] | None:
         rings = self._channels.get(channel_id)
         if rings is not None and rings.forward is not None:
