@@ -37,7 +37,7 @@ from .core.forward import (
     SenderFin,
 )
 from .core.types import Side
-from .sessiondata import MAX_UNSENT, SessionData, is_close, is_fin
+from .sessiondata import MAX_UNSENT, DataFrame, SessionData, is_close, is_fin
 from .status import error_message
 
 __all__ = ["ForwardEnd", "ForwardPair", "RelayOpening", "ring_capacity"]
@@ -164,10 +164,7 @@ class ForwardPair:
                 n = len(effect.data)
                 receiver.owner.rules.sent(channel_id, receiver.index, n)
                 receiver.owner.queue_frame(
-                    hvsock_pb2.RelayFrame(
-                        channel_id=channel_id, end=receiver.index, data=effect.data
-                    ),
-                    receiver,
+                    DataFrame(channel_id, receiver.index, effect.data), receiver
                 )
                 metrics.BYTES.labels("from_client").inc(n)
                 metrics.BYTES.labels("to_client").inc(n)

@@ -43,7 +43,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from hvsock.v1 import hvsock_pb2
 from hvsock_common.workers import WorkerPool
@@ -77,6 +77,16 @@ MAX_UNSENT = 1 << 20
 #: Data bytes in one response, at most: a response is one gRPC message, and clients (like the
 #: host) take messages of up to 1 MiB; this leaves room for the frames' own fields.
 MAX_RESPONSE_DATA = 1_000_000
+
+
+class DataFrame(NamedTuple):
+    """A data frame waiting for the stream: built into its response only when that is made,
+    so its bytes are copied into a message once, not twice (a frame, then the response)."""
+
+    channel_id: int
+    end: int
+    data: bytes
+
 
 #: The relay pumps (started threads would cost the event loop a wait for each to run).
 _WORKERS = WorkerPool()
@@ -359,9 +369,9 @@ class SessionData:
         self._scheduled = False
         # The stream, while open: frames waiting to go out, and the loop's wake-up for them.
         self.streaming = False
-        self._out: collections.deque[tuple[hvsock_pb2.RelayFrame, RelayedEnd | None]] = (
-            collections.deque()
-        )
+        self._out: collections.deque[
+            tuple[hvsock_pb2.RelayFrame | DataFrame, RelayedEnd | None]
+        ] = collections.deque()
         self._out_data = 0
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -457,7 +467,7 @@ class SessionData:
         channel_id, index = relay.key
         if kind == _DATA:
             self.rules.sent(channel_id, index, len(value))
-            self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, data=value), relay)
+            self._send(DataFrame(channel_id, index, value), relay)
         elif kind in (_WRITTEN, _ROOM):
             delivered, room = value
             limit = self.rules.grant(channel_id, index, delivered, room)
@@ -491,7 +501,9 @@ class SessionData:
 
     # -- what forwarded ends (forward.ForwardEnd) need of their session ----------------------
 
-    def queue_frame(self, frame: hvsock_pb2.RelayFrame, end: RelayedEnd | None = None) -> None:
+    def queue_frame(
+        self, frame: hvsock_pb2.RelayFrame | DataFrame, end: RelayedEnd | None = None
+    ) -> None:
         """Queue ``frame`` for the stream (``end``: the end whose data it carries, told when
         it is written out)."""
         self._send(frame, end)
@@ -507,7 +519,9 @@ class SessionData:
 
     # -- the stream ----------------------------------------------------------------------
 
-    def _send(self, frame: hvsock_pb2.RelayFrame, relay: RelayedEnd | None = None) -> None:
+    def _send(
+        self, frame: hvsock_pb2.RelayFrame | DataFrame, relay: RelayedEnd | None = None
+    ) -> None:
         if not self.streaming:
             return
         self._out.append((frame, relay))
@@ -601,7 +615,10 @@ class SessionData:
         out = self._out
         while out and (size + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames):
             frame, relay = out.popleft()
-            frames.append(frame)
+            if isinstance(frame, DataFrame):
+                frames.add(channel_id=frame.channel_id, end=frame.end, data=frame.data)
+            else:
+                frames.append(frame)
             n = len(frame.data)
             size += n
             if relay is not None and n:
