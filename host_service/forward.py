@@ -146,12 +146,12 @@ class ForwardPair:
             sender.out = receiver.into = Flow(ring, ring + receiver.window, MAX_UNSENT)
         self.limits: dict[Side, RelayOpening] = {}
         for end in (connector, acceptor):
+            # Registered in both at once: a frame the rules know is a frame relays can take.
             told = end.owner.rules.open_end(
                 channel_id, end.index, end.window, rings[end.index]
             ).told
-            self.limits[end.side] = RelayOpening(told, rings[1 - end.index] + end.window)
-        for end in (connector, acceptor):
             end.owner.relays[end.key] = end
+            self.limits[end.side] = RelayOpening(told, rings[1 - end.index] + end.window)
 
     # -- carrying out a flow's effects -------------------------------------------------------
 
