@@ -78,9 +78,11 @@ class DataPlane:
 
     max_payload = MAX_PAYLOAD
 
-    def __init__(self, map_timeout: float) -> None:
+    def __init__(self, map_timeout: float, *, forward: bool = True) -> None:
         #: Seconds an end on shared memory has to map its segment once handed it.
         self.map_timeout = map_timeout
+        #: Channels relayed at both ends are forwarded stream to stream (else: rings, pumps).
+        self.forward = forward
         #: Set by the service: rescind a channel (an end never mapped its rings).
         self.on_unmapped: Callable[[int, str], None] = lambda channel_id, reason: None
         self._channels: dict[int, _ChannelRings] = {}
@@ -106,7 +108,7 @@ class DataPlane:
         and its receive window), and on the relay its first send limit."""
         rings = self._channels.get(channel_id)
         # -- both ends relayed: forwarding (hook: forward.py) --
-        if path is EndPath.RELAY and relays is not None:
+        if self.forward and path is EndPath.RELAY and relays is not None:
             spec = EndSpec(side, vm_id, session_id, relays, window)
             if rings is None:
                 rings = self._channels[channel_id] = _ChannelRings(None, connector_view, spec)

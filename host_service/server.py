@@ -106,7 +106,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
     return Host(
         core,
         # An end handed its rings must map them within the connect timeout.
-        dataplane=DataPlane(map_timeout=config.connect_timeout),
+        dataplane=DataPlane(map_timeout=config.connect_timeout, forward=not args.relay_rings),
         store=store,
         shm_socket=None if args.shm_socket == "off" else args.shm_socket or default_address(),
         max_queued_responses=args.max_queued_responses,
