@@ -7,6 +7,15 @@ mapped for the channel's whole life, so it can rescind (a flag in each ring's co
 wakes every waiter in every process) and report ring fill. An end on the shared-memory path
 maps it and moves bytes itself; for an end on the relay path the host maps that end and pumps
 it to and from its session's SessionData stream (``sessiondata.RingRelay``).
+
+When both ends are relayed there is no segment at all: the host forwards frames from one
+session stream to the other (``forward.ForwardPair``). Which it is gets known when the second
+end opens: the core tells both ends of an accepted channel in one dispatch, connector first, so
+a relayed first end *waits* (``_ChannelRings.waiting``, no rings yet) for its peer. A peer on
+shared memory, anything else done to the channel first, or the loop's next turn (the peer's
+session was gone: it never opens) *settles* the waiting end on rings as before. An end on
+shared memory whose descriptor cannot be handed over falls back to the relay after the
+segment exists: that channel keeps its rings and pumps.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from ring import shm
 from ring._constants import MAX_PAYLOAD, PAGE_SIZE
 
 from .core.types import RingGeometry, Side
+from .forward import EndSpec, ForwardPair, RelayOpening, ring_capacity
 from .sessiondata import RingRelay, SessionData
 
 log = logging.getLogger("hvsock.host.dataplane")
@@ -38,8 +48,13 @@ class EndPath(StrEnum):
 
 @dataclass(eq=False)
 class _ChannelRings:
-    broker: shm.Channel
+    #: The segment (None while the first end waits for its peer, or when forwarding).
+    broker: shm.Channel | None
     geometry: RingGeometry  # the connector's view
+    #: The first end, relayed, until its peer's path is known (see the module docstring).
+    waiting: EndSpec | None = None
+    #: Both ends relayed: the frames pass from stream to stream.
+    forward: ForwardPair | None = None
     relays: dict[Side, RingRelay] = field(default_factory=dict)
     #: Ends on the shared-memory path: side -> VM id, and side -> the session holding it.
     shm_ends: dict[Side, str] = field(default_factory=dict)
@@ -63,9 +78,11 @@ class DataPlane:
 
     max_payload = MAX_PAYLOAD
 
-    def __init__(self, map_timeout: float) -> None:
+    def __init__(self, map_timeout: float, *, forward: bool = True) -> None:
         #: Seconds an end on shared memory has to map its segment once handed it.
         self.map_timeout = map_timeout
+        #: Channels relayed at both ends are forwarded stream to stream (else: rings, pumps).
+        self.forward = forward
         #: Set by the service: rescind a channel (an end never mapped its rings).
         self.on_unmapped: Callable[[int, str], None] = lambda channel_id, reason: None
         self._channels: dict[int, _ChannelRings] = {}
@@ -82,38 +99,56 @@ class DataPlane:
         *,
         relays: SessionData | None = None,
         window: int = 0,
-    ) -> tuple[EndPath, hvsock_pb2.SharedMemorySegment | RingRelay | None, int]:
+    ) -> tuple[EndPath, hvsock_pb2.SharedMemorySegment | RelayOpening, int]:
         """Set up one end of an opening channel (held by ``session_id`` of ``vm_id``); the
-        segment is made for the first end. An end on shared memory gets the segment's
-        descriptor through ``hand_over``; when that fails it goes on the relay instead, with
-        ``window``, in the session's ``relays``. Returns the end's path, on shared memory
-        where its rings are (on the relay its RingRelay), and on the relay its first send
-        limit."""
+        segment is made for the first end not relayed. An end on shared memory gets the
+        segment's descriptor through ``hand_over``; when that fails it goes on the relay
+        instead, with ``window``, in the session's ``relays``. Returns the end's path, on
+        shared memory where its rings are (on the relay what it is told: its first send limit
+        and its receive window), and on the relay its first send limit."""
         rings = self._channels.get(channel_id)
+        # -- both ends relayed: forwarding (hook: forward.py) --
+        if self.forward and path is EndPath.RELAY and relays is not None:
+            spec = EndSpec(side, vm_id, session_id, relays, window)
+            if rings is None:
+                rings = self._channels[channel_id] = _ChannelRings(None, connector_view, spec)
+                rings.opened.add(side)
+                asyncio.get_running_loop().call_soon(self._settle, channel_id, rings)
+                opening = self._relay_opening(connector_view, side, window)
+                return path, opening, opening.send_limit
+            if rings.waiting is not None:
+                first, rings.waiting = rings.waiting, None
+                rings.forward = ForwardPair(
+                    channel_id, first, spec, self._capacities(connector_view)
+                )
+                rings.opened.add(side)
+                self._apply_stalls(rings)
+                opening = rings.forward.limits[side]
+                return path, opening, opening.send_limit
+        if rings is not None:
+            self._settle(channel_id, rings)  # the peer is not relayed: rings after all
+        # -- end of the forwarding hook --
         if rings is None:
-            broker = shm.Channel.create(
+            rings = self._channels[channel_id] = _ChannelRings(None, connector_view)
+        broker = rings.broker
+        if broker is None:
+            broker = rings.broker = shm.Channel.create(
                 connector_view.send_pages, connector_view.recv_pages, end=None
             )
-            rings = self._channels[channel_id] = _ChannelRings(broker, connector_view)
         end = _END_OF_SIDE[side]
-        if path is EndPath.SHARED_MEMORY and (
-            hand_over is None or not hand_over(rings.broker.fileno())
-        ):
+        if path is EndPath.SHARED_MEMORY and (hand_over is None or not hand_over(broker.fileno())):
             path = EndPath.RELAY
         rings.opened.add(side)
-        segment: hvsock_pb2.SharedMemorySegment | RingRelay | None = None
+        segment: hvsock_pb2.SharedMemorySegment | RelayOpening
         send_limit = 0
         if path is EndPath.RELAY:
             if relays is None:
                 raise ValueError("a relayed end needs its session's SessionData")
-            # Over the broker's mapping: a second one would cost a descriptor per relayed end.
-            attached = rings.broker.view_end(end)
-            try:
-                relay, send_limit = relays.open_end(attached, side, vm_id, channel_id, window)
-            except BaseException:
-                attached.close()
-                raise
-            rings.relays[side] = segment = relay
+            relay, send_limit = self._ring_relay(
+                rings, channel_id, EndSpec(side, vm_id, session_id, relays, window)
+            )
+            # What this end's (empty) receive ring holds, plus the window.
+            segment = RelayOpening(send_limit, relay.end.rx.writable() + window)
         else:
             rings.shm_ends[side] = vm_id
             rings.shm_sessions[side] = session_id
@@ -131,14 +166,66 @@ class DataPlane:
                 end=end,
             )
         if len(rings.opened) == len(_END_OF_SIDE):
-            rings.broker.close_fd()  # every end has its own mapping or descriptor now
+            broker.close_fd()  # every end has its own mapping or descriptor now
         self._apply_stalls(rings)
         return path, segment, send_limit
+
+    def _ring_relay(
+        self, rings: _ChannelRings, channel_id: int, spec: EndSpec
+    ) -> tuple[RingRelay, int]:
+        """Put a relayed end on the channel's rings: the host maps its side and pumps it."""
+        assert rings.broker is not None
+        # Over the broker's mapping: a second one would cost a descriptor per relayed end.
+        attached = rings.broker.view_end(_END_OF_SIDE[spec.side])
+        try:
+            relay, send_limit = spec.relays.open_end(
+                attached, spec.side, spec.vm_id, channel_id, spec.window
+            )
+        except BaseException:
+            attached.close()
+            raise
+        rings.relays[spec.side] = relay
+        return relay, send_limit
+
+    def _settle(self, channel_id: int, rings: _ChannelRings) -> None:
+        """A first end still waiting for its peer goes on rings after all (its peer is not
+        relayed, or never opens, or the channel is acted on first). It was told the limits
+        of empty rings already: the same as the rings made now give."""
+        spec = rings.waiting
+        if spec is None or self._channels.get(channel_id) is not rings:
+            return
+        rings.waiting = None
+        view = rings.geometry
+        rings.broker = shm.Channel.create(view.send_pages, view.recv_pages, end=None)
+        self._ring_relay(rings, channel_id, spec)
+        self._apply_stalls(rings)
+
+    def _settled(self, channel_id: int) -> _ChannelRings | None:
+        rings = self._channels.get(channel_id)
+        if rings is not None and rings.waiting is not None:
+            self._settle(channel_id, rings)
+        return rings
+
+    def _capacities(self, connector_view: RingGeometry) -> tuple[int, int]:
+        """Payload capacity of ring 0 (connector -> acceptor) and ring 1, empty."""
+        return (
+            ring_capacity(connector_view.send_pages, self.max_payload),
+            ring_capacity(connector_view.recv_pages, self.max_payload),
+        )
+
+    def _relay_opening(self, connector_view: RingGeometry, side: Side, window: int) -> RelayOpening:
+        rings = self._capacities(connector_view)
+        end = _END_OF_SIDE[side]
+        return RelayOpening(rings[end] + window, rings[1 - end] + window)
 
     def _check_mapped(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
         """A segment handed over but never mapped would hold its memory (and the peer) for as
         long as the client likes: reset the channel instead."""
-        if self._channels.get(channel_id) is not rings or rings.broker.closed:
+        if (
+            self._channels.get(channel_id) is not rings
+            or rings.broker is None
+            or rings.broker.closed
+        ):
             return
         if not rings.broker.mapped_mask & (1 << end):
             self.on_unmapped(
@@ -146,29 +233,47 @@ class DataPlane:
             )
 
     def rescind(self, channel_id: int, reason: str = "rescinded") -> None:
-        rings = self._channels.get(channel_id)
-        if rings is not None:
+        rings = self._settled(channel_id)
+        if rings is None:
+            return
+        if rings.forward is not None:
+            rings.forward.rescind(reason)
+        if rings.broker is not None:
             rings.broker.rescind()  # wakes every pump first: the relays drain, then reset
-            for relay in rings.relays.values():
-                relay.owner.rescinded(relay, reason)
+        for relay in rings.relays.values():
+            relay.owner.rescinded(relay, reason)
 
     def remove(self, channel_id: int) -> None:
         """The channel is gone: wake everything, then reclaim threads and mappings."""
+        self._settled(channel_id)
         rings = self._channels.pop(channel_id, None)
         if rings is None:
             return
-        rings.broker.rescind()
+        if rings.broker is not None:
+            rings.broker.rescind()
         for timer in (*rings.stall_timers, *rings.map_checks):
             timer.cancel()
+        if rings.forward is not None:
+            # A stall does not outlive the channel: what was forwarded goes, then the reset.
+            rings.forward.stall(0)
+            rings.forward.rescind("channel removed")
         # A relayed end may still be draining the rescinded ring to its client: it keeps its
         # own mapping until it is finished (sessiondata), whatever happens to the broker's.
         for relay in rings.relays.values():
             relay.owner.rescinded(relay, relay.reset or "channel removed")
-        rings.broker.close()
+        if rings.broker is not None:
+            rings.broker.close()
+
+    def forwarded(self, channel_id: int) -> bool:
+        """Whether the channel's frames pass stream to stream (both ends relayed, no rings)."""
+        rings = self._channels.get(channel_id)
+        return rings is not None and rings.forward is not None
 
     def ring_used(self, channel_id: int) -> tuple[int, int] | None:
         rings = self._channels.get(channel_id)
-        if rings is None or rings.broker.closed:
+        if rings is not None and rings.forward is not None:
+            return rings.forward.ring_used()
+        if rings is None or rings.broker is None or rings.broker.closed:
             return None
         ring0, ring1 = rings.broker.rings
         return (ring0.write_index - ring0.read_index) % ring0.data_size, (
@@ -182,10 +287,12 @@ class DataPlane:
         rings = self._channels.get(channel_id)
         if rings is None:
             return 0
+        if rings.forward is not None:
+            return rings.forward.bytes_sent(side)
         relay = rings.relays.get(side)
         if relay is not None:
             return relay.sent
-        if side not in rings.shm_ends or rings.broker.closed:
+        if side not in rings.shm_ends or rings.broker is None or rings.broker.closed:
             return 0
         counted = rings.broker.rings[_END_OF_SIDE[side]].bytes_written_total
         # The counter lives in memory the end writes: only reported, and kept sane for the
@@ -207,13 +314,13 @@ class DataPlane:
 
     def pause(self, channel_id: int, vm_id: str) -> None:
         """The VM is paused: its ends of the channel stall both ways until :meth:`resume`."""
-        rings = self._channels.get(channel_id)
+        rings = self._settled(channel_id)
         if rings is not None:
             rings.paused.add(vm_id)
             self._apply_stalls(rings)
 
     def resume(self, channel_id: int, vm_id: str) -> None:
-        rings = self._channels.get(channel_id)
+        rings = self._settled(channel_id)
         if rings is not None:
             rings.paused.discard(vm_id)
             self._apply_stalls(rings)
@@ -221,7 +328,7 @@ class DataPlane:
     def stall(self, channel_id: int, writer: Side | None, duration: float | None = None) -> None:
         """Stall the ring ``writer`` writes (both rings for None): its writer's sends and its
         reader's receives; for ``duration`` seconds, or until :meth:`unstall`."""
-        rings = self._channels.get(channel_id)
+        rings = self._settled(channel_id)
         if rings is None:
             return
         ring_ids = (0, 1) if writer is None else (_END_OF_SIDE[writer],)
@@ -236,7 +343,7 @@ class DataPlane:
 
     def unstall(self, channel_id: int) -> None:
         """End every StallRing hold on the channel (pauses stay)."""
-        rings = self._channels.get(channel_id)
+        rings = self._settled(channel_id)
         if rings is not None:
             for timer in rings.stall_timers:
                 timer.cancel()
@@ -253,9 +360,13 @@ class DataPlane:
 
     def _apply_stalls(self, rings: _ChannelRings) -> None:
         mask = 0
+        forward = rings.forward
         for side, end in _END_OF_SIDE.items():
             relay = rings.relays.get(side)
-            vm_id = relay.vm_id if relay is not None else rings.shm_ends.get(side)
+            if forward is not None:
+                vm_id: str | None = forward.vm_of(side)
+            else:
+                vm_id = relay.vm_id if relay is not None else rings.shm_ends.get(side)
             if vm_id is not None and vm_id in rings.paused:
                 mask |= shm.stall_bit(end, False) | shm.stall_bit(end, True)
         for ring_id in (0, 1):
@@ -271,7 +382,10 @@ class DataPlane:
                     event.clear()
                 else:
                     event.set()
-        if mask != rings.stalled_mask and not rings.broker.closed:
+        if forward is not None and mask != rings.stalled_mask:
+            rings.stalled_mask = mask
+            forward.stall(mask)
+        if mask != rings.stalled_mask and rings.broker is not None and not rings.broker.closed:
             rings.stalled_mask = mask
             rings.broker.set_stalled(mask)
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.allocator import tune_for_large_messages
 
 from . import metrics
 from .core.config import HostConfig
@@ -105,7 +106,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
     return Host(
         core,
         # An end handed its rings must map them within the connect timeout.
-        dataplane=DataPlane(map_timeout=config.connect_timeout),
+        dataplane=DataPlane(map_timeout=config.connect_timeout, forward=not args.relay_rings),
         store=store,
         shm_socket=None if args.shm_socket == "off" else args.shm_socket or default_address(),
         max_queued_responses=args.max_queued_responses,
@@ -211,6 +212,8 @@ async def serve(args: argparse.Namespace, token: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Relayed bytes pass through here in messages of up to 1 MiB (see the module).
+    tune_for_large_messages()
     args = parse_args(argv)
     handler = logging.StreamHandler()
     if args.log_format == "json":

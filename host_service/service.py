@@ -64,8 +64,9 @@ from .core.types import (
     Side,
 )
 from .dataplane import DataPlane, EndPath
+from .forward import RelayOpening
 from .handover import NONCE_SIZE, DescriptorServer
-from .sessiondata import RingRelay, SessionData
+from .sessiondata import SessionData
 from .status import abort, errno_detail, error_message, in_stream_error, rich_status
 from .store import PartitionRecord, ServiceRecord, StateStore
 from .wire import MalformedRequest
@@ -563,12 +564,12 @@ class Host:
             geometry=_geometry(event.ring, self.dataplane.max_payload),
             listener_id=plan.listener_id,
         )
-        if isinstance(segment, RingRelay):
+        if isinstance(segment, RelayOpening):
             channel.relay_send_limit = send_limit
             channel.relay_window = window
             # What this end's (empty) receive ring holds, plus the window.
-            channel.relay_receive_window = segment.end.rx.writable() + window
-        elif segment is not None:
+            channel.relay_receive_window = segment.receive_window
+        else:
             channel.shared_memory.CopyFrom(segment)
         attachment.send(hvsock_pb2.AttachResponse(request_id=plan.request_id, opened=channel))
 

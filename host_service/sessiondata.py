@@ -22,6 +22,11 @@ reader never reads beyond the client's credit, and at most ``MAX_UNSENT`` bytes 
 for the stream at once, so a client that stops reading its stream stops the reader (and the
 peer, once the ring is full), never grows host memory.
 
+Forwarded ends. When both ends of a channel are relayed there is no ring and no pump: the
+data plane registers a ``forward.ForwardEnd`` in ``relays`` instead, which takes the same
+calls (push, credit, written_out, stop) and puts its peer's frames on this stream itself
+(:meth:`SessionData.queue_frame` and the few calls next to it).
+
 Teardown. An end is *finished* exactly once (:meth:`SessionData._finish`): its last frame
 (peer FIN is not last; ``reset`` or ``close_done`` is) goes out, the pure session forgets it
 and its pumps are told to stop. The mapping of its rings is released by whichever of the
@@ -38,7 +43,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from hvsock.v1 import hvsock_pb2
 from ring import shm
@@ -68,13 +73,40 @@ from .ringrelay import (
 )
 from .status import error_message
 
-__all__ = ["MAX_RESPONSE_DATA", "RingRelay", "SessionData"]
+__all__ = ["MAX_RESPONSE_DATA", "DataFrame", "RingRelay", "SessionData", "is_close", "is_fin"]
+
+if TYPE_CHECKING:
+    from .forward import ForwardEnd
+
+#: A relayed end of this session: on a ring of the host's, or forwarded to its peer's stream
+#: (both ends relayed, ``forward``). Both take push, credit, written_out and stop.
+RelayedEnd: TypeAlias = "RingRelay | ForwardEnd"
 
 log = logging.getLogger("hvsock.host.relay")
 
 #: Data bytes in one response, at most: a response is one gRPC message, and clients (like the
 #: host) take messages of up to 1 MiB; this leaves room for the frames' own fields.
 MAX_RESPONSE_DATA = 1_000_000
+
+
+class DataFrame(NamedTuple):
+    """A data frame waiting for the stream: built into its response only when that is made,
+    so its bytes are copied into a message once, not twice (a frame, then the response)."""
+
+    channel_id: int
+    end: int
+    data: bytes
+
+
+def is_fin(item: object) -> bool:
+    """Whether ``item``, pushed to a relayed end, is the client's FIN (for other end kinds)."""
+    return item is _FIN
+
+
+def is_close(item: object) -> bool:
+    """Whether ``item``, pushed to a relayed end, is the client's close."""
+    return item is _CLOSE
+
 
 
 class SessionData:
@@ -92,7 +124,7 @@ class SessionData:
         self.session_id = session_id
         self.rules = RelaySession()
         #: (channel id, end) -> the relayed end (the same keys as ``rules``).
-        self.relays: dict[tuple[int, int], RingRelay] = {}
+        self.relays: dict[tuple[int, int], RelayedEnd] = {}
         #: Tell the core: the end sent FIN / closed (once it is in the ring), or must be torn
         #: down (rescinded: a protocol error, a corrupt ring, the stream gone).
         self._on_fin, self._on_close, self._on_abort = on_fin, on_close, on_abort
@@ -102,9 +134,9 @@ class SessionData:
         self._scheduled = False
         # The stream, while open: frames waiting to go out, and the loop's wake-up for them.
         self.streaming = False
-        self._out: collections.deque[tuple[hvsock_pb2.RelayFrame, RingRelay | None]] = (
-            collections.deque()
-        )
+        self._out: collections.deque[
+            tuple[hvsock_pb2.RelayFrame | DataFrame, RelayedEnd | None]
+        ] = collections.deque()
         self._out_data = 0
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -159,7 +191,7 @@ class SessionData:
                 ),
             )
 
-    def _finish(self, relay: RingRelay, last: hvsock_pb2.RelayFrame | None) -> None:
+    def _finish(self, relay: RelayedEnd, last: hvsock_pb2.RelayFrame | None) -> None:
         """The end is over: its last frame goes out, the rules forget it, its pumps stop."""
         if relay.finished:
             return
@@ -200,7 +232,7 @@ class SessionData:
         channel_id, index = relay.key
         if kind == _DATA:
             self.rules.sent(channel_id, index, len(value))
-            self._send(hvsock_pb2.RelayFrame(channel_id=channel_id, end=index, data=value), relay)
+            self._send(DataFrame(channel_id, index, value), relay)
         elif kind in (_WRITTEN, _ROOM):
             delivered, room = value
             limit = self.rules.grant(channel_id, index, delivered, room)
@@ -232,9 +264,29 @@ class SessionData:
                 self._finish_when_drained(relay)
             self._on_abort(channel_id, value[1])
 
-    # -- the stream --------------------------------------------------------------------------
+    # -- what forwarded ends (forward.ForwardEnd) need of their session ----------------------
 
-    def _send(self, frame: hvsock_pb2.RelayFrame, relay: RingRelay | None = None) -> None:
+    def queue_frame(
+        self, frame: hvsock_pb2.RelayFrame | DataFrame, end: RelayedEnd | None = None
+    ) -> None:
+        """Queue ``frame`` for the stream (``end``: the end whose data it carries, told when
+        it is written out)."""
+        self._send(frame, end)
+
+    def finish(self, end: RelayedEnd, last: hvsock_pb2.RelayFrame | None) -> None:
+        self._finish(end, last)
+
+    def tell_fin(self, channel_id: int, side: Side) -> None:
+        self._on_fin(channel_id, side)
+
+    def tell_closed(self, channel_id: int, side: Side) -> None:
+        self._on_close(channel_id, side)
+
+    # -- the stream ----------------------------------------------------------------------
+
+    def _send(
+        self, frame: hvsock_pb2.RelayFrame | DataFrame, relay: RelayedEnd | None = None
+    ) -> None:
         if not self.streaming:
             return
         self._out.append((frame, relay))
@@ -328,7 +380,10 @@ class SessionData:
         out = self._out
         while out and (size + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames):
             frame, relay = out.popleft()
-            frames.append(frame)
+            if isinstance(frame, DataFrame):
+                frames.add(channel_id=frame.channel_id, end=frame.end, data=frame.data)
+            else:
+                frames.append(frame)
             n = len(frame.data)
             size += n
             if relay is not None and n:

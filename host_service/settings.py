@@ -183,6 +183,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "holds meanwhile (a Connect/Accept may ask for another); 0: strict, the ring's "
         "back-pressure byte for byte",
     )
+    p.switch(
+        "--relay-rings",
+        help="put a channel relayed at both ends on host rings with pump threads, as a channel "
+        "with one end on shared memory is, instead of passing its frames from stream to stream "
+        "(for tests of the ring relay, and comparisons)",
+    )
     p.option(
         "--max-queued-responses",
         type=_positive_int,

@@ -469,6 +469,15 @@ def target(tmp_path: pathlib.Path) -> Iterator[abnormal.Target]:
             yield abnormal.Target(host, channel, create_vm(host, "abnormal"))
 
 
+@pytest.fixture
+def ring_target(tmp_path: pathlib.Path) -> Iterator[abnormal.Target]:
+    """As ``target``, with channels relayed at both ends on host rings (not forwarded)."""
+    with run_host(tmp_path, "--close-timeout-ms", "500", "--relay-rings") as host:
+        channel = grpc.insecure_channel(host.target)
+        with channel:
+            yield abnormal.Target(host, channel, create_vm(host, "abnormal"))
+
+
 def _concurrently(jobs: list[Callable[[], grpc.StatusCode]]) -> list[grpc.StatusCode]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(lambda job: job(), jobs))
@@ -558,11 +567,13 @@ def test_malformed_protobuf_on_every_rpc_is_invalid_argument(target: abnormal.Ta
 
 
 def test_a_corrupt_read_index_rescinds_a_relayed_writers_channel_only(
-    target: abnormal.Target,
+    ring_target: abnormal.Target,
 ) -> None:
     """Someone mapping the segment scribbles over the read index of the ring a relayed end
     writes: that channel is rescinded (both streams end UNAVAILABLE saying why), the host's
-    other channels and sessions carry on, and nothing is left behind."""
+    other channels and sessions carry on, and nothing is left behind. (Both ends are relayed
+    here, so the host is told to keep rings for such channels: forwarded, they have none.)"""
+    target = ring_target
     baseline = _baseline(target)
     guest, root, channel_id = abnormal.open_relayed(target)
     # The host's own mapping of the channel's memory (it has no name anywhere): opening it
