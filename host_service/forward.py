@@ -37,7 +37,8 @@ from .core.forward import (
     SenderFin,
 )
 from .core.types import Side
-from .sessiondata import MAX_UNSENT, DataFrame, SessionData, is_close, is_fin
+from .ringrelay import MAX_UNSENT
+from .sessiondata import DataFrame, SessionData, is_close, is_fin
 from .status import error_message
 
 __all__ = ["ForwardEnd", "ForwardPair", "RelayOpening", "ring_capacity"]

@@ -108,7 +108,6 @@ def is_close(item: object) -> bool:
     return item is _CLOSE
 
 
-
 class SessionData:
     """One attach session's relayed ends and its SessionData stream (all on the event loop,
     but :meth:`post`)."""
