@@ -132,16 +132,17 @@ class InProcessHost:
 
 @contextlib.asynccontextmanager
 async def in_process_host(
-    relay_window: int | None = None, **config: Any
+    relay_window: int | None = None, *, forward: bool = True, **config: Any
 ) -> AsyncIterator[InProcessHost]:
     """A host with ``HostConfig(**config)`` serving on 127.0.0.1 (port chosen by the kernel),
-    with the default relay window unless ``relay_window`` says another."""
+    with the default relay window unless ``relay_window`` says another; ``forward=False``
+    keeps channels relayed at both ends on rings with pumps (``--relay-rings``)."""
     clock = FakeClock()
     settings = HostConfig(**config)
     core = new_core(settings, TOKEN, now=clock())
     host = Host(
         core,
-        dataplane=DataPlane(map_timeout=settings.connect_timeout),
+        dataplane=DataPlane(map_timeout=settings.connect_timeout, forward=forward),
         clock=clock,
         **({} if relay_window is None else {"relay_window": relay_window}),
     )
