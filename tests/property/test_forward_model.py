@@ -171,8 +171,8 @@ class ForwardModel(RuleBasedStateMachine):
         """Unstalled, the receiver reading and granting everything: it all arrives."""
         if not hasattr(self, "flow") or self.gone:
             return
-        self.apply(self.flow.stall(False))
         self.stalled = False
+        self.apply(self.flow.stall(False))
         for _ in range(1000):
             before = (self.flow.delivered, self.eof, self.closed)
             self.apply(self.flow.wrote(self.flow.unsent))
