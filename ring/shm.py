@@ -80,6 +80,12 @@ STALL_RESCINDED = 1 << 31
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
+#: Guards every channel's ``_stall_waiters`` (rare: waits on a stall) and ``_share`` counts
+#: (views of one mapping close on different threads); one lock for all keeps a channel small.
+_STALL_LOCK = threading.Lock()
+_SHARE_LOCK = threading.Lock()
+
+
 def stall_bit(end: int, receiving: bool) -> int:
     """The stalled-word bit that holds end ``end``'s sends (or receives)."""
     return 1 << (2 * end + int(receiving))
@@ -140,14 +146,12 @@ class Channel:
         "_closed",
         "_fd",
         "_fd_finalizer",
-        "_map",
-        "_max_payload",
         "_mm",
-        "_ring_pages",
         "_rings",
-        "_spin_ns",
-        "_stall_lock",
+        "_share",
+        "_slices",
         "_stall_waiters",
+        "_view",
         "end",
         "is_creator",
     )
@@ -157,14 +161,14 @@ class Channel:
     _fd: int | None  # creator only, until close_fd(): the descriptor to hand over
     _fd_finalizer: weakref.finalize[[int], Channel] | None
     _mm: mmap.mmap
-    _map: _Mapping  # the mapping and its ring slices, shared with views (view_end)
+    _view: memoryview
+    _slices: list[memoryview]
     _rings: tuple[Ring, Ring]
-    _ring_pages: tuple[int, int]
-    _max_payload: int
-    _spin_ns: int | None
+    # Once a view of this mapping exists (view_end): [channels using the mapping], shared by
+    # them; the last to close releases the memoryviews and unmaps. None: this channel alone.
+    _share: list[int] | None
     _closed: bool
     _stall_waiters: int
-    _stall_lock: threading.Lock
 
     def __init__(self) -> None:
         raise TypeError("use Channel.create() or Channel.attach_fd()")
@@ -183,18 +187,27 @@ class Channel:
     ) -> Channel:
         self = cls.__new__(cls)
         self.end, self.is_creator, self._fd = end, fd is not None, fd
-        self._ring_pages, self._max_payload, self._spin_ns = ring_pages, max_payload, spin_ns
         # A creator dropped without close() still gives its descriptor back.
         self._fd_finalizer = None if fd is None else weakref.finalize(self, os.close, fd)
         self._mm = mm
         if share is None:
-            self._map = _Mapping(mm, ring_pages)
-        else:  # a view: one more user of ``share``'s mapping and slices
-            self._map = share._map
-            self._map.join()
+            self._share = None
+            self._view = memoryview(mm)
+            self._slices = []
+            offset = HEADER_PAGE_SIZE
+            for pages in ring_pages:
+                self._slices.append(self._view[offset : offset + pages * PAGE_SIZE])
+                offset += pages * PAGE_SIZE
+        else:  # a view: one more user of ``share``'s mapping and memoryviews
+            with _SHARE_LOCK:
+                if share._share is None:
+                    share._share = [1]
+                share._share[0] += 1
+                self._share = share._share
+            self._view, self._slices = share._view, share._slices
         rings: list[Ring] = []
         try:
-            for part in self._map.slices:
+            for part in self._slices:
                 rings.append(
                     Ring(part, initialize=initialize, max_payload=max_payload, spin_ns=spin_ns)
                 )
@@ -204,7 +217,6 @@ class Channel:
         self._rings = (rings[0], rings[1])
         self._closed = False
         self._stall_waiters = 0
-        self._stall_lock = threading.Lock()
         return self
 
     # -- construction --------------------------------------------------------------------
@@ -288,25 +300,22 @@ class Channel:
         futex_wake(mm, OFF_MAPPED_MASK)
         return chan
 
-    def view_end(self, end: int) -> Channel:
+    def view_end(
+        self, end: int, *, max_payload: int = MAX_PAYLOAD, spin_ns: int | None = None
+    ) -> Channel:
         """End ``end`` over this channel's own mapping (a broker's): taken in ``mapped_mask``
         like :meth:`attach_fd`, but without a second mapping or descriptor (Python's mmap keeps
         a descriptor per mapping: a host relaying ten thousand ends would run out). The view
-        has rings of its own (an end's private indices); the memory stays mapped until this
-        channel and every view of it are closed, in any order, on any threads."""
+        has rings of its own (an end's private indices) over the same memoryviews; the memory
+        stays mapped until this channel and every view of it are closed, in any order, on any
+        threads."""
         if end not in (0, 1):
             raise ValueError("end must be 0 or 1")
         self._check_open()
         _take_end(self._mm, end)
+        pages = (len(self._slices[0]) // PAGE_SIZE, len(self._slices[1]) // PAGE_SIZE)
         view = Channel._from_mapping(
-            self._mm,
-            end,
-            None,
-            False,
-            self._ring_pages,
-            self._max_payload,
-            self._spin_ns,
-            share=self,
+            self._mm, end, None, False, pages, max_payload, spin_ns, share=self
         )
         futex_wake(self._mm, OFF_MAPPED_MASK)
         return view
@@ -406,7 +415,7 @@ class Channel:
         channel is rescinded; False on timeout."""
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._stall_lock:
+        with _STALL_LOCK:
             self._stall_waiters += 1  # close() refuses to unmap under a sleeper (EBUSY)
         try:
             while True:
@@ -418,7 +427,7 @@ class Channel:
                     return False
                 futex_wait(self._mm, OFF_STALLED, word, remaining)
         finally:
-            with self._stall_lock:
+            with _STALL_LOCK:
                 self._stall_waiters -= 1
 
     def _check_open(self) -> None:
@@ -455,7 +464,16 @@ class Channel:
     def _unmap(self, rings: list[Ring] | tuple[Ring, ...]) -> None:
         for r in rings:
             r.close()
-        self._map.leave()
+        if self._share is not None:
+            with _SHARE_LOCK:
+                self._share[0] -= 1
+                if self._share[0]:
+                    return  # another channel still uses the mapping
+        for part in self._slices:
+            part.release()
+        self._slices.clear()
+        self._view.release()
+        self._mm.close()
 
     def close(self) -> None:
         """Unmap this end (the creator also drops its descriptor).
@@ -477,40 +495,6 @@ class Channel:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"end={self.end}"
         return f"<ring.Channel {state}>"
-
-
-class _Mapping:
-    """One mapping of a segment and its two ring slices, shared by a channel and its views
-    (:meth:`Channel.view_end`): the last of them to close releases the slices and unmaps."""
-
-    __slots__ = ("lock", "mm", "slices", "users", "view")
-
-    def __init__(self, mm: mmap.mmap, ring_pages: tuple[int, int]) -> None:
-        self.mm = mm
-        self.view = memoryview(mm)
-        self.slices: list[memoryview] = []
-        offset = HEADER_PAGE_SIZE
-        for pages in ring_pages:
-            self.slices.append(self.view[offset : offset + pages * PAGE_SIZE])
-            offset += pages * PAGE_SIZE
-        self.users = 1
-        self.lock = threading.Lock()  # views close on other threads than their channel
-
-    def join(self) -> None:
-        with self.lock:
-            self.users += 1
-
-    def leave(self) -> None:
-        """One user is gone (its rings closed: nothing exports the slices on its account)."""
-        with self.lock:
-            self.users -= 1
-            last = self.users == 0
-        if last:
-            for part in self.slices:
-                part.release()
-            self.slices.clear()
-            self.view.release()
-            self.mm.close()
 
 
 def _take_end(mm: mmap.mmap, end: int | None) -> int:

@@ -322,7 +322,7 @@ def test_relayed_reader_of_a_corrupt_ring_gets_ring_corrupt_error(host: HostProc
     # in its control page, written through its own mapping as a hostile program could.
     pipe = server._end.pipe
     assert isinstance(pipe, _pipe.ShmPipe)
-    control = pipe.channel._map.slices[pipe.channel.end]
+    control = pipe.channel._slices[pipe.channel.end]
     index = struct.unpack_from("<I", control, OFF_WRITE_INDEX)[0]
     struct.pack_into("<I", control, OFF_WRITE_INDEX, index + 3)
     # ... and signals, as a writer does (a new data sequence number, then the futex wake).
