@@ -144,11 +144,13 @@ class DataPlane:
         if path is EndPath.RELAY:
             if relays is None:
                 raise ValueError("a relayed end needs its session's SessionData")
-            relay, send_limit = self._ring_relay(
+            _, send_limit = self._ring_relay(
                 rings, channel_id, EndSpec(side, vm_id, session_id, relays, window)
             )
-            # What this end's (empty) receive ring holds, plus the window.
-            segment = RelayOpening(send_limit, relay.end.rx.writable() + window)
+            # What this end's (empty) receive ring holds, plus the window: from the geometry,
+            # as reading the ring's room is its writer's call (the peer may be writing).
+            receive_ring = self._capacities(connector_view)[1 - end]
+            segment = RelayOpening(send_limit, receive_ring + window)
         else:
             rings.shm_ends[side] = vm_id
             rings.shm_sessions[side] = session_id
