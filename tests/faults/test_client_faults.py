@@ -167,19 +167,46 @@ def test_host_stopped_then_restarted(
 
 @pytest.mark.parametrize("data_path", DATA_PATHS)
 def test_stress_32_connections_256_mib_echoed(host: HostProcess, data_path: str) -> None:
+    total = int(os.environ.get("HVSOCK_STRESS_BYTES", 256 << 20))
+    _echo_stress(host, (data_path, data_path), connections=32, total=total, block=65536)
+
+
+#: (the VM's data path, the host partition's): the VM relayed with the host partition on shared
+#: memory (the usual relay deployment), and both relayed (the host moves bytes between streams).
+RELAY_CONFIGS = {"relay-vm": ("relay", "shm"), "relay": ("relay", "relay")}
+
+
+@pytest.mark.parametrize("config", sorted(RELAY_CONFIGS))
+def test_stress_1_gib_each_way_over_the_relay(host: HostProcess, config: str) -> None:
+    """1 GiB from the VM to the host partition and the same back (an echo), over 4 connections.
+    HVSOCK_RELAY_STRESS_BYTES sets the total for quick local runs."""
+    total = int(os.environ.get("HVSOCK_RELAY_STRESS_BYTES", 1 << 30))
+    _echo_stress(host, RELAY_CONFIGS[config], connections=4, total=total, block=262144)
+
+
+def _echo_stress(
+    host: HostProcess, paths: tuple[str, str], *, connections: int, total: int, block: int
+) -> None:
+    """``total`` bytes from a VM (data path ``paths[0]``) to an echo server in the host
+    partition (``paths[1]``) and back, over ``connections`` connections with 64-page rings and
+    random send sizes up to ``block``; the SHA-256 of each direction is checked at its
+    receiver, and every channel is gone afterwards."""
+    vm_path, root_path = paths
     vm_created = create_vm(host)
-    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), data_path)
+    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), root_path)
     vm = partition(
         host,
         hvsock_pb2.Hello(vm_id=vm_created.partition.vm_id, token=vm_created.token),
-        data_path,
+        vm_path,
     )
     listener = root.socket()
     listener.bind((hv.HV_GUID_WILDCARD, SERVICE))
     listener.listen(64)
-    connections = 32
-    per_connection = int(os.environ.get("HVSOCK_STRESS_BYTES", 256 << 20)) // connections
+    per_connection = total // connections
     errors: list[BaseException] = []
+    #: connection seed -> SHA-256 of what the echo server received (the VM -> host direction).
+    server_digests: dict[int, bytes] = {}
+    client_digests: dict[int, bytes] = {}
 
     def echo_server() -> None:
         for _ in range(connections):
@@ -188,9 +215,17 @@ def test_stress_32_connections_256_mib_echoed(host: HostProcess, data_path: str)
 
     def echo(conn: hv.HvSocket) -> None:
         try:
-            buffer = bytearray(65536)
+            received = hashlib.sha256()
+            buffer = bytearray(block)
+            head = bytearray()  # each stream starts with its connection's seed
             while n := conn.recv_into(buffer):
-                conn.sendall(memoryview(buffer)[:n])
+                data = memoryview(buffer)[:n]
+                received.update(data)
+                if len(head) < 4:
+                    head += data[: 4 - len(head)]
+                conn.sendall(data)
+            # Recorded before the FIN: the client's EOF may end the test at once.
+            server_digests[int.from_bytes(head, "little")] = received.digest()
             conn.shutdown(hv.SHUT_WR)
         except BaseException as exc:
             errors.append(exc)
@@ -208,104 +243,7 @@ def test_stress_32_connections_256_mib_echoed(host: HostProcess, data_path: str)
             sent, received = hashlib.sha256(), hashlib.sha256()
 
             def reader() -> None:
-                buffer = bytearray(65536)
-                while n := sock.recv_into(buffer):
-                    received.update(memoryview(buffer)[:n])
-
-            thread = threading.Thread(target=reader)
-            thread.start()
-            left = per_connection
-            block = rng.randbytes(65536)
-            while left:
-                size = min(rng.randint(1, 65536), left)
-                chunk = block[:size]
-                sent.update(chunk)
-                sock.sendall(chunk)
-                left -= size
-            sock.shutdown(hv.SHUT_WR)
-            thread.join()
-            sock.close()
-            assert sent.digest() == received.digest(), f"connection {seed} corrupted"
-        except BaseException as exc:
-            errors.append(exc)
-
-    server = threading.Thread(target=echo_server)
-    server.start()
-    clients = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join(timeout=600)
-    server.join(timeout=60)
-    assert not errors, errors[:3]
-    listener.close()
-    vm.close()
-    root.close()
-    eventually(lambda: not channels(host), within=15.0)
-
-
-#: (the VM's data path, the host partition's): the VM relayed with the host partition on shared
-#: memory (the usual relay deployment), and both relayed (the host moves bytes between streams).
-RELAY_CONFIGS = {"relay-vm": ("relay", "shm"), "relay": ("relay", "relay")}
-
-
-@pytest.mark.parametrize("config", sorted(RELAY_CONFIGS))
-def test_stress_1_gib_each_way_over_the_relay(host: HostProcess, config: str) -> None:
-    """1 GiB from the VM to the host partition and the same back (an echo), over 4 connections
-    with 64-page rings and random send sizes; SHA-256 of each direction checked at its
-    receiver. HVSOCK_RELAY_STRESS_BYTES sets the total for quick local runs."""
-    vm_path, root_path = RELAY_CONFIGS[config]
-    vm_created = create_vm(host)
-    root = partition(host, hvsock_pb2.Hello(host=True, token=host.token), root_path)
-    vm = partition(
-        host,
-        hvsock_pb2.Hello(vm_id=vm_created.partition.vm_id, token=vm_created.token),
-        vm_path,
-    )
-    listener = root.socket()
-    listener.bind((hv.HV_GUID_WILDCARD, SERVICE))
-    listener.listen(8)
-    connections = 4
-    per_connection = int(os.environ.get("HVSOCK_RELAY_STRESS_BYTES", 1 << 30)) // connections
-    errors: list[BaseException] = []
-    #: connection seed -> SHA-256 of what the echo server received (the VM -> host direction).
-    server_digests: dict[int, bytes] = {}
-    client_digests: dict[int, bytes] = {}
-
-    def echo_server() -> None:
-        for _ in range(connections):
-            conn, _ = listener.accept()
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    def echo(conn: hv.HvSocket) -> None:
-        try:
-            received = hashlib.sha256()
-            buffer = bytearray(262144)
-            head = bytearray()  # each stream starts with its connection's seed
-            while n := conn.recv_into(buffer):
-                data = memoryview(buffer)[:n]
-                received.update(data)
-                if len(head) < 4:
-                    head += data[: 4 - len(head)]
-                conn.sendall(data)
-            conn.shutdown(hv.SHUT_WR)
-            server_digests[int.from_bytes(head, "little")] = received.digest()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            conn.close()
-
-    def client(seed: int) -> None:
-        try:
-            rng = random.Random(seed)
-            sock = vm.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 63 * 4096)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 63 * 4096)
-            sock.connect((hv.HV_GUID_PARENT, SERVICE))
-            sent, received = hashlib.sha256(), hashlib.sha256()
-
-            def reader() -> None:
-                buffer = bytearray(262144)
+                buffer = bytearray(block)
                 while n := sock.recv_into(buffer):
                     received.update(memoryview(buffer)[:n])
 
@@ -316,11 +254,11 @@ def test_stress_1_gib_each_way_over_the_relay(host: HostProcess, config: str) ->
             sent.update(head)
             sock.sendall(head)
             left = per_connection - len(head)
-            block = rng.randbytes(262144)
+            data = rng.randbytes(block)
             while left:
-                size = min(rng.randint(1, 262144), left)
-                start = rng.randint(0, 262144 - size)
-                chunk = memoryview(block)[start : start + size]
+                size = min(rng.randint(1, block), left)
+                start = rng.randint(0, block - size)
+                chunk = memoryview(data)[start : start + size]
                 sent.update(chunk)
                 sock.sendall(chunk)
                 left -= size
