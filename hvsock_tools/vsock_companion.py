@@ -63,6 +63,18 @@ log = logging.getLogger("hvsock.run")
 PAGE = 4096
 #: Bytes moved per call from the program to the hv socket.
 RELAY_CHUNK = 128 * 1024
+
+_buffers = threading.local()
+
+
+def _relay_buffer() -> memoryview:
+    """This worker thread's relay buffer: pumps run on pooled threads, one at a time each, so
+    a connection costs no buffer of its own (a fresh 128 KiB one is mapped, zeroed and
+    unmapped again by the allocator: a good part of a connect's cost in the companion)."""
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(RELAY_CHUNK))
+    return view
 #: How long a connect request waits for its data connection to be accepted here.
 DATA_WAIT = 10.0
 #: How often listeners are checked for a program that went away without closing them.
@@ -520,8 +532,7 @@ class Relay:
 
     def _to_hv(self) -> None:
         """Program -> channel; then wait until the program's descriptor is gone, and close."""
-        buffer = bytearray(RELAY_CHUNK)
-        view = memoryview(buffer)
+        buffer = view = _relay_buffer()
         try:
             while True:
                 try:
@@ -562,8 +573,7 @@ class Relay:
     def _to_program(self) -> None:
         """Channel -> program. Reads cross packet boundaries here (one call per ring's worth,
         not per 16 KiB packet); the shim gives the program at most 16 KiB per read."""
-        buffer = bytearray(RELAY_CHUNK)
-        view = memoryview(buffer)
+        buffer = view = _relay_buffer()
         try:
             while True:
                 try:
