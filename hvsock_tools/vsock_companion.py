@@ -75,6 +75,8 @@ def _relay_buffer() -> memoryview:
     if view is None:
         view = _buffers.view = memoryview(bytearray(RELAY_CHUNK))
     return view
+
+
 #: How long a connect request waits for its data connection to be accepted here.
 DATA_WAIT = 10.0
 #: How often listeners are checked for a program that went away without closing them.
