@@ -179,6 +179,15 @@ class Attachment:
                 # Not now: send() runs inside event dispatch, and detaching is a core call.
                 asyncio.get_running_loop().call_soon(self.on_overflow, self)
 
+    def proves(self, nonce: bytes) -> bool:
+        """Whether ``nonce`` is the one in the probe sent on this session's descriptor
+        connection (which it still has)."""
+        return (
+            self.shm_conn is not None
+            and bool(nonce)
+            and secrets.compare_digest(nonce, self.shm_nonce)
+        )
+
     def end(self, reason: str) -> None:
         """Close the stream from the host side (the handler then detaches the partition)."""
         if self.ended is None:
@@ -717,9 +726,8 @@ class Host:
         if attachment.control is None:
             # The first frame moves the session's requests here: only with the probe's proof,
             # and before its answer leaves (it must come here too).
-            proof = request.prove_shared_memory.nonce
-            if request.WhichOneof("kind") != "prove_shared_memory" or not (
-                proof and secrets.compare_digest(proof, attachment.shm_nonce)
+            if request.WhichOneof("kind") != "prove_shared_memory" or not attachment.proves(
+                request.prove_shared_memory.nonce
             ):
                 self._control_broken(conn, "the first request frame must prove the probe")
                 return
@@ -1088,9 +1096,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                 # The client cannot (or will not) map what the socket hands it: relay.
                 host._release_handover(attachment)
                 return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
-            if attachment.shm_conn is None or not secrets.compare_digest(
-                request.prove_shared_memory.nonce, attachment.shm_nonce
-            ):
+            if not attachment.proves(request.prove_shared_memory.nonce):
                 raise errors.InvalidArgument("shared-memory proof does not match the probe")
             attachment.shm_capable = True
             return hvsock_pb2.AttachResponse(ack=hvsock_pb2.Ack())
