@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -48,7 +48,10 @@ class Setup:
         self.vm, self.root, self.path = vm, root, path
 
 
-def _echo_listener(partition: hv.Partition, service: str) -> hv.HvSocket:
+def _serving(
+    partition: hv.Partition, service: str, handle: Callable[[hv.HvSocket], None]
+) -> hv.HvSocket:
+    """A guest listener on ``service`` that runs ``handle`` on each connection, in a thread."""
     listener = partition.socket()
     listener.bind((hv.HV_GUID_WILDCARD, service))
     listener.listen()
@@ -59,10 +62,14 @@ def _echo_listener(partition: hv.Partition, service: str) -> hv.HvSocket:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     return listener
+
+
+def _echo_listener(partition: hv.Partition, service: str) -> hv.HvSocket:
+    return _serving(partition, service, _echo)
 
 
 def _echo(conn: hv.HvSocket) -> None:
@@ -272,22 +279,13 @@ def test_command_line_endpoint(host: HostProcess, tmp_path: pathlib.Path) -> Non
 
 def _hello_listener(partition: hv.Partition, service: str) -> hv.HvSocket:
     """A guest listener that answers each connection with its VM id, then closes."""
-    listener = partition.socket()
-    listener.bind((hv.HV_GUID_WILDCARD, service))
-    listener.listen()
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(partition.vm_id.encode())
-                conn.shutdown(hv.SHUT_WR)
+    def hello(conn: hv.HvSocket) -> None:
+        with conn:
+            conn.sendall(partition.vm_id.encode())
+            conn.shutdown(hv.SHUT_WR)
 
-    threading.Thread(target=serve, daemon=True).start()
-    return listener
+    return _serving(partition, service, hello)
 
 
 def _hybrid_connect(path: str, port: int) -> bytes:
