@@ -6,6 +6,7 @@ reports the ring's own bytes_written counter (ring/_layout.pxd) for that directi
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import re
 import time
@@ -30,6 +31,29 @@ def host(tmp_path: pathlib.Path) -> Iterator[HostProcess]:
         yield process
 
 
+@contextlib.contextmanager
+def _connected(
+    host: HostProcess, service: str
+) -> Iterator[tuple[str, hv.HvSocket, hv.HvSocket, hv.HvSocket]]:
+    """A new VM connected to a host-partition listener on ``service`` (data paths as
+    HVSOCK_DATA_PATH says): (VM id, listener, the VM's socket, the accepted one); both
+    partitions are closed afterwards."""
+    created = host.create_vm()
+    vm = hv.attach(host.target, vm_id=created.partition.vm_id, token=created.token)
+    root = hv.attach_host(host.target, token=host.token)
+    try:
+        listener = root.socket()
+        listener.bind((hv.HV_GUID_WILDCARD, service))
+        listener.listen(1)
+        out = vm.socket()
+        out.connect((hv.HV_GUID_PARENT, service))
+        inbound, _ = listener.accept()
+        yield created.partition.vm_id, listener, out, inbound
+    finally:
+        vm.close()
+        root.close()
+
+
 def _channel(host: HostProcess, channel_id: int) -> hvsock_pb2.ChannelStatus:
     channel, admin = host.admin()
     with channel:
@@ -45,17 +69,7 @@ def test_list_channels_counts_bytes_both_ways(
     host: HostProcess, data_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HVSOCK_DATA_PATH", data_path)
-    created = host.create_vm()
-    vm = hv.attach(host.target, vm_id=created.partition.vm_id, token=created.token)
-    root = hv.attach_host(host.target, token=host.token)
-    service = "c0ffee00-0000-4000-8000-0000000c0c00"
-    try:
-        listener = root.socket()
-        listener.bind((hv.HV_GUID_WILDCARD, service))
-        listener.listen(1)
-        out = vm.socket()
-        out.connect((hv.HV_GUID_PARENT, service))
-        inbound, _ = listener.accept()
+    with _connected(host, "c0ffee00-0000-4000-8000-0000000c0c00") as (_, listener, out, inbound):
         assert out.data_path == inbound.data_path == data_path
         out.sendall(b"a" * 3000)  # connector -> listener
         assert recv_exactly(inbound, 3000) == b"a" * 3000
@@ -76,9 +90,6 @@ def test_list_channels_counts_bytes_both_ways(
             assert status.to_listener.ring_used > 500  # 500 bytes and the packet framing
         for sock in (out, inbound, listener):
             sock.close()
-    finally:
-        vm.close()
-        root.close()
 
 
 def _metrics(host: HostProcess) -> dict[str, float]:
@@ -103,17 +114,8 @@ def test_prometheus_counts_shared_memory_bytes_and_ring_fill(
     the relay's byte counter follows a relayed one."""
     monkeypatch.setenv("HVSOCK_DATA_PATH", data_path)
     with run_host(tmp_path, "--metrics-port", "0") as host:
-        created = host.create_vm()
-        vm = hv.attach(host.target, vm_id=created.partition.vm_id, token=created.token)
-        root = hv.attach_host(host.target, token=host.token)
         service = "c0ffee00-0000-4000-8000-0000000c0c01"
-        try:
-            listener = root.socket()
-            listener.bind((hv.HV_GUID_WILDCARD, service))
-            listener.listen(1)
-            out = vm.socket()
-            out.connect((hv.HV_GUID_PARENT, service))
-            inbound, _ = listener.accept()
+        with _connected(host, service) as (vm_id, listener, out, inbound):
             out.sendall(b"a" * 3000)
             assert recv_exactly(inbound, 3000) == b"a" * 3000
             inbound.sendall(b"b" * 1234)
@@ -141,12 +143,9 @@ def test_prometheus_counts_shared_memory_bytes_and_ring_fill(
 
             for sock in (out, inbound, listener):
                 sock.close()
-            wait_for_no_channels(host, created.partition.vm_id)
+            wait_for_no_channels(host, vm_id)
             # The channel is gone: its bytes stay counted, its rings are no longer there.
             samples = _metrics(host)
             assert samples["hvsock_shm_bytes_total"] == (4734 if data_path == "shm" else 0)
             assert samples[f'hvsock_ring_used_bytes{{path="{data_path}"}}'] == 0
             assert samples[f'hvsock_ring_size_bytes{{path="{data_path}"}}'] == 0
-        finally:
-            vm.close()
-            root.close()
