@@ -50,6 +50,14 @@ TIMEOUT = 5.0
 MAX_STASHED = 256
 
 
+def _expect_channel(kind: int, fd: int) -> None:
+    """After the probe, every descriptor is a channel's: anything else closes it and is a
+    protocol error."""
+    if kind != KIND_CHANNEL:
+        os.close(fd)
+        raise OSError(errno.EPROTO, "a second probe on the descriptor socket")
+
+
 class Handover:
     """Receives ring descriptors for one attach session (and, with control frames, carries its
     requests and answers)."""
@@ -113,9 +121,7 @@ class Handover:
                         log.exception("routing an answer from the descriptor socket")
                     continue
                 assert isinstance(item, int)
-                if kind != KIND_CHANNEL:
-                    os.close(item)
-                    raise OSError(errno.EPROTO, "a second probe on the descriptor socket")
+                _expect_channel(kind, item)
                 with self._stashed:
                     self._keep(channel_id, item)
                     self._stashed.notify_all()
@@ -161,9 +167,7 @@ class Handover:
                     kind, got, fd = receive(self._sock)
                 except TimeoutError:
                     continue  # the deadline check above reports it
-                if kind != KIND_CHANNEL:
-                    os.close(fd)
-                    raise OSError(errno.EPROTO, "a second probe on the descriptor socket")
+                _expect_channel(kind, fd)
                 if got == channel_id:
                     return fd
                 self._keep(got, fd)
