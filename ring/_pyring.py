@@ -681,11 +681,12 @@ class Ring:
             while True:
                 if self._eof:
                     return 0
+                rescinded = self._ctl[W_RESCINDED]  # before the write index (see _ring.pyx)
                 w = self._r_load()
                 r = self._r_local
                 if w != r:
                     break
-                if self._ctl[W_RESCINDED]:
+                if rescinded:
                     return 0
                 self._wait(False, 0, deadline)
             r0 = r

@@ -477,7 +477,7 @@ cdef int ring_read(hvring *rg, uint8_t *dst, size_t n, int64_t deadline,
     done == 0 with ST_OK means EOF (FIN consumed, or rescinded and drained).
     A FIN after data ends the batch; the next call reports EOF.
     """
-    cdef uint32_t w, r, r0, take
+    cdef uint32_t w, r, r0, take, rescinded
     cdef uint32_t ds = 0
     cdef uint32_t total = 0
     cdef int st
@@ -487,13 +487,18 @@ cdef int ring_read(hvring *rg, uint8_t *dst, size_t n, int64_t deadline,
     while True:
         if rg.eof:
             return ST_OK
+        # The rescind flag is loaded before the write index: a writer publishes its last
+        # packets before its partition closes and the host rescinds, so a rescind seen here
+        # orders those packets before the index load. The other order could load an empty
+        # ring, then a rescind set after the packets, and drop them as EOF.
+        rescinded = hv_load_acquire(&rg.ctl[W_RESCINDED])
         st = _r_load(rg, &w)
         if st != ST_OK:
             return st
         r = rg.r_local
         if w != r:
             break
-        if hv_load_acquire(&rg.ctl[W_RESCINDED]) != 0:
+        if rescinded != 0:
             return ST_OK  # drained after rescind: EOF
         st = _wait(rg, 0, 0, deadline)
         if st != ST_OK:

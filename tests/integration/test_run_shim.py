@@ -77,11 +77,30 @@ def environment(**extra: str) -> dict[str, str]:
     return env
 
 
+#: Programs started by the running test (``start``); ``_reap`` ends what a failure left.
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap() -> Iterator[None]:
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def start(
     host: HostProcess, who: Vm | None, program: list[str], **kwargs: Any
 ) -> subprocess.Popen[bytes]:
     env = environment(**kwargs.pop("env", {}))
-    return subprocess.Popen([*run_args(host, who), "--", *program], env=env, **kwargs)
+    proc = subprocess.Popen([*run_args(host, who), "--", *program], env=env, **kwargs)
+    _started.append(proc)
+    return proc
 
 
 def run(

@@ -223,6 +223,51 @@ def test_rescind_drains_then_eof_and_breaks_writes(new_ring) -> None:  # type: i
     assert r.wait_readable(timeout=0) and r.wait_writable(timeout=0)
 
 
+def test_a_rescind_after_the_last_packets_never_drops_them() -> None:
+    """The writer's last packets, then the host's rescind, both land between the reader's
+    load of the write index (empty) and its check for a rescind: the reader must still
+    deliver them before EOF. Forced here on the twin (its index load is a Python method);
+    the compiled ring keeps the same load order (see ring_read)."""
+    buf = bytearray(3 * 4096)
+    reader = pyring.Ring(buf, initialize=True, spin_ns=0)
+    writer = pyring.Ring(buf, spin_ns=0)
+    load = reader._r_load
+    raced = []
+
+    def load_then_race() -> int:
+        w = load()
+        if not raced:
+            raced.append(w)
+            writer.write_all(b"last words")
+            writer.rescind()
+        return w
+
+    reader._r_load = load_then_race  # type: ignore[method-assign]
+    assert reader.read(100, timeout=1) == b"last words"
+    assert reader.read(100, timeout=0) == b""
+    assert raced
+
+
+def test_a_rescind_racing_the_last_packets_never_drops_them(impl: ModuleType) -> None:
+    """The same race, left to threads: a writer writes then rescinds, a reader polls."""
+    for _ in range(300):
+        buf = bytearray(3 * 4096)
+        reader = impl.Ring(buf, initialize=True, spin_ns=0)
+        writer = impl.Ring(buf, spin_ns=0)
+        got = bytearray()
+
+        def read_all(r: object = reader, into: bytearray = got) -> None:
+            while chunk := r.read(4096, timeout=5):  # type: ignore[attr-defined]
+                into += chunk
+
+        thread = threading.Thread(target=read_all)
+        thread.start()
+        writer.write_all(b"x" * 1000)
+        writer.rescind()
+        thread.join(10)
+        assert got == b"x" * 1000
+
+
 def test_close_and_buffer_checks(impl: ModuleType) -> None:
     buf = bytearray(3 * 4096)
     r = impl.Ring(buf, initialize=True)
