@@ -12,6 +12,7 @@ The well-known values are from hvsock-facts section 1.2 (Microsoft docs, go-wini
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import uuid
@@ -143,6 +144,7 @@ _CID_FIRST = 3
 _CID_SPAN = 0x7FFFFFFF - _CID_FIRST
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function, asked for on every accepted connect
 def cid_for_vm_id(vm_id: str) -> int:
     """The vsock CID a host-side vsock program uses for a VM (``hvsock vms list`` shows it).
 

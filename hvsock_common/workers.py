@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 log = logging.getLogger("hvsock.workers")
 
-_Job = tuple[Callable[[], object], str, threading.Event]
+_Job = tuple[Callable[[], object], str]
 
 #: Seconds an idle worker waits for a job before its thread ends.
 IDLE_TIMEOUT = 2.0
@@ -46,24 +46,23 @@ class WorkerPool:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._idle = 0
 
-    def run(self, fn: Callable[[], object], name: str) -> threading.Event:
-        """Run ``fn`` on a worker thread (named ``name`` meanwhile); the event is set once
-        it has returned."""
-        done = threading.Event()
+    def run(self, fn: Callable[[], object], name: str) -> None:
+        """Run ``fn`` on a worker thread (named ``name`` meanwhile). Nothing reports its end:
+        a caller that waits for it says so in ``fn`` (most jobs are pumps nobody waits for,
+        and an event per job was a measurable part of a connect's cost)."""
         with self._lock:
             spawn = not self._idle
             if not spawn:
                 self._idle -= 1
-        self._jobs.put((fn, name, done))
+        self._jobs.put((fn, name))
         if spawn:
             threading.Thread(target=self._work, name=name, daemon=True).start()
-        return done
 
     def _work(self) -> None:
         me = threading.current_thread()
         while True:
             try:
-                fn, me.name, done = self._jobs.get(timeout=self._idle_timeout)
+                fn, me.name = self._jobs.get(timeout=self._idle_timeout)
             except queue.Empty:
                 with self._lock:
                     if self._idle:
@@ -74,9 +73,7 @@ class WorkerPool:
                 fn()
             except BaseException:
                 log.exception("worker job %s failed", me.name)
-            finally:
-                done.set()
-            del fn, done  # nothing of the job outlives it while the worker waits
+            del fn  # nothing of the job outlives it while the worker waits
             with self._lock:
                 if self._idle >= self._max_idle:
                     return

@@ -7,11 +7,16 @@ loaded into programs with ``LD_PRELOAD``) on an abstract Unix socket, ``@<name>`
 address:
 
 - control connections (an unnamed peer): one request line, one reply line (``INFO``,
-  ``CONNECT``, ``STATUS``, ``ADDRESSES``, ``LISTEN``, ``CLOSED``), or ``HOLD``, which keeps
-  the companion alive for as long as it stays open (``hvsock run`` holds one);
+  ``CONNECT`` for a non-blocking connect, ``STATUS``, ``ADDRESSES``, ``LISTEN``, ``CLOSED``),
+  or ``HOLD``, which keeps the companion alive for as long as it stays open (``hvsock run``
+  holds one);
 - data connections (a peer bound to ``<name>/s/<id>``, the identity of one vsock socket of a
   program): the program's descriptor itself. The companion relays its bytes to and from the
   hv socket it connected for that identity.
+
+A blocking connect, the commonest call, sends no control request: its data connection arrives
+on ``@<name>/connect`` instead, carrying one ``CONNECT`` line before any data, and the reply
+line goes back on it (the shim reads exactly that line; channel data may follow at once).
 
 For a program's listener, the companion listens on the hv side and, for each hv connection,
 connects to the program's Unix listener from a socket bound to ``<name>/p/<cid>.<port>.<n>``:
@@ -163,11 +168,20 @@ class Companion:
             self.server.close()
             raise
         self.server.listen(4096)
+        self.connector = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.connector.bind(f"\0{name}/connect")
+        except OSError:
+            self.server.close()
+            self.connector.close()
+            raise
+        self.connector.listen(4096)
 
     # -- serving ------------------------------------------------------------------------------
 
     def serve(self) -> None:
         threading.Thread(target=self._watch_listeners, name="listener-watch", daemon=True).start()
+        threading.Thread(target=self._serve_connects, name="connects", daemon=True).start()
         while not self.stopped.is_set():
             try:
                 conn, address = self.server.accept()
@@ -190,9 +204,10 @@ class Companion:
 
     def stop(self) -> None:
         self.stopped.set()
-        with contextlib.suppress(OSError):
-            self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
+        for listening in (self.server, self.connector):
+            with contextlib.suppress(OSError):
+                listening.shutdown(socket.SHUT_RDWR)
+            listening.close()
 
     def _maybe_exit(self) -> None:
         if not self.exit_when_unused:
@@ -209,13 +224,10 @@ class Companion:
 
     def _control(self, conn: socket.socket) -> None:
         with conn:
-            line = b""
-            while not line.endswith(b"\n") and len(line) < 1024:
-                chunk = conn.recv(1024)
-                if not chunk:
-                    return
-                line += chunk
-            words = line.decode("ascii", "replace").split()
+            try:
+                words = _read_line(conn).split()
+            except (OSError, ValueError):
+                return
             if not words:
                 return
             command, args = words[0], words[1:]
@@ -294,24 +306,16 @@ class Companion:
     def _local_cid(self) -> int:
         return addresses.VMADDR_CID_HOST if self.is_host else addresses.VMADDR_CID_ANY
 
-    def _connect(self, conn: socket.socket, *args: str) -> str:
-        ident = args[0]
-        cid, port, bound_port = int(args[1]), int(args[2]), int(args[3])
-        timeout_ms, send_pages, recv_pages = int(args[4]), int(args[5]), int(args[6])
-        fill, nonblocking = int(args[7]), args[8] == "1"
-        if not ident.startswith(f"{self.name}/s/"):
-            raise ValueError("not a socket of this companion")
-        try:
-            remote = self._remote(cid, port)
-        except HvError as exc:  # ENETUNREACH at once, as hv_sock's stream_allow check
-            self._discard(ident)
-            return _reply_error(exc)
-        connection = Connection()
-        with self.lock:
-            self.connections[ident] = connection
-        if nonblocking:
-            with contextlib.suppress(OSError):
-                conn.sendall(b"STARTED\n")
+    def _open(
+        self,
+        remote: tuple[str, str],
+        bound_port: int,
+        timeout_ms: int,
+        send_pages: int,
+        recv_pages: int,
+    ) -> tuple[Any, tuple[int, int, int, int]]:
+        """An hv socket connected to ``remote``, and its addresses as the program sees them
+        (local CID, port; peer CID, port). Raises the connect's error."""
         sock = self.partition.socket()
         try:
             if send_pages:
@@ -328,33 +332,101 @@ class Companion:
             sock.connect(remote)
             _, local_service = sock.getsockname()
             peer_vm, peer_service = sock.getpeername()
-        except (OSError, HvError) as exc:
+        except BaseException:
             sock.close()
+            raise
+        return sock, (
+            self._local_cid(),
+            _port_of(local_service),
+            self._peer_cid(peer_vm),
+            _port_of(peer_service),
+        )
+
+    def _connect(self, conn: socket.socket, *args: str) -> str:
+        """A non-blocking connect (control ``CONNECT``): STARTED at once; the outcome is
+        asked for with STATUS, and the data connection was connected before the request."""
+        ident = args[0]
+        cid, port, bound_port = int(args[1]), int(args[2]), int(args[3])
+        timeout_ms, send_pages, recv_pages, fill = (int(a) for a in args[4:8])
+        if not ident.startswith(f"{self.name}/s/"):
+            raise ValueError("not a socket of this companion")
+        try:
+            remote = self._remote(cid, port)
+        except HvError as exc:  # ENETUNREACH at once, as hv_sock's stream_allow check
+            self._discard(ident)
+            return _reply_error(exc)
+        connection = Connection()
+        with self.lock:
+            self.connections[ident] = connection
+        with contextlib.suppress(OSError):
+            conn.sendall(b"STARTED\n")
+        try:
+            sock, connected = self._open(remote, bound_port, timeout_ms, send_pages, recv_pages)
+        except (OSError, HvError) as exc:
             with self.lock:
                 connection.state, connection.error = "err", _reply_error(exc)
-                if not nonblocking:
-                    self.connections.pop(ident, None)  # reported now, by this reply
             self._discard(ident)
-            return "" if nonblocking else connection.error
+            return ""
         data = self._take_data(ident)
         if data is None:
             sock.close()
             with self.lock:
                 self.connections.pop(ident, None)
-            return f"ERR {errno.ECONNRESET} the program's socket went away\n"
+            return ""
         with self.lock:
-            connection.addresses = (
-                self._local_cid(),
-                _port_of(local_service),
-                self._peer_cid(peer_vm),
-                _port_of(peer_service),
-            )
+            connection.addresses = connected
             connection.state = "ok"  # before POLLOUT: SO_ERROR must find it
             self.relays += 1
         with contextlib.suppress(OSError):  # the program is gone already: the relay finds out
             _discard_exactly(data, fill)
         Relay(self, ident, data, sock, recv_pages or self.partition.limits.recv_ring_page).start()
-        return "" if nonblocking else connection.ok_line()
+        return ""
+
+    def _serve_connects(self) -> None:
+        """Blocking connects: each data connection on ``@<name>/connect`` carries its request."""
+        while not self.stopped.is_set():
+            try:
+                data, address = self.connector.accept()
+            except OSError:
+                if self.stopped.is_set():
+                    return
+                raise
+            ident = _peer_name(address)
+            if not ident.startswith(f"{self.name}/s/"):
+                data.close()  # not one of ours
+                continue
+            self.pool.run(functools.partial(self._connect_blocking, ident, data), "connect")
+
+    def _connect_blocking(self, ident: str, data: socket.socket) -> None:
+        """``CONNECT cid port bound_port timeout_ms send_pages recv_pages`` on the data
+        connection; the reply line on it, then the relay (this thread pumps one direction)."""
+        try:
+            words = _read_line(data).split()
+            if len(words) != 7 or words[0] != "CONNECT":
+                raise ValueError(f"not a connect request: {' '.join(words)[:100]!r}")
+            cid, port, bound_port, timeout_ms, send_pages, recv_pages = map(int, words[1:])
+            sock, connected = self._open(
+                self._remote(cid, port), bound_port, timeout_ms, send_pages, recv_pages
+            )
+        except (OSError, HvError, ValueError) as exc:
+            reply = (
+                f"ERR {errno.EINVAL} bad request: {exc}\n"
+                if isinstance(exc, ValueError)
+                else _reply_error(exc)
+            )
+            with contextlib.suppress(OSError):
+                data.sendall(reply.encode())
+            _drain_and_close(data)
+            return
+        with self.lock:
+            # Known by identity, as every connected socket: a descriptor inherited across exec
+            # is rebuilt from it (ADDRESSES).
+            self.connections[ident] = Connection("ok", "", connected)
+            self.relays += 1
+        relay = Relay(self, ident, data, sock, recv_pages or self.partition.limits.recv_ring_page)
+        with contextlib.suppress(OSError):  # the program is gone already: the relay finds out
+            data.sendall("OK {} {} {} {}\n".format(*connected).encode())
+        relay.run_here()
 
     def _take_data(self, ident: str) -> socket.socket | None:
         """The data connection of ``ident`` (it was connected before the request was sent)."""
@@ -449,7 +521,7 @@ class Companion:
             return
         with self.lock:
             self.relays += 1
-        Relay(self, "", data, conn, 0).start()
+        Relay(self, "", data, conn, 0).run_here()  # this is a pool worker already
 
     def _close_listener(self, ident: str) -> None:
         with self.lock:
@@ -484,6 +556,17 @@ def _bound_abstract_names() -> set[str]:
             if len(fields) >= 8 and fields[7].startswith("@"):
                 names.add(fields[7][1:])
     return names
+
+
+def _read_line(conn: socket.socket) -> str:
+    """One request line (at most 1 KiB; nothing follows it until it is answered)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(1024 - len(line))
+        if not chunk or (len(line) + len(chunk) >= 1024 and not chunk.endswith(b"\n")):
+            raise ValueError("no complete request line")
+        line += chunk
+    return line.decode("ascii", "replace")
 
 
 def _discard_exactly(data: socket.socket, count: int) -> None:
@@ -531,6 +614,12 @@ class Relay:
     def start(self) -> None:
         self.owner.pool.run(self._to_hv, "relay-in")
         self.owner.pool.run(self._to_program, "relay-out")
+
+    def run_here(self) -> None:
+        """Pump program -> channel on the calling thread (a pool worker), the other direction
+        on another: one hand-off fewer than :meth:`start`."""
+        self.owner.pool.run(self._to_program, "relay-out")
+        self._to_hv()
 
     def _to_hv(self) -> None:
         """Program -> channel; then wait until the program's descriptor is gone, and close."""

@@ -20,7 +20,11 @@
  *
  * Control. Every operation that needs the companion opens a short control connection (one
  * request line, one reply line): a forked child never interleaves with its parent, and no
- * descriptor of ours is left in the program.
+ * descriptor of ours is left in the program. The one exception is a blocking connect, the
+ * commonest call: its data socket connects to "<companion>/connect" instead and carries the
+ * request line and the reply line itself before any data, which saves the control connection
+ * (a connect, an accept and a thread hand-off in the companion) per connect. The reply is read
+ * exactly up to its newline: channel data may follow it at once.
  *
  * Non-blocking connect. A Unix connect completes at once, which would report POLLOUT too
  * early. So the data socket is connected, its send buffer filled until EAGAIN (N bytes), and
@@ -329,6 +333,34 @@ static int control(const char *request, char *reply, size_t cap)
     }
     real_close(s);
     return rc;
+}
+
+/* A blocking connect's request on its own data socket fd: one line out, then exactly one
+ * line in (peeked first, so that none of the channel data behind it is taken). */
+static int request_on(int fd, const char *request, char *reply, size_t cap)
+{
+    int rc = write_all(fd, request, strlen(request));
+    size_t got = 0;
+    reply[0] = '\0';
+    while (rc == 0 && got < cap - 1) {
+        ssize_t r = real_recv(fd, reply + got, cap - 1 - got, MSG_PEEK);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -ECONNRESET;
+        char *nl = memchr(reply + got, '\n', (size_t)r);
+        size_t take = nl != NULL ? (size_t)(nl - (reply + got)) + 1 : (size_t)r;
+        do {
+            r = real_recv(fd, reply + got, take, 0);
+        } while (r < 0 && errno == EINTR);
+        if (r != (ssize_t)take)
+            return -ECONNRESET;
+        got += take;
+        reply[got] = '\0';
+        if (nl != NULL)
+            return 0;
+    }
+    return rc < 0 ? rc : -EIO; /* a line longer than any reply */
 }
 
 /* "ERR <errno> <text>": the errno. Anything else unexpected: EIO. */
@@ -792,9 +824,13 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     default:
         break;
     }
-    /* The data connection first: it is the program's descriptor from now on. */
+    /* The data connection first: it is the program's descriptor from now on. A blocking
+     * connect asks on it (see "Control" above). */
+    RESOLVE(recv);
+    char target[sizeof(companion) + 16];
+    snprintf(target, sizeof(target), nonblocking ? "%s" : "%s/connect", companion);
     struct sockaddr_un sun;
-    socklen_t slen = abstract_addr(&sun, companion);
+    socklen_t slen = abstract_addr(&sun, target);
     /* A blocking Unix connect: it waits for room in the companion's backlog instead of
      * failing with EAGAIN, which no vsock connect returns. */
     int fl = real_fcntl(fd, F_GETFL);
@@ -822,8 +858,19 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
      * switch through the companion (bench/bench_run.py: 4 rings ~1.4x one ring). */
     int sndbuf = (send_pages - 1) * PAGE * 2;
     real_setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-    long fill = 0;
-    if (nonblocking) {
+    unsigned long long timeout = v.connect_timeout_ms;
+    if (timeout == 0) {
+        ask_info();
+        timeout = info_timeout_ms;
+    }
+    char request[CONTROL_LINE], reply[CONTROL_LINE];
+    if (!nonblocking) {
+        snprintf(request, sizeof(request), "CONNECT %u %u %u %llu %d %d\n", svm.svm_cid,
+                 svm.svm_port, v.bound_port, timeout, v.send_pages, v.recv_pages);
+        UPDATE(fd, u_->state = S_CONNECTING);
+        rc = request_on(fd, request, reply, sizeof(reply));
+    } else {
+        long fill = 0;
         static const char zeros[65536];
         for (;;) {
             ssize_t w = send(fd, zeros, sizeof(zeros), MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -835,18 +882,12 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
                 continue;
             break; /* EAGAIN: full, POLLOUT now waits for the companion */
         }
+        snprintf(request, sizeof(request), "CONNECT %s %u %u %u %llu %d %d %ld\n", v.ident,
+                 svm.svm_cid, svm.svm_port, v.bound_port, timeout, v.send_pages, v.recv_pages,
+                 fill);
+        UPDATE(fd, u_->state = S_CONNECTING);
+        rc = control(request, reply, sizeof(reply));
     }
-    unsigned long long timeout = v.connect_timeout_ms;
-    if (timeout == 0) {
-        ask_info();
-        timeout = info_timeout_ms;
-    }
-    char request[CONTROL_LINE], reply[CONTROL_LINE];
-    snprintf(request, sizeof(request), "CONNECT %s %u %u %u %llu %d %d %ld %d\n", v.ident,
-             svm.svm_cid, svm.svm_port, v.bound_port, timeout, v.send_pages, v.recv_pages, fill,
-             nonblocking);
-    UPDATE(fd, u_->state = S_CONNECTING);
-    rc = control(request, reply, sizeof(reply));
     if (rc < 0) {
         UPDATE(fd, u_->state = S_FAILED);
         errno = -rc;

@@ -9,10 +9,12 @@ the other end is either another program through ``hvsock run`` or this test proc
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -467,3 +469,70 @@ def test_exit_status_passes_through_and_the_companion_goes(host: HostProcess, vm
                 return
         time.sleep(0.05)  # it stops on its own, a moment after its last user
     raise AssertionError(f"the companion {name} is still running")
+
+
+# ---- the companion's connect requests, spoken by hand ---------------------------------------
+
+
+def _ask_on_data(name: str, ident: str, line: bytes) -> bytes:
+    """A blocking connect as the shim makes it: the data socket (bound to ``ident``, or
+    unnamed when empty) connects to ``@<name>/connect`` and sends ``line``; everything it
+    receives until EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as data:
+        if ident:
+            data.bind(f"\0{ident}")
+        data.connect(f"\0{name}/connect")
+        data.sendall(line)
+        data.shutdown(socket.SHUT_WR)  # the program closes: the relay ends after the reply
+        got = b""
+        while chunk := data.recv(4096):
+            got += chunk
+        return got
+
+
+def test_companion_blocking_connect_requests(host: HostProcess, vm: Vm) -> None:
+    """The reply line, then the channel's data at once on the same connection; bad requests
+    get ``ERR <errno>`` and the connection's end; strangers are refused."""
+    name = f"hvsock-test/{os.getpid()}/companion"
+    env = environment(HVSOCK_HOST=host.target, HVSOCK_VM_ID=vm.vm_id, HVSOCK_TOKEN=vm.token)
+    companion = subprocess.Popen(
+        [sys.executable, "-m", "hvsock_tools.vsock_companion", "--name", name],
+        env=env,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    _started.append(companion)
+    assert companion.stdout is not None
+    assert companion.stdout.readline().startswith(b"ready")
+    root = hv.Partition(host.target, hvsock_pb2.Hello(host=True, token=host.token))
+    listener = root.socket()
+    listener.bind((hv.HV_GUID_WILDCARD, hv.service_id_for_port(6140)))
+    listener.listen()
+
+    def greet() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"hello")  # right behind the reply: nothing may be lost or mixed
+            conn.shutdown(hv.SHUT_WR)
+
+    greeter = threading.Thread(target=greet)
+    greeter.start()
+    try:
+        got = _ask_on_data(name, f"{name}/s/t.1", b"CONNECT 2 6140 4294967295 2000 0 0\n")
+        greeter.join(10)
+        line, _, rest = got.partition(b"\n")
+        assert line.split()[0] == b"OK" and line.split()[3:] == [b"2", b"6140"], got
+        assert rest == b"hello"
+        refused = _ask_on_data(name, f"{name}/s/t.2", b"CONNECT 2 6141 4294967295 2000 0 0\n")
+        assert refused.startswith(b"ERR %d " % errno.ETIMEDOUT), refused  # linux personality
+        unreachable = _ask_on_data(name, f"{name}/s/t.3", b"CONNECT 7 6140 4294967295 2000 0 0\n")
+        assert unreachable.startswith(b"ERR %d " % errno.ENETUNREACH), unreachable
+        for bad in (b"CONNECT 2 6140\n", b"CONNECT 2 x 1 2 3 4\n", b"HELLO\n", b"x" * 2000):
+            answer = _ask_on_data(name, f"{name}/s/t.4", bad)
+            assert answer.startswith(b"ERR %d bad request" % errno.EINVAL), (bad, answer)
+        for stranger in ("", "elsewhere/s/1"):  # unnamed, or not one of this companion's
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                _ask_on_data(name, stranger, b"CONNECT 2 6140 4294967295 2000 0 0\n")
+    finally:
+        listener.close()
+        root.close()

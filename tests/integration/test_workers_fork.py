@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -13,10 +14,14 @@ pytestmark = pytest.mark.integration
 
 def test_a_forked_child_starts_its_own_workers() -> None:
     pool = WorkerPool()
-    assert pool.run(lambda: None, "test-job-parent").wait(30)  # leaves an idle worker
+    parent_ran = threading.Event()
+    pool.run(parent_ran.set, "test-job-parent")
+    assert parent_ran.wait(30)  # leaves an idle worker
     pid = os.fork()
     if pid == 0:  # the child: the parent's idle worker does not exist here
-        ok = pool.run(lambda: None, "test-job-child").wait(10)
+        child_ran = threading.Event()
+        pool.run(child_ran.set, "test-job-child")
+        ok = child_ran.wait(10)
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
