@@ -167,8 +167,8 @@ class ForwardPair:
                 receiver.owner.queue_frame(
                     DataFrame(channel_id, receiver.index, effect.data), receiver
                 )
-                metrics.BYTES.labels("from_client").inc(n)
-                metrics.BYTES.labels("to_client").inc(n)
+                metrics.child(metrics.BYTES, "from_client").inc(n)
+                metrics.child(metrics.BYTES, "to_client").inc(n)
             elif isinstance(effect, Progress):
                 limit = sender.owner.rules.grant(
                     channel_id, sender.index, effect.delivered, effect.room

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -38,6 +39,21 @@ RING_FULL_WAITS = Counter(
     "Times a relayed writer waited for ring space.",
     registry=REGISTRY,
 )
+
+
+_M = TypeVar("_M", Counter, Gauge)
+_children: dict[tuple[int, str], Any] = {}
+
+
+def child(metric: _M, value: str) -> _M:
+    """``metric.labels(value)``, looked up once per value: ``labels()`` checks and locks on
+    every call, which a connect paid a dozen times over. As many entries as the metric has
+    children (a race only looks one up twice: the metric returns the same child)."""
+    key = (id(metric), value)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(value)
+    return found
 
 
 #: Data paths of ring writers, as the metrics label them (EndPath values).

@@ -427,7 +427,7 @@ class RingRelay:
                     self._item = None
                     self._pulled += size
                 self.sent += size
-                metrics.BYTES.labels("from_client").inc(size)
+                metrics.child(metrics.BYTES, "from_client").inc(size)
                 # The room is read here, by the ring's writer: writable() is the owner's call
                 # (it checks the writer's own index), and from the loop thread it could catch
                 # a publish half done and mark the ring corrupt (INDEX_MOVED).
@@ -507,7 +507,7 @@ class RingRelay:
                 with self._lock:
                     self._read += n
                     self._unsent += n
-                metrics.BYTES.labels("to_client").inc(n)
+                metrics.child(metrics.BYTES, "to_client").inc(n)
                 data = bytes(target) if n == len(target) else bytes(memoryview(target)[:n])
                 post(_DATA, self, data)
                 moved = True

@@ -420,7 +420,7 @@ class Host:
             outcome = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout"}.get(
                 event.errno, "reset"
             )
-            metrics.CONNECTS.labels(outcome).inc()
+            metrics.child(metrics.CONNECTS, outcome).inc()
             if attachment is None:
                 return
             pending = attachment.book.failed(event.channel_id)
@@ -476,7 +476,7 @@ class Host:
                 self._shm_bytes_done += self._shm_bytes(event.channel_id, ends)
             self.dataplane.remove(event.channel_id)
             if event.final_state is ChannelState.RESCINDED:
-                metrics.RESCINDS.labels(event.reason).inc()
+                metrics.child(metrics.RESCINDS, event.reason).inc()
             for vm_id, session_id in (
                 (event.connector, event.connector_session),
                 (event.acceptor, event.acceptor_session),
@@ -486,10 +486,10 @@ class Host:
                     attachment.book.forget(event.channel_id)
         elif isinstance(event, ChannelStateChanged):
             if event.old is not None:
-                metrics.CHANNELS.labels(event.old.value).dec()
-            metrics.CHANNELS.labels(event.new.value).inc()
+                metrics.child(metrics.CHANNELS, event.old.value).dec()
+            metrics.child(metrics.CHANNELS, event.new.value).inc()
             if event.new in (ChannelState.CLOSED, ChannelState.RESCINDED):
-                metrics.CHANNELS.labels(event.new.value).dec()
+                metrics.child(metrics.CHANNELS, event.new.value).dec()
         elif isinstance(event, SessionEnded):
             attachment = self._to(event)
             if attachment is not None:
@@ -516,7 +516,7 @@ class Host:
                 else:
                     self.store.put_service(ServiceRecord(event.service_id, event.element_name))
         elif isinstance(event, ConnectRefused):
-            metrics.CONNECTS.labels("refused").inc()
+            metrics.child(metrics.CONNECTS, "refused").inc()
         elif isinstance(event, ListenerChanged):
             pass  # the lifecycle log (watchers) is all a listener change needs
 
@@ -537,7 +537,7 @@ class Host:
         if plan is None:
             plan = OpenPlan()
         if event.side is Side.CONNECTOR:
-            metrics.CONNECTS.labels("opened").inc()
+            metrics.child(metrics.CONNECTS, "opened").inc()
         path = (
             EndPath.SHARED_MEMORY
             if attachment.shm_capable and not plan.force_relay
