@@ -430,14 +430,9 @@ class DataPlane:
                 mask |= shm.stall_bit(ring_id, False) | shm.stall_bit(1 - ring_id, True)
         for side, relay in rings.relay_items():
             end = _END_OF_SIDE[side]
-            for bit, event in (
-                (shm.stall_bit(end, False), relay.send_running),
-                (shm.stall_bit(end, True), relay.recv_running),
-            ):
-                if mask & bit:
-                    event.clear()
-                else:
-                    event.set()
+            relay.set_running(
+                not mask & shm.stall_bit(end, False), not mask & shm.stall_bit(end, True)
+            )
         if forward is not None and mask != rings.stalled_mask:
             rings.stalled_mask = mask
             forward.stall(mask)
