@@ -21,6 +21,7 @@ segment exists: that channel keeps its rings and pumps.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from enum import StrEnum
@@ -40,6 +41,12 @@ _END_OF_SIDE = {Side.CONNECTOR: 0, Side.ACCEPTOR: 1}
 _SIDES = (Side.CONNECTOR, Side.ACCEPTOR)  # by end number
 _BOTH_OPEN = 0b11
 _T = TypeVar("_T")
+#: Map checks due this close are run together (seconds; the loop may fire a timer early by its
+#: clock resolution).
+_MAP_CHECK_SLACK = 0.001
+#: Dead map checks (of removed channels) are pruned from the queue once there are more than
+#: this many and they are more than half of it.
+_MIN_PRUNED = 64
 #: The most a byte count reported from a ring can be (what a Prometheus or int64 reader takes).
 _MAX_REPORTED_BYTES = 2**63 - 1
 
@@ -70,7 +77,7 @@ class _ChannelRings:
         "broker",
         "forward",
         "geometry",
-        "map_checks",
+        "map_pending",
         "opened",
         "paused",
         "relays",
@@ -99,8 +106,8 @@ class _ChannelRings:
         #: Bit per end whose end is open (the broker's descriptor is dropped once both are).
         self.opened = 0
         self.stall_timers: list[asyncio.TimerHandle] | None = None
-        #: The map check of each end on shared memory (cancelled when the channel goes).
-        self.map_checks: list[asyncio.TimerHandle] | None = None
+        #: Bit per end on shared memory whose map check is still to come (DataPlane._map_checks).
+        self.map_pending = 0
         #: Paused VMs: their ends of this channel are stalled both ways.
         self.paused: set[str] | None = None
         #: Stalls in force per ring (StallRing): ring r stalls end r's sends and the peer's
@@ -130,6 +137,18 @@ class DataPlane:
         #: Set by the service: rescind a channel (an end never mapped its rings).
         self.on_unmapped: Callable[[int, str], None] = lambda channel_id, reason: None
         self._channels: dict[int, _ChannelRings] = {}
+        # The map checks of ends on shared memory: (loop time due, channel id, its rings, end),
+        # in due order (appended with one constant timeout), and one loop timer for the first.
+        # Not a timer per end: ten thousand idle channels would each keep a TimerHandle (and
+        # its arguments) in the loop's heap, and so many live timers there also keep the
+        # loop's cancelled ones (the host re-arms its own timer on each connect) from being
+        # purged. Entries of channels removed meanwhile are skipped when due, or pruned once
+        # they are more than half of the queue.
+        self._map_checks: collections.deque[tuple[float, int, _ChannelRings, int]] = (
+            collections.deque()
+        )
+        self._dead_map_checks = 0
+        self._map_timer: asyncio.TimerHandle | None = None
 
     def open_end(
         self,
@@ -197,13 +216,7 @@ class DataPlane:
             segment = RelayOpening(send_limit, receive_ring + window)
         else:
             rings.shm_ends = _replaced(rings.shm_ends, end, vm_id)
-            check = asyncio.get_running_loop().call_later(
-                self.map_timeout, self._check_mapped, channel_id, rings, end
-            )
-            if rings.map_checks is None:
-                rings.map_checks = [check]
-            else:
-                rings.map_checks.append(check)
+            self._check_mapped_later(channel_id, rings, end)
             ring0 = PAGE_SIZE
             ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
             segment = hvsock_pb2.SharedMemorySegment(
@@ -265,6 +278,44 @@ class DataPlane:
         end = _END_OF_SIDE[side]
         return RelayOpening(rings[end] + window, rings[1 - end] + window)
 
+    def _check_mapped_later(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
+        """Check, ``map_timeout`` seconds from now, that ``end`` has mapped its segment."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.map_timeout
+        rings.map_pending |= 1 << end
+        self._map_checks.append((due, channel_id, rings, end))
+        if self._map_timer is None:
+            self._map_timer = loop.call_at(due, self._run_map_checks)
+
+    def _run_map_checks(self) -> None:
+        self._map_timer = None
+        loop = asyncio.get_running_loop()
+        # The loop may run a timer up to its clock resolution early.
+        now = loop.time() + _MAP_CHECK_SLACK
+        checks = self._map_checks
+        while checks and checks[0][0] <= now:
+            _, channel_id, rings, end = checks.popleft()
+            if not rings.map_pending & (1 << end):
+                self._dead_map_checks -= 1  # its channel was removed
+                continue
+            rings.map_pending &= ~(1 << end)
+            self._check_mapped(channel_id, rings, end)  # may remove channels (and prune)
+            checks = self._map_checks
+        if checks and self._map_timer is None:
+            self._map_timer = loop.call_at(checks[0][0], self._run_map_checks)
+
+    def _drop_map_checks(self, rings: _ChannelRings) -> None:
+        """``rings``' channel is gone: its map checks still queued are dead entries."""
+        pending, rings.map_pending = rings.map_pending, 0
+        self._dead_map_checks += pending.bit_count()
+        if self._dead_map_checks > _MIN_PRUNED and 2 * self._dead_map_checks > len(
+            self._map_checks
+        ):
+            self._map_checks = collections.deque(
+                entry for entry in self._map_checks if entry[2].map_pending & (1 << entry[3])
+            )
+            self._dead_map_checks = 0
+
     def _check_mapped(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
         """A segment handed over but never mapped would hold its memory (and the peer) for as
         long as the client likes: reset the channel instead."""
@@ -298,8 +349,9 @@ class DataPlane:
             return
         if rings.broker is not None:
             rings.broker.rescind()
-        for timer in (*(rings.stall_timers or ()), *(rings.map_checks or ())):
+        for timer in rings.stall_timers or ():
             timer.cancel()
+        self._drop_map_checks(rings)
         if rings.forward is not None:
             # A stall does not outlive the channel: what was forwarded goes, then the reset.
             rings.forward.stall(0)
@@ -443,3 +495,8 @@ class DataPlane:
     def close_all(self) -> None:
         for channel_id in list(self._channels):
             self.remove(channel_id)
+        if self._map_timer is not None:
+            self._map_timer.cancel()
+            self._map_timer = None
+        self._map_checks.clear()
+        self._dead_map_checks = 0
