@@ -21,10 +21,11 @@ segment exists: that channel keeps its rings and pumps.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 from hvsock.v1 import hvsock_pb2
 from ring import shm
@@ -37,6 +38,15 @@ from .sessiondata import RingRelay, SessionData
 log = logging.getLogger("hvsock.host.dataplane")
 
 _END_OF_SIDE = {Side.CONNECTOR: 0, Side.ACCEPTOR: 1}
+_SIDES = (Side.CONNECTOR, Side.ACCEPTOR)  # by end number
+_BOTH_OPEN = 0b11
+_T = TypeVar("_T")
+#: Map checks due this close are run together (seconds; the loop may fire a timer early by its
+#: clock resolution).
+_MAP_CHECK_SLACK = 0.001
+#: Dead map checks (of removed channels) are pruned from the queue once there are more than
+#: this many and they are more than half of it.
+_MIN_PRUNED = 64
 #: The most a byte count reported from a ring can be (what a Prometheus or int64 reader takes).
 _MAX_REPORTED_BYTES = 2**63 - 1
 
@@ -46,31 +56,72 @@ class EndPath(StrEnum):
     RELAY = "relay"
 
 
-@dataclass(eq=False)
+#: Per end (0 the connector, 1 the acceptor), before anything is set for either: a shared
+#: tuple, replaced by a new one on each change (a channel sets each end once or twice), so an
+#: idle channel carries no per-end dict (224 bytes with one entry) or list of its own.
+_NOTHING_PER_END: tuple[None, None] = (None, None)
+_ZERO_PER_END = (0, 0)
+
+
+def _replaced(pair: tuple[_T, _T], end: int, value: _T) -> tuple[_T, _T]:
+    """``pair`` with its item ``end`` replaced by ``value``."""
+    return (value, pair[1]) if end == 0 else (pair[0], value)
+
+
 class _ChannelRings:
-    #: The segment (None while the first end waits for its peer, or when forwarding).
-    broker: shm.Channel | None
-    geometry: RingGeometry  # the connector's view
-    #: The first end, relayed, until its peer's path is known (see the module docstring).
-    waiting: EndSpec | None = None
-    #: Both ends relayed: the frames pass from stream to stream.
-    forward: ForwardPair | None = None
-    relays: dict[Side, RingRelay] = field(default_factory=dict)
-    #: Ends on the shared-memory path: side -> VM id, and side -> the session holding it.
-    shm_ends: dict[Side, str] = field(default_factory=dict)
-    shm_sessions: dict[Side, int] = field(default_factory=dict)
-    #: Sides whose end is open (the broker's descriptor is dropped once both are).
-    opened: set[Side] = field(default_factory=set)
-    stall_timers: list[asyncio.TimerHandle] = field(default_factory=list)
-    #: The map check of each end on shared memory (cancelled when the channel goes).
-    map_checks: list[asyncio.TimerHandle] = field(default_factory=list)
-    #: Paused VMs: their ends of this channel are stalled both ways.
-    paused: set[str] = field(default_factory=set)
-    #: Stalls in force per ring (StallRing): ring r stalls end r's sends and the peer's receives.
-    ring_stalls: list[int] = field(default_factory=lambda: [0, 0])
-    stalled_mask: int = 0
-    #: Last bytes_written reported per shared-memory end (the report never goes backwards).
-    shm_bytes: dict[Side, int] = field(default_factory=dict)
+    """The data plane's record of one open channel. Ten thousand idle channels each carry one,
+    so it has slots, keeps per-end state in 2-tuples indexed by end number, and makes the
+    containers that only pauses, stalls and map checks use when they are first needed."""
+
+    __slots__ = (
+        "broker",
+        "forward",
+        "geometry",
+        "map_pending",
+        "opened",
+        "paused",
+        "relays",
+        "ring_stalls",
+        "shm_bytes",
+        "shm_ends",
+        "stall_timers",
+        "stalled_mask",
+        "waiting",
+    )
+
+    def __init__(
+        self, broker: shm.Channel | None, geometry: RingGeometry, waiting: EndSpec | None = None
+    ) -> None:
+        #: The segment (None while the first end waits for its peer, or when forwarding).
+        self.broker = broker
+        self.geometry = geometry  # the connector's view
+        #: The first end, relayed, until its peer's path is known (see the module docstring).
+        self.waiting = waiting
+        #: Both ends relayed: the frames pass from stream to stream.
+        self.forward: ForwardPair | None = None
+        #: Per end: its relay (the host pumps it between its stream and the rings).
+        self.relays: tuple[RingRelay | None, RingRelay | None] = _NOTHING_PER_END
+        #: Per end on the shared-memory path: its VM id.
+        self.shm_ends: tuple[str | None, str | None] = _NOTHING_PER_END
+        #: Bit per end whose end is open (the broker's descriptor is dropped once both are).
+        self.opened = 0
+        self.stall_timers: list[asyncio.TimerHandle] | None = None
+        #: Bit per end on shared memory whose map check is still to come (DataPlane._map_checks).
+        self.map_pending = 0
+        #: Paused VMs: their ends of this channel are stalled both ways.
+        self.paused: set[str] | None = None
+        #: Stalls in force per ring (StallRing): ring r stalls end r's sends and the peer's
+        #: receives.
+        self.ring_stalls: tuple[int, int] = _ZERO_PER_END
+        self.stalled_mask = 0
+        #: Last bytes_written reported per shared-memory end (the report never goes backwards).
+        self.shm_bytes: tuple[int, int] = _ZERO_PER_END
+
+    def open(self, side: Side) -> None:
+        self.opened |= 1 << _END_OF_SIDE[side]
+
+    def relay_items(self) -> list[tuple[Side, RingRelay]]:
+        return [(side, r) for side, r in zip(_SIDES, self.relays, strict=True) if r is not None]
 
 
 class DataPlane:
@@ -86,6 +137,18 @@ class DataPlane:
         #: Set by the service: rescind a channel (an end never mapped its rings).
         self.on_unmapped: Callable[[int, str], None] = lambda channel_id, reason: None
         self._channels: dict[int, _ChannelRings] = {}
+        # The map checks of ends on shared memory: (loop time due, channel id, its rings, end),
+        # in due order (appended with one constant timeout), and one loop timer for the first.
+        # Not a timer per end: ten thousand idle channels would each keep a TimerHandle (and
+        # its arguments) in the loop's heap, and so many live timers there also keep the
+        # loop's cancelled ones (the host re-arms its own timer on each connect) from being
+        # purged. Entries of channels removed meanwhile are skipped when due, or pruned once
+        # they are more than half of the queue.
+        self._map_checks: collections.deque[tuple[float, int, _ChannelRings, int]] = (
+            collections.deque()
+        )
+        self._dead_map_checks = 0
+        self._map_timer: asyncio.TimerHandle | None = None
 
     def open_end(
         self,
@@ -112,7 +175,7 @@ class DataPlane:
             spec = EndSpec(side, vm_id, session_id, relays, window)
             if rings is None:
                 rings = self._channels[channel_id] = _ChannelRings(None, connector_view, spec)
-                rings.opened.add(side)
+                rings.open(side)
                 asyncio.get_running_loop().call_soon(self._settle, channel_id, rings)
                 opening = self._relay_opening(connector_view, side, window)
                 return path, opening, opening.send_limit
@@ -121,7 +184,7 @@ class DataPlane:
                 rings.forward = ForwardPair(
                     channel_id, first, spec, self._capacities(connector_view)
                 )
-                rings.opened.add(side)
+                rings.open(side)
                 self._apply_stalls(rings)
                 opening = rings.forward.limits[side]
                 return path, opening, opening.send_limit
@@ -138,7 +201,7 @@ class DataPlane:
         end = _END_OF_SIDE[side]
         if path is EndPath.SHARED_MEMORY and (hand_over is None or not hand_over(broker.fileno())):
             path = EndPath.RELAY
-        rings.opened.add(side)
+        rings.open(side)
         segment: hvsock_pb2.SharedMemorySegment | RelayOpening
         send_limit = 0
         if path is EndPath.RELAY:
@@ -152,13 +215,8 @@ class DataPlane:
             receive_ring = self._capacities(connector_view)[1 - end]
             segment = RelayOpening(send_limit, receive_ring + window)
         else:
-            rings.shm_ends[side] = vm_id
-            rings.shm_sessions[side] = session_id
-            rings.map_checks.append(
-                asyncio.get_running_loop().call_later(
-                    self.map_timeout, self._check_mapped, channel_id, rings, end
-                )
-            )
+            rings.shm_ends = _replaced(rings.shm_ends, end, vm_id)
+            self._check_mapped_later(channel_id, rings, end)
             ring0 = PAGE_SIZE
             ring1 = ring0 + connector_view.send_pages * PAGE_SIZE
             segment = hvsock_pb2.SharedMemorySegment(
@@ -167,7 +225,7 @@ class DataPlane:
                 recv_ring_offset=ring1 if end == 0 else ring0,
                 end=end,
             )
-        if len(rings.opened) == len(_END_OF_SIDE):
+        if rings.opened == _BOTH_OPEN:
             broker.close_fd()  # every end has its own mapping or descriptor now
         self._apply_stalls(rings)
         return path, segment, send_limit
@@ -186,7 +244,7 @@ class DataPlane:
         except BaseException:
             attached.close()
             raise
-        rings.relays[spec.side] = relay
+        rings.relays = _replaced(rings.relays, _END_OF_SIDE[spec.side], relay)
         return relay, send_limit
 
     def _settle(self, channel_id: int, rings: _ChannelRings) -> None:
@@ -220,6 +278,44 @@ class DataPlane:
         end = _END_OF_SIDE[side]
         return RelayOpening(rings[end] + window, rings[1 - end] + window)
 
+    def _check_mapped_later(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
+        """Check, ``map_timeout`` seconds from now, that ``end`` has mapped its segment."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.map_timeout
+        rings.map_pending |= 1 << end
+        self._map_checks.append((due, channel_id, rings, end))
+        if self._map_timer is None:
+            self._map_timer = loop.call_at(due, self._run_map_checks)
+
+    def _run_map_checks(self) -> None:
+        self._map_timer = None
+        loop = asyncio.get_running_loop()
+        # The loop may run a timer up to its clock resolution early.
+        now = loop.time() + _MAP_CHECK_SLACK
+        checks = self._map_checks
+        while checks and checks[0][0] <= now:
+            _, channel_id, rings, end = checks.popleft()
+            if not rings.map_pending & (1 << end):
+                self._dead_map_checks -= 1  # its channel was removed
+                continue
+            rings.map_pending &= ~(1 << end)
+            self._check_mapped(channel_id, rings, end)  # may remove channels (and prune)
+            checks = self._map_checks
+        if checks and self._map_timer is None:
+            self._map_timer = loop.call_at(checks[0][0], self._run_map_checks)
+
+    def _drop_map_checks(self, rings: _ChannelRings) -> None:
+        """``rings``' channel is gone: its map checks still queued are dead entries."""
+        pending, rings.map_pending = rings.map_pending, 0
+        self._dead_map_checks += pending.bit_count()
+        if self._dead_map_checks > _MIN_PRUNED and 2 * self._dead_map_checks > len(
+            self._map_checks
+        ):
+            self._map_checks = collections.deque(
+                entry for entry in self._map_checks if entry[2].map_pending & (1 << entry[3])
+            )
+            self._dead_map_checks = 0
+
     def _check_mapped(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
         """A segment handed over but never mapped would hold its memory (and the peer) for as
         long as the client likes: reset the channel instead."""
@@ -242,7 +338,7 @@ class DataPlane:
             rings.forward.rescind(reason)
         if rings.broker is not None:
             rings.broker.rescind()  # wakes every pump first: the relays drain, then reset
-        for relay in rings.relays.values():
+        for _, relay in rings.relay_items():
             relay.owner.rescinded(relay, reason)
 
     def remove(self, channel_id: int) -> None:
@@ -253,15 +349,16 @@ class DataPlane:
             return
         if rings.broker is not None:
             rings.broker.rescind()
-        for timer in (*rings.stall_timers, *rings.map_checks):
+        for timer in rings.stall_timers or ():
             timer.cancel()
+        self._drop_map_checks(rings)
         if rings.forward is not None:
             # A stall does not outlive the channel: what was forwarded goes, then the reset.
             rings.forward.stall(0)
             rings.forward.rescind("channel removed")
         # A relayed end may still be draining the rescinded ring to its client: it keeps its
         # own mapping until it is finished (sessiondata), whatever happens to the broker's.
-        for relay in rings.relays.values():
+        for _, relay in rings.relay_items():
             relay.owner.rescinded(relay, relay.reset or "channel removed")
         if rings.broker is not None:
             rings.broker.close()
@@ -291,17 +388,18 @@ class DataPlane:
             return 0
         if rings.forward is not None:
             return rings.forward.bytes_sent(side)
-        relay = rings.relays.get(side)
+        end = _END_OF_SIDE[side]
+        relay = rings.relays[end]
         if relay is not None:
             return relay.sent
-        if side not in rings.shm_ends or rings.broker is None or rings.broker.closed:
+        if rings.shm_ends[end] is None or rings.broker is None or rings.broker.closed:
             return 0
-        counted = rings.broker.rings[_END_OF_SIDE[side]].bytes_written_total
+        counted = rings.broker.rings[end].bytes_written_total
         # The counter lives in memory the end writes: only reported, and kept sane for the
         # report (never above int64, never going backwards).
-        last = rings.shm_bytes.get(side, 0)
+        last = rings.shm_bytes[end]
         if last <= counted <= _MAX_REPORTED_BYTES:
-            rings.shm_bytes[side] = counted
+            rings.shm_bytes = _replaced(rings.shm_bytes, end, counted)
             return counted
         return last
 
@@ -318,13 +416,16 @@ class DataPlane:
         """The VM is paused: its ends of the channel stall both ways until :meth:`resume`."""
         rings = self._settled(channel_id)
         if rings is not None:
+            if rings.paused is None:
+                rings.paused = set()
             rings.paused.add(vm_id)
             self._apply_stalls(rings)
 
     def resume(self, channel_id: int, vm_id: str) -> None:
         rings = self._settled(channel_id)
         if rings is not None:
-            rings.paused.discard(vm_id)
+            if rings.paused is not None:
+                rings.paused.discard(vm_id)
             self._apply_stalls(rings)
 
     def stall(self, channel_id: int, writer: Side | None, duration: float | None = None) -> None:
@@ -335,55 +436,55 @@ class DataPlane:
             return
         ring_ids = (0, 1) if writer is None else (_END_OF_SIDE[writer],)
         for ring_id in ring_ids:
-            rings.ring_stalls[ring_id] += 1
+            held = rings.ring_stalls[ring_id] + 1
+            rings.ring_stalls = _replaced(rings.ring_stalls, ring_id, held)
         self._apply_stalls(rings)
         if duration is not None:
             loop = asyncio.get_running_loop()
-            rings.stall_timers.append(
-                loop.call_later(duration, self._release, channel_id, rings, ring_ids)
-            )
+            timer = loop.call_later(duration, self._release, channel_id, rings, ring_ids)
+            if rings.stall_timers is None:
+                rings.stall_timers = [timer]
+            else:
+                rings.stall_timers.append(timer)
 
     def unstall(self, channel_id: int) -> None:
         """End every StallRing hold on the channel (pauses stay)."""
         rings = self._settled(channel_id)
         if rings is not None:
-            for timer in rings.stall_timers:
+            for timer in rings.stall_timers or ():
                 timer.cancel()
-            rings.stall_timers.clear()
-            rings.ring_stalls[:] = [0, 0]
+            rings.stall_timers = None
+            rings.ring_stalls = _ZERO_PER_END
             self._apply_stalls(rings)
 
     def _release(self, channel_id: int, rings: _ChannelRings, ring_ids: tuple[int, ...]) -> None:
         if self._channels.get(channel_id) is not rings:
             return  # removed meanwhile
         for ring_id in ring_ids:
-            rings.ring_stalls[ring_id] = max(rings.ring_stalls[ring_id] - 1, 0)
+            held = max(rings.ring_stalls[ring_id] - 1, 0)
+            rings.ring_stalls = _replaced(rings.ring_stalls, ring_id, held)
         self._apply_stalls(rings)
 
     def _apply_stalls(self, rings: _ChannelRings) -> None:
         mask = 0
         forward = rings.forward
-        for side, end in _END_OF_SIDE.items():
-            relay = rings.relays.get(side)
+        paused = rings.paused or ()
+        for side, end in _END_OF_SIDE.items() if paused else ():
+            relay = rings.relays[end]
             if forward is not None:
                 vm_id: str | None = forward.vm_of(side)
             else:
-                vm_id = relay.vm_id if relay is not None else rings.shm_ends.get(side)
-            if vm_id is not None and vm_id in rings.paused:
+                vm_id = relay.vm_id if relay is not None else rings.shm_ends[end]
+            if vm_id is not None and vm_id in paused:
                 mask |= shm.stall_bit(end, False) | shm.stall_bit(end, True)
         for ring_id in (0, 1):
             if rings.ring_stalls[ring_id]:
                 mask |= shm.stall_bit(ring_id, False) | shm.stall_bit(1 - ring_id, True)
-        for side, relay in rings.relays.items():
+        for side, relay in rings.relay_items():
             end = _END_OF_SIDE[side]
-            for bit, event in (
-                (shm.stall_bit(end, False), relay.send_running),
-                (shm.stall_bit(end, True), relay.recv_running),
-            ):
-                if mask & bit:
-                    event.clear()
-                else:
-                    event.set()
+            relay.set_running(
+                not mask & shm.stall_bit(end, False), not mask & shm.stall_bit(end, True)
+            )
         if forward is not None and mask != rings.stalled_mask:
             rings.stalled_mask = mask
             forward.stall(mask)
@@ -394,3 +495,8 @@ class DataPlane:
     def close_all(self) -> None:
         for channel_id in list(self._channels):
             self.remove(channel_id)
+        if self._map_timer is not None:
+            self._map_timer.cancel()
+            self._map_timer = None
+        self._map_checks.clear()
+        self._dead_map_checks = 0

@@ -13,7 +13,7 @@ three things to start it again:
 
 * the loop, when the reason it stopped goes away: data or FIN/close from the client
   (:meth:`push`), credit or room on the stream (:meth:`credit`, :meth:`written_out`), a stall
-  lifted (``send_running`` / ``recv_running`` are :class:`_Gate` events whose ``set`` does it);
+  lifted (:meth:`RingRelay.set_running` opening a stall gate);
 * the ring watcher (``ring.watcher.RingWatcher``: a few threads asleep on up to 127 rings each
   with ``futex_waitv``), when the ring it needs is readable or has room: the reader waits as an
   observer, the writer hands its wait over as the ring writer's delegate;
@@ -102,30 +102,6 @@ _READER_EOF = "reader_eof"  # the ring from the peer reached EOF (FIN, or rescin
 _CORRUPT = "corrupt"  # a ring of this end is corrupt (value: (the ring it reads?, why))
 
 
-class _Gate:
-    """A stall gate (cleared while the host stalls that direction), with ``threading.Event``'s
-    set/clear/is_set: setting it also starts the direction's pump, which stopped at the closed
-    gate without a thread waiting on it (an Event would cost a Condition per gate for
-    nothing). The flag is read by the pump under the relay's lock after ``set`` has stored it
-    and before ``set`` takes that lock to start the pump, so a pump never misses the opening."""
-
-    __slots__ = ("_kick", "_open")
-
-    def __init__(self, kick: Callable[[], None]) -> None:
-        self._open = True
-        self._kick = kick
-
-    def set(self) -> None:
-        self._open = True
-        self._kick()
-
-    def clear(self) -> None:
-        self._open = False
-
-    def is_set(self) -> bool:
-        return self._open
-
-
 def _scratch() -> bytearray:
     buffer: bytearray | None = getattr(_SCRATCH, "buffer", None)
     if buffer is None:
@@ -150,10 +126,12 @@ class RingRelay:
         "_pulled",
         "_read",
         "_reader",
+        "_recv_open",
         "_room_told",
         "_rx_active",
         "_rx_over",
         "_rx_watch",
+        "_send_open",
         "_stopping",
         "_told",
         "_tx_active",
@@ -168,9 +146,7 @@ class RingRelay:
         "key",
         "owner",
         "reader_eof",
-        "recv_running",
         "reset",
-        "send_running",
         "sent",
         "session_id",
         "side",
@@ -228,10 +204,12 @@ class RingRelay:
         self.corrupt: tuple[bool, str] | None = None
         self.reader_eof = False
         self.finished = False
-        # Cleared while the host stalls this end: the client's data stops going into the ring
-        # (its sends), and the ring's data stops going to the client (its receives). Open.
-        self.send_running = _Gate(self._kick_writer)
-        self.recv_running = _Gate(self._kick_reader)
+        # The stall gates (see set_running), open: False while the host stalls this end's sends
+        # (the client's data stops going into the ring) or its receives (the ring's data stops
+        # going to the client). Plain flags: a gate object per direction (with the bound method
+        # that starts its pump) cost an idle end 224 bytes.
+        self._send_open = True
+        self._recv_open = True
 
     # -- loop side -------------------------------------------------------------------------
 
@@ -245,6 +223,18 @@ class RingRelay:
             self._credit = limit
             self._reader = True
         self._kick_reader()
+
+    def set_running(self, sends: bool, receives: bool) -> None:
+        """Open (True) or close the stall gates of this end's sends and receives. A pump stops
+        at a closed gate without a thread waiting on it; opening a gate starts its pump. The
+        flag is read by the pump under ``_lock`` after it is stored here and before the kick
+        takes that lock, so a pump never misses the opening."""
+        self._send_open = sends
+        if sends:
+            self._kick_writer()
+        self._recv_open = receives
+        if receives:
+            self._kick_reader()
 
     def tell(self, limit: int) -> None:
         with self._lock:
@@ -294,9 +284,7 @@ class RingRelay:
         _WORKERS.run(self._read_ring, "hvsock-relay-rx")
 
     def _reader_may_go(self) -> bool:  # under _lock
-        return (
-            self._credit > self._read and self._unsent < MAX_UNSENT and self.recv_running.is_set()
-        )
+        return self._credit > self._read and self._unsent < MAX_UNSENT and self._recv_open
 
     def _kick_writer(self) -> None:
         with self._lock:
@@ -325,7 +313,7 @@ class RingRelay:
                 self._rx_active = False
                 self._rx_over = self._rx_over or over
                 # Stopped for credit (not for a stall): everything it read is posted.
-                self._parked = not over and not self._stopping and self.recv_running.is_set()
+                self._parked = not over and not self._stopping and self._recv_open
             else:
                 self._tx_active = False
                 self._tx_over = self._tx_over or over
@@ -336,7 +324,7 @@ class RingRelay:
         return False
 
     def _writer_may_go(self) -> bool:  # under _lock
-        return bool(self._inbound or self._item is not None) and self.send_running.is_set()
+        return bool(self._inbound or self._item is not None) and self._send_open
 
     def _park(self, reader: bool, start: Callable[[], Watch]) -> bool:
         """Hand the direction's wait to the watcher (its callback runs the job again); False
@@ -386,8 +374,8 @@ class RingRelay:
                         if not at_limit or self._room_told == self._told:
                             break  # nothing to do until the client sends (push starts it)
                         told = self._told
-                    if self._item is not None and not self.send_running.is_set():
-                        break  # stalled: the gate's set() starts it again
+                    if self._item is not None and not self._send_open:
+                        break  # stalled: set_running() starts it again
                     item = self._item
                 if item is None:
                     # Everything sent is in the ring and the client is at its limit: once the
@@ -490,8 +478,8 @@ class RingRelay:
                     if self._park(True, lambda: _WATCHER.readable(rx, self._resume_reader)):
                         return None
                     break
-                if not self.recv_running.is_set():
-                    continue  # the check above ends the job; the gate starts it again
+                if not self._recv_open:
+                    continue  # the check above ends the job; set_running() starts it again
                 # A small read into its own buffer; a large one into the thread's.
                 small = min(room, rx.readable())
                 target = bytearray(small) if small <= _SMALL_READ else _scratch()

@@ -205,14 +205,29 @@ class Watcher:
     behind: int | None = None
 
 
-@dataclass
 class _RingEnds:
     """What the ring metrics need of an open channel: each open end's data path, the ring
-    sizes, and the largest byte count read from each shared-memory end's ring."""
+    sizes, and the largest byte count read from each shared-memory end's ring.
 
-    connector_view: RingGeometry
-    paths: dict[Side, EndPath] = field(default_factory=dict)
-    shm_seen: dict[Side, int] = field(default_factory=dict)
+    One per open channel: slots, and per-end pairs (indexed by end number, replaced when set)
+    rather than two dicts per channel (64 bytes each empty, 224 with one entry)."""
+
+    __slots__ = ("connector_view", "paths", "shm_seen")
+
+    def __init__(self, connector_view: RingGeometry) -> None:
+        self.connector_view = connector_view
+        self.paths: tuple[EndPath | None, EndPath | None] = (None, None)
+        self.shm_seen = (0, 0)
+
+    def set_path(self, side: Side, path: EndPath) -> None:
+        self.paths = (path, self.paths[1]) if side is Side.CONNECTOR else (self.paths[0], path)
+
+    def seen(self, side: Side, counted: int) -> int:
+        """The largest byte count read from ``side``'s ring, ``counted`` included."""
+        end = 0 if side is Side.CONNECTOR else 1
+        largest = max(self.shm_seen[end], counted)
+        self.shm_seen = (largest, self.shm_seen[1]) if end == 0 else (self.shm_seen[0], largest)
+        return largest
 
 
 class Host:
@@ -284,12 +299,9 @@ class Host:
         for channel_id, ends in self._ring_ends.items():
             live += self._shm_bytes(channel_id, ends)
             fill = self.dataplane.ring_used(channel_id)
-            writers = (
-                (Side.CONNECTOR, ends.connector_view.send_bytes),  # ring 0
-                (Side.ACCEPTOR, ends.connector_view.recv_bytes),  # ring 1
-            )
-            for ring, (side, nbytes) in enumerate(writers):
-                path = ends.paths.get(side)
+            # Ring 0 is written by the connector (end 0), ring 1 by the acceptor (end 1).
+            ring_bytes = (ends.connector_view.send_bytes, ends.connector_view.recv_bytes)
+            for ring, (path, nbytes) in enumerate(zip(ends.paths, ring_bytes, strict=True)):
                 if path is None:
                     continue  # that end is not open yet
                 size[path.value] += nbytes
@@ -301,11 +313,9 @@ class Host:
         """Bytes the channel's shared-memory ends wrote: never less than reported before (the
         ring's counter is gone once the channel's rings are closed)."""
         total = 0
-        for side, path in ends.paths.items():
+        for side, path in zip((Side.CONNECTOR, Side.ACCEPTOR), ends.paths, strict=True):
             if path is EndPath.SHARED_MEMORY:
-                counted = self.dataplane.bytes_sent(channel_id, side)
-                ends.shm_seen[side] = max(ends.shm_seen.get(side, 0), counted)
-                total += ends.shm_seen[side]
+                total += ends.seen(side, self.dataplane.bytes_sent(channel_id, side))
         return total
 
     # -- driving the core ------------------------------------------------------------------
@@ -564,7 +574,7 @@ class Host:
         )
         self.core.set_data_path(event.channel_id, event.side, path.value)
         ends = self._ring_ends.setdefault(event.channel_id, _RingEnds(connector_view))
-        ends.paths[event.side] = path
+        ends.set_path(event.side, path)
         channel = hvsock_pb2.Channel(
             channel_id=event.channel_id,
             local=_address(event.local),

@@ -447,5 +447,8 @@ class Channels:
         channel = self._channels.get(channel_id)
         if channel is None:
             return False
-        channel.data_path[Side(side)] = path
+        if Side(side) is Side.CONNECTOR:
+            channel.connector_path = path
+        else:
+            channel.acceptor_path = path
         return True

@@ -169,7 +169,10 @@ class _Channel:
     acceptor_local: Address | None = None
     acceptor_remote: Address | None = None
     listener_id: int | None = None
-    data_path: dict[Side, str] = field(default_factory=dict)
+    #: Each end's data path ("" until it opens): two fields, not a dict per channel (224
+    #: bytes with one entry, for every open channel).
+    connector_path: str = ""
+    acceptor_path: str = ""
 
     def vm(self, side: Side) -> str | None:
         return self.connector_vm if side is Side.CONNECTOR else self.acceptor_vm
@@ -193,7 +196,7 @@ class _Channel:
             session_id=self.connector_session,
             local=self.connector_local,
             remote=self.target,
-            data_path=self.data_path.get(Side.CONNECTOR, ""),
+            data_path=self.connector_path,
         )
         acceptor = None
         if (
@@ -207,7 +210,7 @@ class _Channel:
                 session_id=self.acceptor_session,
                 local=self.acceptor_local,
                 remote=self.acceptor_remote,
-                data_path=self.data_path.get(Side.ACCEPTOR, ""),
+                data_path=self.acceptor_path,
             )
         return ChannelInfo(
             channel_id=self.channel_id,
