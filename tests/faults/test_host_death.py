@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import guest_client as hv
+from host_service.core.relay import DEFAULT_RELAY_WINDOW
 from hvsock.v1 import hvsock_pb2
 
 from ..integration.hostproc import HostProcess, run_host
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SERVICE = hv.service_id_for_port(7300)
 #: A sender that would fill any default ring many times over.
-BULK = b"b" * (1 << 20)
+BULK = b"b" * (4 * DEFAULT_RELAY_WINDOW)  # more than a relayed sender may have in flight
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from host_service.core.relay import DEFAULT_RELAY_WINDOW
 from hvsock.v1 import hvsock_pb2
 
 from .hostproc import HostProcess, run_host
@@ -126,7 +127,7 @@ def test_guest_to_host_over_relay(host: HostProcess) -> None:
     g, h = open_pair(guest, root)  # nobody proved shared memory: relay
     assert g.data_path == h.data_path == hvsock_pb2.DATA_PATH_GRPC_RELAY
 
-    payload = bytes(range(256)) * 4096  # 1 MiB: more than the ring and the relay window hold
+    payload = bytes(range(256)) * (4 * DEFAULT_RELAY_WINDOW // 256)  # beyond ring and window
     to_host = RelayStream(guest, g.channel_id)
     from_guest = RelayStream(root, h.channel_id)
     from_guest.send_fin()

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from host_service.core.relay import DEFAULT_RELAY_WINDOW
 from hvsock.v1 import hvsock_pb2
 
 from .hostproc import HostProcess, run_host
@@ -145,7 +146,7 @@ def test_node_vm_echoes_over_the_relay(node: str, host: HostProcess) -> None:
         assert connected.opened.data_path == hvsock_pb2.DATA_PATH_GRPC_RELAY
         assert vm.expect("OPENED ") == f"OPENED {channel_id}"
 
-        payload = secrets.token_bytes(1 << 20)  # 1 MiB: hundreds of times the 2-page ring
+        payload = secrets.token_bytes(4 * DEFAULT_RELAY_WINDOW)  # beyond the 2-page ring and window
         relay = RelayStream(root, channel_id)
         failure: list[BaseException] = []
 
