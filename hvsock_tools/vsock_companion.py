@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import guest_client as hv
@@ -182,14 +182,7 @@ class Companion:
     def serve(self) -> None:
         threading.Thread(target=self._watch_listeners, name="listener-watch", daemon=True).start()
         threading.Thread(target=self._serve_connects, name="connects", daemon=True).start()
-        while not self.stopped.is_set():
-            try:
-                conn, address = self.server.accept()
-            except OSError:
-                if self.stopped.is_set():
-                    return
-                raise
-            peer = _peer_name(address)
+        for conn, peer in self._accepting(self.server):
             if not peer:
                 self.pool.run(functools.partial(self._control, conn), "control")
             elif peer.startswith(f"{self.name}/s/"):
@@ -201,6 +194,17 @@ class Companion:
                     old.close()
             else:
                 conn.close()  # not one of ours
+
+    def _accepting(self, listening: socket.socket) -> Iterator[tuple[socket.socket, str]]:
+        """What ``listening`` accepts, with the peer's abstract name, until the stop."""
+        while not self.stopped.is_set():
+            try:
+                conn, address = listening.accept()
+            except OSError:
+                if self.stopped.is_set():
+                    return
+                raise
+            yield conn, _peer_name(address)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -384,14 +388,7 @@ class Companion:
 
     def _serve_connects(self) -> None:
         """Blocking connects: each data connection on ``@<name>/connect`` carries its request."""
-        while not self.stopped.is_set():
-            try:
-                data, address = self.connector.accept()
-            except OSError:
-                if self.stopped.is_set():
-                    return
-                raise
-            ident = _peer_name(address)
+        for data, ident in self._accepting(self.connector):
             if not ident.startswith(f"{self.name}/s/"):
                 data.close()  # not one of ours
                 continue
