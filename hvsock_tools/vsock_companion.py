@@ -415,14 +415,15 @@ class Companion:
                 data.sendall(reply.encode())
             _drain_and_close(data)
             return
+        connection = Connection("ok", "", connected)
         with self.lock:
             # Known by identity, as every connected socket: a descriptor inherited across exec
             # is rebuilt from it (ADDRESSES).
-            self.connections[ident] = Connection("ok", "", connected)
+            self.connections[ident] = connection
             self.relays += 1
         relay = Relay(self, ident, data, sock, recv_pages or self.partition.limits.recv_ring_page)
         with contextlib.suppress(OSError):  # the program is gone already: the relay finds out
-            data.sendall("OK {} {} {} {}\n".format(*connected).encode())
+            data.sendall(connection.ok_line().encode())
         relay.run_here()
 
     def _take_data(self, ident: str) -> socket.socket | None:
