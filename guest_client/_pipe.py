@@ -31,11 +31,9 @@ from ring import (
     CONTROL_PAGE_SIZE,
     FIN_PACKET_LEN,
     PAGE_SIZE,
-    WRITE_RESERVE,
     Channel,
     Ring,
     effective_max_payload,
-    packet_len,
 )
 from ring._errors import (
     ST_AGAIN,
@@ -196,19 +194,6 @@ class RxEnd(Protocol):
     def at_eof(self) -> bool: ...
     @property
     def is_rescinded(self) -> bool: ...
-
-
-def _ring_capacity(pages: int, max_payload: int) -> tuple[int, int]:
-    """(payload bytes an empty ring of ``pages`` takes without blocking, its largest packet
-    payload): what ``writable()`` and ``max_payload`` of a fresh ``Ring`` of that size say."""
-    size = pages * PAGE_SIZE - CONTROL_PAGE_SIZE
-    largest = effective_max_payload(size, max_payload)
-    free, total = size, 0
-    while free > WRITE_RESERVE:
-        payload = min(free - WRITE_RESERVE, largest)
-        total += payload
-        free -= packet_len(payload)
-    return total, largest
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -518,9 +503,11 @@ class RelayPipe(_NeverStalled):
         self.key = (self.channel_id, end)
         self._lock = lock
         self._over_cond = threading.Condition(lock)
-        send_payload = _ring_capacity(
-            channel.geometry.send_ring_pages, channel.geometry.max_payload
-        )[1]
+        # The largest packet payload of the peer's ring this end's sends stand for.
+        send_payload = effective_max_payload(
+            channel.geometry.send_ring_pages * PAGE_SIZE - CONTROL_PAGE_SIZE,
+            channel.geometry.max_payload,
+        )
         self.tx = RelaySend(lock, lambda: kick(self), channel.relay_send_limit, send_payload)
         self.rx = RelayReceive(lock, lambda: kick(self), channel.relay_receive_window)
         self._granted = 0  # receive credit sent to the host

@@ -28,11 +28,11 @@ from enum import StrEnum
 from typing import TypeVar
 
 from hvsock.v1 import hvsock_pb2
-from ring import shm
+from ring import ring_capacity, shm
 from ring._constants import MAX_PAYLOAD, PAGE_SIZE
 
 from .core.types import RingGeometry, Side
-from .forward import EndSpec, ForwardPair, RelayOpening, ring_capacity
+from .forward import EndSpec, ForwardPair, RelayOpening
 from .sessiondata import RingRelay, SessionData
 
 log = logging.getLogger("hvsock.host.dataplane")

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 from hvsock.v1 import hvsock_pb2
 from ring import shm
-from ring._constants import CONTROL_PAGE_SIZE, PAGE_SIZE, WRITE_RESERVE, packet_len
-from ring._constants import effective_max_payload as _effective_max_payload
 
 from . import metrics
 from .core import errors
@@ -41,20 +39,7 @@ from .ringrelay import MAX_UNSENT
 from .sessiondata import DataFrame, SessionData, is_close, is_fin
 from .status import error_message
 
-__all__ = ["ForwardEnd", "ForwardPair", "RelayOpening", "ring_capacity"]
-
-
-def ring_capacity(pages: int, max_payload: int) -> int:
-    """Payload bytes an empty ring of ``pages`` pages takes without blocking: what a fresh
-    ``Ring``'s ``writable()`` says (the relayed ends are told it before any ring exists)."""
-    size = pages * PAGE_SIZE - CONTROL_PAGE_SIZE
-    largest = _effective_max_payload(size, max_payload)
-    free, total = size, 0
-    while free > WRITE_RESERVE:
-        payload = min(free - WRITE_RESERVE, largest)
-        total += payload
-        free -= packet_len(payload)
-    return total
+__all__ = ["ForwardEnd", "ForwardPair", "RelayOpening"]
 
 
 @dataclass(frozen=True, slots=True)

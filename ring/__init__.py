@@ -24,6 +24,7 @@ from ._constants import (
     effective_max_payload,
     packet_len,
     ring_bytes,
+    ring_capacity,
     roundup8,
 )
 from ._errors import RingCorruptError
@@ -51,5 +52,6 @@ __all__ = [
     "effective_max_payload",
     "packet_len",
     "ring_bytes",
+    "ring_capacity",
     "roundup8",
 ]

@@ -140,3 +140,16 @@ def effective_max_payload(data_size: int, max_payload: int) -> int:
     A packet must fit an empty ring while keeping the FIN reserve: payload <= data_size - 72.
     """
     return min(max_payload, (data_size - WRITE_RESERVE) & ~7)
+
+
+def ring_capacity(pages: int, max_payload: int) -> int:
+    """Payload bytes an empty ring of ``pages`` pages takes without blocking: what a fresh
+    ``Ring``'s ``writable()`` says (a relayed end is told it before any ring exists)."""
+    size = pages * PAGE_SIZE - CONTROL_PAGE_SIZE
+    largest = effective_max_payload(size, max_payload)
+    free, total = size, 0
+    while free > WRITE_RESERVE:
+        payload = min(free - WRITE_RESERVE, largest)
+        total += payload
+        free -= packet_len(payload)
+    return total

@@ -16,10 +16,9 @@ import grpc
 import pytest
 
 from host_service.core.types import Side
-from host_service.forward import ring_capacity
 from hvsock.v1 import hvsock_pb2
 from hvsock_common import addresses
-from ring import shm
+from ring import ring_capacity, shm
 from ring._constants import MAX_PAYLOAD
 
 from .harness import InProcessHost, in_process_host
