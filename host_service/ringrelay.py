@@ -241,8 +241,8 @@ class RingRelay:
         size = len(data)
         try:
             written = tx.write(data, 0)
-        except (BlockingIOError, OSError, RingCorruptError):
-            written = 0  # no room, or an error the worker's job reports as it always does
+        except OSError:  # no room (EAGAIN), or an error the worker's job reports as always
+            written = 0
         if written == size:
             with self._lock:
                 self._pulled += size

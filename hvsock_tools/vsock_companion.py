@@ -560,8 +560,8 @@ def _read_line(conn: socket.socket) -> str:
     """One request line (at most 1 KiB; nothing follows it until it is answered)."""
     line = b""
     while not line.endswith(b"\n"):
-        chunk = conn.recv(1024 - len(line))
-        if not chunk or (len(line) + len(chunk) >= 1024 and not chunk.endswith(b"\n")):
+        chunk = conn.recv(1024 - len(line)) if len(line) < 1024 else b""
+        if not chunk:
             raise ValueError("no complete request line")
         line += chunk
     return line.decode("ascii", "replace")
