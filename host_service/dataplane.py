@@ -174,10 +174,13 @@ class DataPlane:
         if self.forward and path is EndPath.RELAY and relays is not None:
             spec = EndSpec(side, vm_id, session_id, relays, window)
             if rings is None:
+                # Told its limit now, opened with the rules once its peer's path is known.
+                reserved = relays.rules.reserve(window)
+                spec = EndSpec(side, vm_id, session_id, relays, window, reserved)
                 rings = self._channels[channel_id] = _ChannelRings(None, connector_view, spec)
                 rings.open(side)
                 asyncio.get_running_loop().call_soon(self._settle, channel_id, rings)
-                opening = self._relay_opening(connector_view, side, window)
+                opening = self._relay_opening(connector_view, side, reserved, window)
                 return path, opening, opening.send_limit
             if rings.waiting is not None:
                 first, rings.waiting = rings.waiting, None
@@ -239,7 +242,7 @@ class DataPlane:
         attached = rings.broker.view_end(_END_OF_SIDE[spec.side])
         try:
             relay, send_limit = spec.relays.open_end(
-                attached, spec.side, spec.vm_id, channel_id, spec.window
+                attached, spec.side, spec.vm_id, channel_id, spec.window, spec.reserved
             )
         except BaseException:
             attached.close()
@@ -252,7 +255,11 @@ class DataPlane:
         relayed, or never opens, or the channel is acted on first). It was told the limits
         of empty rings already: the same as the rings made now give."""
         spec = rings.waiting
-        if spec is None or self._channels.get(channel_id) is not rings:
+        if spec is None:
+            return
+        if self._channels.get(channel_id) is not rings:
+            rings.waiting = None
+            spec.relays.rules.give_back(spec.reserved or 0)  # it never opens
             return
         rings.waiting = None
         view = rings.geometry
@@ -273,10 +280,14 @@ class DataPlane:
             ring_capacity(connector_view.recv_pages, self.max_payload),
         )
 
-    def _relay_opening(self, connector_view: RingGeometry, side: Side, window: int) -> RelayOpening:
+    def _relay_opening(
+        self, connector_view: RingGeometry, side: Side, reserved: int, window: int
+    ) -> RelayOpening:
+        """What a relayed end is told: its send limit (its empty ring and the budget it got)
+        and its receive window (its peer's ring and its own window: its client's memory)."""
         rings = self._capacities(connector_view)
         end = _END_OF_SIDE[side]
-        return RelayOpening(rings[end] + window, rings[1 - end] + window)
+        return RelayOpening(rings[end] + reserved, rings[1 - end] + window)
 
     def _check_mapped_later(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
         """Check, ``map_timeout`` seconds from now, that ``end`` has mapped its segment."""

@@ -60,6 +60,8 @@ class EndSpec:
     session_id: int
     relays: SessionData
     window: int
+    #: Budget taken for it when it was told its first limit before opening (None: not yet).
+    reserved: int | None = None
 
 
 class ForwardEnd:
@@ -76,6 +78,7 @@ class ForwardEnd:
         self.session_id = spec.session_id
         self.owner = spec.relays
         self.window = spec.window
+        self.reserved = spec.reserved
         self.finished = False
         #: This end -> its peer, and its peer -> this end (set by the pair).
         self.out: Flow
@@ -134,7 +137,7 @@ class ForwardPair:
         for end in (connector, acceptor):
             # Registered in both at once: a frame the rules know is a frame relays can take.
             told = end.owner.rules.open_end(
-                channel_id, end.index, end.window, rings[end.index]
+                channel_id, end.index, end.window, rings[end.index], end.reserved
             ).told
             end.owner.relays[end.key] = end
             self.limits[end.side] = RelayOpening(told, rings[1 - end.index] + end.window)

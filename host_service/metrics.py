@@ -34,6 +34,11 @@ BYTES = Counter(
     ["direction"],
     registry=REGISTRY,
 )
+RELAY_PROMISED = Gauge(
+    "hvsock_relay_window_promised_bytes",
+    "Relay window bytes promised to clients beyond their peer rings' room (the budget used).",
+    registry=REGISTRY,
+)
 RING_FULL_WAITS = Counter(
     "hvsock_ring_full_waits_total",
     "Times a relayed writer waited for ring space.",

@@ -23,6 +23,7 @@ from hvsock_common.allocator import tune_for_large_messages
 from . import metrics
 from .core.config import HostConfig
 from .core.errors import HvError
+from .core.relay import RelayBudget
 from .dataplane import DataPlane
 from .handover import default_address
 from .service import AdminServicer, Host, HostServicer, new_core
@@ -111,6 +112,7 @@ def build_host(args: argparse.Namespace, token: str) -> Host:
         shm_socket=None if args.shm_socket == "off" else args.shm_socket or default_address(),
         max_queued_responses=args.max_queued_responses,
         relay_window=args.relay_window,
+        relay_budget=RelayBudget(args.relay_window_budget),
     )
 
 

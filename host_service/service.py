@@ -52,7 +52,7 @@ from .core.events import (
 )
 from .core.host import HostCore
 from .core.partitions import hash_token
-from .core.relay import DEFAULT_RELAY_WINDOW, MAX_RELAY_WINDOW
+from .core.relay import DEFAULT_RELAY_WINDOW, MAX_RELAY_WINDOW, RelayBudget
 from .core.sessionbook import OpenPlan, SessionBook
 from .core.types import (
     ChannelInfo,
@@ -243,10 +243,14 @@ class Host:
         clock: Callable[[], float] = time.monotonic,
         max_queued_responses: int = MAX_QUEUED_RESPONSES,
         relay_window: int = DEFAULT_RELAY_WINDOW,
+        relay_budget: RelayBudget | None = None,
     ) -> None:
         self.core = core
         #: The relay window of ends whose Connect/Accept/Listen does not ask for one.
         self.relay_window = relay_window
+        #: The window bytes all relayed ends may have promised at once (core.relay).
+        self.relay_budget = budget = RelayBudget() if relay_budget is None else relay_budget
+        metrics.RELAY_PROMISED.set_function(lambda: budget.promised)
         self.max_queued_responses = max_queued_responses
         self.dataplane = dataplane
         dataplane.on_unmapped = self._reset_unmapped
@@ -651,6 +655,7 @@ class Host:
                 on_fin=fin,
                 on_close=close,
                 on_abort=abandon,
+                budget=self.relay_budget,
             ),
             max_queued=self.max_queued_responses,
             on_overflow=self._overflowed,

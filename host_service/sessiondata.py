@@ -54,6 +54,7 @@ from .core.relay import (
     ClientCredit,
     ClientData,
     ClientFin,
+    RelayBudget,
     RelaySession,
     ResetEnd,
 )
@@ -119,9 +120,10 @@ class SessionData:
         on_fin: Callable[[int, Side], None],
         on_close: Callable[[int, Side], None],
         on_abort: Callable[[int, str], None],
+        budget: RelayBudget | None = None,
     ) -> None:
         self.session_id = session_id
-        self.rules = RelaySession()
+        self.rules = RelaySession(budget)
         #: (channel id, end) -> the relayed end (the same keys as ``rules``).
         self.relays: dict[tuple[int, int], RelayedEnd] = {}
         #: Tell the core: the end sent FIN / closed (once it is in the ring), or must be torn
@@ -145,12 +147,18 @@ class SessionData:
     # -- ends ------------------------------------------------------------------------------
 
     def open_end(
-        self, end: shm.Channel, side: Side, vm_id: str, channel_id: int, window: int
+        self,
+        end: shm.Channel,
+        side: Side,
+        vm_id: str,
+        channel_id: int,
+        window: int,
+        reserved: int | None = None,
     ) -> tuple[RingRelay, int]:
         """Register this session's relayed end of ``channel_id``; returns it and its first
         send limit (what the peer's empty ring takes plus the window)."""
         index = 0 if side is Side.CONNECTOR else 1
-        rules = self.rules.open_end(channel_id, index, window, end.tx.writable())
+        rules = self.rules.open_end(channel_id, index, window, end.tx.writable(), reserved)
         relay = RingRelay(end, side, vm_id, self.session_id, channel_id, self, rules.told)
         self.relays[relay.key] = relay
         return relay, rules.told

@@ -10,7 +10,7 @@ from typing import Any
 
 from hvsock_common.conventions import DEFAULT_TARGET, default_host_token_file
 
-from .core.relay import DEFAULT_RELAY_WINDOW, MAX_RELAY_WINDOW
+from .core.relay import DEFAULT_RELAY_BUDGET, DEFAULT_RELAY_WINDOW, MAX_RELAY_WINDOW
 
 
 def _env_name(flag: str) -> str:
@@ -30,6 +30,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
     return value
 
 
@@ -182,6 +189,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="bytes a relayed end may send beyond the room in its peer's ring, which the host "
         "holds meanwhile (a Connect/Accept may ask for another); 0: strict, the ring's "
         "back-pressure byte for byte",
+    )
+    p.option(
+        "--relay-window-budget",
+        type=_non_negative_int,
+        default=DEFAULT_RELAY_BUDGET,
+        metavar="BYTES",
+        help="relay window bytes all relayed ends together may have promised (the most the "
+        "host holds beyond its rings); an end opened when it is spent is strict until some "
+        "comes back",
     )
     p.switch(
         "--relay-rings",

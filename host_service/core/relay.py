@@ -19,6 +19,14 @@ never hurts: the larger value wins):
   take now, ``window`` the relay window of this end (0: strict). So the peer's ring never holds
   more than its capacity, the host holds at most ``room + window`` beyond it, and a sender
   that filled both waits, as on a ring.
+* The budget. A window is a promise: the client may send it at any moment, and the host must
+  then hold it. So the window part of every send limit (what it promises beyond the peer
+  ring's room) is taken from one :class:`RelayBudget` shared by every session of the host, and
+  given back as the bytes are delivered (or the end sends no more: FIN, close, end). An end
+  gets ``min(window, what the budget has left)``: once the budget is spent, new promises are
+  strict (the ring's room alone) until some comes back. So however many channels hostile
+  clients open, the host holds at most the budget beyond its rings, and loses nothing: a
+  strict end still moves its bytes, at a ring's pace.
 * Host -> client. The host sends no data beyond the client's ``receive_limit`` (its credit),
   and nothing before the first: a client registers a channel with the stream by granting.
 
@@ -50,6 +58,7 @@ from types import MappingProxyType
 from host_service.core.errors import HvError, InvalidArgument, NotFound
 
 __all__ = [
+    "DEFAULT_RELAY_BUDGET",
     "DEFAULT_RELAY_WINDOW",
     "MAX_FRAME_DATA",
     "MAX_RELAY_WINDOW",
@@ -60,6 +69,7 @@ __all__ = [
     "ClientFin",
     "EndInput",
     "EndState",
+    "RelayBudget",
     "RelayEffect",
     "RelayEnd",
     "RelaySession",
@@ -74,6 +84,26 @@ MAX_FRAME_DATA = 262_144
 DEFAULT_RELAY_WINDOW = 1_048_576
 #: Largest relay window an end may ask for.
 MAX_RELAY_WINDOW = 16 * 1024 * 1024
+#: Window bytes the host promises across all relayed ends at once, by default: a thousand
+#: ends at the default window before new promises are strict.
+DEFAULT_RELAY_BUDGET = 1 << 30
+
+
+class RelayBudget:
+    """The relay window bytes the host has promised beyond its peer rings' room, across every
+    session, and the most it may (one per host, shared by every :class:`RelaySession`)."""
+
+    __slots__ = ("limit", "promised")
+
+    def __init__(self, limit: int = DEFAULT_RELAY_BUDGET) -> None:
+        if limit < 0:
+            raise InvalidArgument(f"relay budget {limit} is negative")
+        self.limit = limit
+        self.promised = 0
+
+    @property
+    def available(self) -> int:
+        return max(self.limit - self.promised, 0)
 
 
 class EndState(StrEnum):
@@ -183,6 +213,7 @@ class RelayEnd:
         "end",
         "receive_limit",
         "received",
+        "reserved",
         "send_limit",
         "sent",
         "state",
@@ -191,16 +222,18 @@ class RelayEnd:
         "window",
     )
 
-    def __init__(self, channel_id: int, end: int, window: int, room: int) -> None:
+    def __init__(self, channel_id: int, end: int, window: int, room: int, reserved: int) -> None:
         self.channel_id = channel_id
         self.end = end
         self.state = EndState.OPEN
         self.window = window
+        #: The budget's bytes this end holds: its promise beyond the peer ring's room.
+        self.reserved = reserved
         #: Client -> host: bytes received from the client, bytes that left for the peer, the
         #: largest limit computed, and the largest the client was told (what it may send).
         self.received = 0
         self.delivered = 0
-        self.send_limit = self.told = room + window
+        self.send_limit = self.told = room + reserved
         self.step = max(self.send_limit // 4, 1)
         #: Host -> client: the client's credit and the bytes sent to it.
         self.receive_limit = 0
@@ -228,21 +261,42 @@ class RelayEnd:
 class RelaySession:
     """The relayed channel ends of one session, and the rules of its SessionData stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: RelayBudget | None = None) -> None:
         self._ends: dict[tuple[int, int], RelayEnd] = {}
+        #: The host's (None: a budget of this session's own, of the default size).
+        self.budget = RelayBudget() if budget is None else budget
 
     # -- ends ------------------------------------------------------------------------------
 
-    def open_end(self, channel_id: int, end: int, window: int, room: int) -> RelayEnd:
+    def reserve(self, window: int) -> int:
+        """Take up to ``window`` from the budget for an end told its first limit before it
+        opens here (its :meth:`open_end` gets what this returns); :meth:`give_back` returns it
+        if the end never opens."""
+        reserved = min(window, self.budget.available)
+        self.budget.promised += reserved
+        return reserved
+
+    def give_back(self, reserved: int) -> None:
+        self.budget.promised -= reserved
+
+    def open_end(
+        self, channel_id: int, end: int, window: int, room: int, reserved: int | None = None
+    ) -> RelayEnd:
         """A relayed end of this session opened; ``room`` is what the peer's empty ring takes,
-        so its first send limit (Channel.relay_send_limit) is ``room + window``."""
+        so its first send limit (Channel.relay_send_limit) is ``room + window``, or less when
+        the budget has less than ``window`` left (``reserved``: what :meth:`reserve` took for
+        it already)."""
         if end not in (0, 1):
             raise InvalidArgument(f"end {end} is not 0 (connector) or 1 (acceptor)")
         if (channel_id, end) in self._ends:
             raise InvalidArgument(f"channel {channel_id} end {end} is relayed here already")
         if not 0 <= window <= MAX_RELAY_WINDOW:
             raise InvalidArgument(f"relay window {window} is not in [0, {MAX_RELAY_WINDOW}]")
-        relay_end = self._ends[(channel_id, end)] = RelayEnd(channel_id, end, window, room)
+        if reserved is None:
+            reserved = self.reserve(window)
+        relay_end = self._ends[(channel_id, end)] = RelayEnd(
+            channel_id, end, window, room, reserved
+        )
         return relay_end
 
     def get(self, channel_id: int, end: int) -> RelayEnd | None:
@@ -253,7 +307,13 @@ class RelaySession:
         relay_end = self._ends.pop((channel_id, end), None)
         if relay_end is not None:
             relay_end.move(EndInput.END)
+            self._reserve(relay_end, 0)
         return relay_end
+
+    def _reserve(self, relay_end: RelayEnd, reserved: int) -> None:
+        """The end holds ``reserved`` of the budget from now on."""
+        self.budget.promised += reserved - relay_end.reserved
+        relay_end.reserved = reserved
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -320,11 +380,13 @@ class RelaySession:
             if relay_end.move(EndInput.FIN) is None:
                 effects.append(self._reset(relay_end, f"{where}: fin after fin or close"))
                 return effects
+            self._reserve(relay_end, 0)  # nothing more comes: every promise is kept or void
             effects.append(ClientFin(channel_id, end))
         if close:
             if relay_end.move(EndInput.CLOSE) is None:
                 effects.append(self._reset(relay_end, f"{where}: close after close"))
                 return effects
+            self._reserve(relay_end, 0)
             effects.append(ClientClosed(channel_id, end))
         return effects
 
@@ -347,9 +409,17 @@ class RelaySession:
                 f"[{relay_end.delivered}, {relay_end.received}]"
             )
         relay_end.delivered = delivered
-        relay_end.send_limit = max(
-            relay_end.send_limit, delivered + max(room, 0) + relay_end.window
+        # What the ring takes now needs no budget; the promise beyond it does. ``delivered +
+        # room`` never shrinks (it is what the peer consumed plus the ring's size), so what
+        # was told always fits in what the end reserved; the window beyond it is taken anew
+        # from what the budget has left (an end starved before gets its window back).
+        base = delivered + max(room, 0)
+        promised = max(relay_end.told - base, 0)
+        self._reserve(
+            relay_end,
+            max(promised, min(relay_end.window, relay_end.reserved + self.budget.available)),
         )
+        relay_end.send_limit = max(relay_end.told, base + relay_end.reserved)
         told, limit = relay_end.told, relay_end.send_limit
         if limit > told and (
             limit - told >= relay_end.step or told - relay_end.received < relay_end.step

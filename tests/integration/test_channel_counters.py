@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 import guest_client as hv
+from host_service.core.relay import DEFAULT_RELAY_WINDOW
 from hvsock.v1 import hvsock_pb2
 
 from .hostproc import HostProcess, run_host
@@ -140,6 +141,11 @@ def test_prometheus_counts_shared_memory_bytes_and_ring_fill(
                 assert samples["hvsock_shm_bytes_total"] == 0
                 # (the relay counts a frame once written on: the last may still be on its way)
                 assert samples['hvsock_relay_bytes_total{direction="from_client"}'] >= 4234
+            # Both ends relayed, neither past FIN: each holds its whole window of the budget.
+            relayed_ends = 2 if data_path == "relay" else 0
+            assert samples["hvsock_relay_window_promised_bytes"] == (
+                relayed_ends * DEFAULT_RELAY_WINDOW
+            )
 
             for sock in (out, inbound, listener):
                 sock.close()
@@ -149,3 +155,4 @@ def test_prometheus_counts_shared_memory_bytes_and_ring_fill(
             assert samples["hvsock_shm_bytes_total"] == (4734 if data_path == "shm" else 0)
             assert samples[f'hvsock_ring_used_bytes{{path="{data_path}"}}'] == 0
             assert samples[f'hvsock_ring_size_bytes{{path="{data_path}"}}'] == 0
+            assert samples["hvsock_relay_window_promised_bytes"] == 0  # all given back

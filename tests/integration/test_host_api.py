@@ -14,7 +14,7 @@ import pytest
 from host_service.core.relay import DEFAULT_RELAY_WINDOW
 from hvsock.v1 import hvsock_pb2
 
-from .hostproc import HostProcess, run_host
+from .hostproc import HostProcess, run_host, usage_error
 from .rawclient import RawPartition, RelayStream
 
 pytestmark = pytest.mark.integration
@@ -137,6 +137,46 @@ def test_guest_to_host_over_relay(host: HostProcess) -> None:
     writer.join()
     assert to_host.read_all() == b""  # the host sent FIN at once
     assert to_host.limits[0] < len(payload) <= to_host.limits[-1]  # credit grew as space freed
+
+
+def test_the_relay_budget_bounds_the_windows_and_a_starved_end_still_delivers(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Room for one end's window and half another's: the guest's first end gets the window,
+    # the host's its half, the second channel's ends are strict (their ring's room alone).
+    budget = DEFAULT_RELAY_WINDOW * 3 // 2
+    with run_host(tmp_path, f"--relay-window-budget={budget}") as host:
+        vm = create_vm(host, "vm1")
+        guest, root = attach_vm(host, vm), attach_host(host)
+        g1, h1 = open_pair(guest, root)
+        g2, h2 = open_pair(guest, root, listen=False)
+        assert g1.relay_send_limit >= DEFAULT_RELAY_WINDOW
+        assert DEFAULT_RELAY_WINDOW // 2 <= h1.relay_send_limit < DEFAULT_RELAY_WINDOW
+        assert g2.relay_send_limit < DEFAULT_RELAY_WINDOW // 2
+        assert h2.relay_send_limit < DEFAULT_RELAY_WINDOW // 2
+        # The starved end still moves bytes beyond its limit, in order, with none lost.
+        payload = bytes(range(256)) * (2 * DEFAULT_RELAY_WINDOW // 256)
+        to_host, from_guest = RelayStream(guest, g2.channel_id), RelayStream(root, h2.channel_id)
+        writer = threading.Thread(target=lambda: (to_host.send_all(payload), to_host.send_fin()))
+        writer.start()
+        assert from_guest.read_all() == payload
+        writer.join()
+        assert len(to_host.limits) > 2  # it went at the peer's pace, grant by grant
+        guest.close()
+        root.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "error"),
+    [
+        (["--relay-window-budget", "-1"], {}, "must be at least 0, not -1"),
+        ([], {"HVSOCK_RELAY_WINDOW_BUDGET": "lots"}, "HVSOCK_RELAY_WINDOW_BUDGET"),
+    ],
+)
+def test_a_bad_relay_budget_is_a_usage_error(
+    tmp_path: pathlib.Path, args: list[str], env: dict[str, str], error: str
+) -> None:
+    assert error in usage_error(tmp_path, args, env)
 
 
 def test_admin_needs_the_host_token(host: HostProcess) -> None:

@@ -21,6 +21,8 @@ from host_service.core.relay import (
     ClientCredit,
     ClientData,
     ClientFin,
+    EndState,
+    RelayBudget,
     RelaySession,
     ResetEnd,
 )
@@ -180,3 +182,88 @@ class _Reset:
 
 TestRelayRules = RelayRules.TestCase
 TestRelayRules.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+class BudgetRules(RuleBasedStateMachine):
+    """Many ends of two sessions on one small budget, with rooms as a ring gives them: the
+    peer consumes what was delivered (in order, never more), so ``room = capacity -
+    (delivered - consumed)``. Whatever the order of opens, sends, deliveries, reads, FINs and
+    ends: the budget is the sum of what the live ends reserve and never exceeds its limit, and
+    no end was told more than its ring's room plus what it reserves."""
+
+    LIMIT = 150_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.budget = RelayBudget(self.LIMIT)
+        self.sessions = (RelaySession(self.budget), RelaySession(self.budget))
+        # key -> [session, capacity, delivered, consumed]
+        self.ends: dict[tuple[int, int, int], list[int]] = {}
+        self.next_id = 1
+
+    def _rules_end(self, key: tuple[int, int, int]) -> object:
+        return self.sessions[key[0]].get(key[1], key[2])
+
+    @rule(
+        session=st.integers(0, 1),
+        window=st.sampled_from([0, 1, 40_000, 100_000]),
+        capacity=st.integers(0, 20_000),
+    )
+    def open_end(self, session: int, window: int, capacity: int) -> None:
+        key = (session, self.next_id, 0)
+        self.next_id += 1
+        self.sessions[session].open_end(key[1], 0, window, capacity)
+        self.ends[key] = [capacity, 0, 0]
+
+    @precondition(lambda self: bool(self.ends))
+    @rule(data=st.data(), fin=st.booleans())
+    def send(self, data: st.DataObject, fin: bool) -> None:
+        key = data.draw(st.sampled_from(sorted(self.ends)))
+        end = self.sessions[key[0]].get(key[1], key[2])
+        assert end is not None
+        if end.state is not EndState.OPEN:
+            return  # what a closed end may not send is RelayRules' matter
+        room = end.told - end.received
+        size = data.draw(st.integers(0, min(room, MAX_FRAME_DATA)))
+        if size or fin:
+            effects = self.sessions[key[0]].receive(key[1], key[2], data=bytes(size), fin=fin)
+            assert not [e for e in effects if isinstance(e, ResetEnd)], effects
+
+    @precondition(lambda self: bool(self.ends))
+    @rule(data=st.data())
+    def deliver_and_consume(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.ends)))
+        capacity, delivered, consumed = self.ends[key]
+        end = self.sessions[key[0]].get(key[1], key[2])
+        assert end is not None
+        consumed = data.draw(st.integers(consumed, delivered))
+        # Into the ring as far as the room it has after the peer's reads.
+        delivered = min(end.received, consumed + capacity)
+        delivered = data.draw(st.integers(self.ends[key][1], max(delivered, self.ends[key][1])))
+        self.ends[key] = [capacity, delivered, consumed]
+        self.sessions[key[0]].grant(key[1], key[2], delivered, capacity - (delivered - consumed))
+
+    @precondition(lambda self: bool(self.ends))
+    @rule(data=st.data())
+    def host_ends(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.ends)))
+        self.sessions[key[0]].end(key[1], key[2])
+        del self.ends[key]
+
+    @invariant()
+    def bounded(self) -> None:
+        reserved = 0
+        for key, (capacity, _, consumed) in self.ends.items():
+            end = self.sessions[key[0]].get(key[1], key[2])
+            assert end is not None
+            reserved += end.reserved
+            assert end.reserved <= end.window
+            if end.state is EndState.OPEN:
+                assert end.told <= consumed + capacity + end.reserved
+            else:  # past FIN nothing more comes: nothing is reserved
+                assert end.reserved == 0
+        assert self.budget.promised == reserved <= self.LIMIT
+
+
+TestBudgetRules = BudgetRules.TestCase
+TestBudgetRules.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)

@@ -18,6 +18,7 @@ from host_service.core.relay import (
     ClientFin,
     EndInput,
     EndState,
+    RelayBudget,
     RelayEnd,
     RelaySession,
     ResetEnd,
@@ -43,7 +44,7 @@ def session(window: int = WINDOW, room: int = ROOM) -> RelaySession:
     ("state", "event"), list(itertools.product(EndState, EndInput)), ids=lambda x: str(x)
 )
 def test_every_pair(state: EndState, event: EndInput) -> None:
-    end = RelayEnd(CID, 0, WINDOW, ROOM)
+    end = RelayEnd(CID, 0, WINDOW, ROOM, WINDOW)
     end.state = state
     new = end.move(event)
     if (state, event) in TRANSITIONS:
@@ -227,3 +228,49 @@ def test_end_forgets() -> None:
     end = s.end(CID, 0)
     assert end is not None and end.state is EndState.ENDED
     assert s.end(CID, 0) is None and len(s) == 0 and s.keys() == []
+
+
+# -- the host's budget -------------------------------------------------------------------------
+
+
+def test_the_budget_caps_the_windows_promised() -> None:
+    budget = RelayBudget(1500)
+    s, other = RelaySession(budget), RelaySession(budget)  # one budget for every session
+    assert s.open_end(CID, 0, WINDOW, ROOM).told == ROOM + WINDOW
+    assert other.open_end(CID, 1, WINDOW, ROOM).told == ROOM + 500  # what was left
+    assert s.open_end(CID + 1, 0, WINDOW, ROOM).told == ROOM  # spent: strict
+    assert budget.promised == 1500 and budget.available == 0
+    # A strict end moves its bytes at the ring's pace, and no further.
+    s.receive(CID + 1, 0, data=bytes(ROOM))
+    _reset(s.receive(CID + 1, 0, data=b"x"), InvalidArgument, "beyond the send limit")
+
+
+def test_the_budget_comes_back_and_a_starved_end_gets_its_window() -> None:
+    budget = RelayBudget(WINDOW)
+    s = RelaySession(budget)
+    s.open_end(CID, 0, WINDOW, ROOM)
+    starved = s.open_end(CID + 1, 0, WINDOW, ROOM)
+    assert starved.told == ROOM and starved.reserved == 0
+    s.receive(CID, 0, data=bytes(10), fin=True)  # no more data can come: its promise is void
+    assert budget.promised == 0
+    s.receive(CID + 1, 0, data=bytes(ROOM))
+    # The host wrote it all into the ring and the peer read it: room, plus the window now.
+    assert s.grant(CID + 1, 0, ROOM, ROOM) == 2 * ROOM + WINDOW
+    assert starved.reserved == WINDOW and budget.promised == WINDOW
+
+
+def test_delivery_keeps_what_was_told_reserved_and_the_end_gives_it_back() -> None:
+    budget = RelayBudget(10 * WINDOW)
+    s = RelaySession(budget)
+    end = s.open_end(CID, 0, WINDOW, ROOM)
+    s.receive(CID, 0, data=bytes(ROOM + WINDOW))
+    # Into the ring as far as it takes (full: no room): the window's bytes are still held.
+    s.grant(CID, 0, ROOM, 0)
+    assert end.reserved == WINDOW and end.told - (end.delivered + 0) == WINDOW
+    s.end(CID, 0)
+    assert budget.promised == 0
+
+
+def test_a_negative_budget_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="negative"):
+        RelayBudget(-1)
