@@ -220,7 +220,6 @@ class RingRelay:
             # which saves a round trip's hand-off to a worker (and its wake-up) per message.
             inline = (
                 len(self._inbound) == 1
-                and type(item) is bytes
                 and self._item is None
                 and self._send_open
                 and not (self._tx_active or self._tx_over or self._stopping)
@@ -229,10 +228,34 @@ class RingRelay:
                 self._tx_active = True  # the loop is this direction's job for the moment
                 self._alive += 1
                 self._inbound.pop()
-        if inline:
-            self._write_inline(item)  # type: ignore[arg-type]
-        else:
+        if not inline:
             self._kick_writer()
+        elif type(item) is bytes:
+            self._write_inline(item)
+        else:
+            self._end_inline(item)  # type: ignore[arg-type]
+
+    def _end_inline(self, item: _Fin | _Close) -> None:
+        """On the loop, as the writer's job: the client's FIN or close, when everything before
+        it is in the ring (a connect-and-close pays no worker hand-off for it). A full ring
+        or an error is the worker's, which waits or reports as always."""
+        tx = self.end.tx
+        try:
+            if not tx.fin_sent:
+                tx.fin(0)
+        except OSError:
+            with self._lock:
+                self._item = item
+            _WORKERS.run(self._write_ring, "hvsock-relay-tx")
+            return
+        if item is _CLOSE:
+            self.owner.post(_CLOSED, self, None)
+            self._end_job(False, True)
+            return
+        self._fin = True
+        self.owner.post(_FIN_WRITTEN, self, None)
+        if self._end_job(False, False):
+            _WORKERS.run(self._write_ring, "hvsock-relay-tx")
 
     def _write_inline(self, data: bytes) -> None:
         """On the loop, as the writer's job: write ``data`` without waiting, then end the job,

@@ -2,8 +2,11 @@
 
 ``any_env`` runs a test on all three; ``host_env`` on the two that go through a real
 ``hvsock-host`` process (connection set-up, routing, personalities need the host). The relay
-runs twice: with the host's default relay window, and strict ("relay-strict": every socket
-asks for window 0, a ring's back-pressure byte for byte, through HVSOCK_RELAY_WINDOW).
+runs three times: relayed at both ends with the host's default relay window (the host passes
+frames from stream to stream), the same strict ("relay-strict": every socket asks for window
+0, a ring's back-pressure byte for byte, through HVSOCK_RELAY_WINDOW), and "relay-vm": only
+the VM's end relayed, the host partition on shared memory (the usual deployment: the host
+pumps the relayed end through the channel's rings).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ class Env:
 
     # -- partitions -----------------------------------------------------------------------
 
-    def _data_path(self) -> str:
-        return "relay" if self.transport.startswith("relay") else "shm"
+    def _data_path(self, vm: bool) -> str:
+        relayed = self.transport.startswith("relay") and (vm or self.transport != "relay-vm")
+        return "relay" if relayed else "shm"
 
     def vm(self, personality: str = "linux", name: str = "vm") -> hv.Partition:
         assert self.host is not None
@@ -52,7 +56,7 @@ class Env:
         partition = hv.Partition(
             self.host.target,
             hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token),
-            data_path=self._data_path(),
+            data_path=self._data_path(vm=True),
         )
         self.partitions.append(partition)
         return partition
@@ -62,7 +66,7 @@ class Env:
         partition = hv.Partition(
             self.host.target,
             hvsock_pb2.Hello(host=True, token=self.host.token),
-            data_path=self._data_path(),
+            data_path=self._data_path(vm=False),
         )
         self.partitions.append(partition)
         return partition
@@ -107,7 +111,7 @@ def _strict(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv("HVSOCK_RELAY_WINDOW", "0")
 
 
-@pytest.fixture(params=["memory", "shm", "relay", "relay-strict"])
+@pytest.fixture(params=["memory", "shm", "relay", "relay-strict", "relay-vm"])
 def any_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     host = request.getfixturevalue("host") if request.param != "memory" else None
     _strict(request, monkeypatch)
@@ -116,7 +120,7 @@ def any_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     env.close()
 
 
-@pytest.fixture(params=["shm", "relay", "relay-strict"])
+@pytest.fixture(params=["shm", "relay", "relay-strict", "relay-vm"])
 def host_env(
     request: pytest.FixtureRequest, host: HostProcess, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Env]:
