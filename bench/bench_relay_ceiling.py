@@ -2,22 +2,34 @@
 
     .venv/bin/python bench/bench_relay_ceiling.py [--quick] [--out bench/results]
 
-The relay path moves a socket's bytes as ``SessionData`` frames (measured here: 64 KiB frames)
-over a bidirectional stream from a sync grpcio client to the host service's grpc.aio
-server, and the host answers with send credit (about one message per two frames on a 256 KiB
-ring). This measures that transport alone, with no sockets, rings, threads or protobuf of ours:
+The relay path moves a socket's bytes as ``SessionData`` frames (at most ``MAX_FRAME_DATA``,
+256 KiB) over a bidirectional stream from a sync grpcio client to the host service's grpc.aio
+server, and the host answers with send credit (a grant per quarter of the default 1 MiB relay
+window). This measures that transport alone, with no sockets, rings, threads or protobuf of
+ours:
 
 - ``grpc-raw``: bench_e2e's baseline: one client-streaming call to a sync grpcio server, one
   message per send (generic handlers, bytes, no protobuf);
-- ``bidi``: a bidirectional call to a grpc.aio server, each send split into 64 KiB frames,
-  nothing answered until the end;
-- ``bidi+credit``: the same, and the server answers 8 bytes every two frames, like the relay's
-  send credit.
+- ``bidi``: a bidirectional call to a grpc.aio server, each send split into frames of at most
+  ``MAX_FRAME_DATA``, one message each, nothing answered until the end;
+- ``bidi+credit``: the same, and the server answers 8 bytes per quarter window received,
+  like the relay's send credit.
+
+And the 64-byte round trip (p50), a message each way on one bidi stream from a sync client:
+
+- ``grpc-raw``: to a sync grpcio echo (bench_e2e's baseline);
+- ``aio``: to a grpc.aio echo (the host service's server);
+- ``aio+ring``: to a grpc.aio server that passes each message through a channel's rings (2/3
+  pages, the default) to an echo in another process and answers with the reply: the shape of
+  a relay-vm round trip with nothing of the emulator in it (the loop writes into the ring, a
+  thread waits on the other ring and hands the reply to the loop, as the host's ring relay
+  does; no protobuf, credit, sessions or client-side stream thread).
 
 All over Unix sockets, client and servers in separate processes, in the same run. Writes
-bench/results/relay_ceiling.json and prints each transport's throughput and its ratio to
-``grpc-raw``: the ratio ``bidi+credit`` reaches is the most the relay could reach against the
-``relay/grpc-raw >= 0.5`` target of bench_e2e.
+bench/results/relay_ceiling.json and prints each transport's throughput and round trip and
+their ratios to ``grpc-raw``: the ratio ``bidi+credit`` reaches is the most the relay could
+reach against the ``relay/grpc-raw`` targets of bench_e2e, the one ``aio+ring`` reaches the
+least a relayed VM's round trip can cost against its ``rtt_p50 relay-vm/grpc-raw`` target.
 """
 
 from __future__ import annotations
@@ -27,19 +39,27 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
-from bench_e2e import cpu_seconds
+from bench_e2e import RTT_MSG, cpu_seconds
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from host_service.core.relay import DEFAULT_RELAY_WINDOW, MAX_FRAME_DATA
+from ring import shm
 
 SIZES = [16384, 65536, 262144]
-FRAME = 65536  # the relay's largest frame
-CREDIT_EVERY = 2  # frames per credit answer (a 256 KiB ring granted in half-ring steps)
+FRAME = MAX_FRAME_DATA  # the relay's largest frame
+CREDIT_EVERY = DEFAULT_RELAY_WINDOW // 4  # bytes per credit answer (the relay's grant step)
 OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
@@ -51,11 +71,18 @@ def _sync_server(address: str, ready: Any) -> None:
         total = sum(len(m) for m in requests)
         return total.to_bytes(8, "little")
 
+    def echo(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from requests
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=OPTIONS)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                "ceiling.Raw", {"Push": grpc.stream_unary_rpc_method_handler(push)}
+                "ceiling.Raw",
+                {
+                    "Push": grpc.stream_unary_rpc_method_handler(push),
+                    "Echo": grpc.stream_stream_rpc_method_handler(echo),
+                },
             ),
         )
     )
@@ -65,27 +92,75 @@ def _sync_server(address: str, ready: Any) -> None:
     server.wait_for_termination()
 
 
-def _aio_server(address: str, ready: Any) -> None:
+def _ring_echo(pid: int, fd: int) -> None:
+    """The far end of ``aio+ring``: echo what comes through the rings until EOF."""
+    path = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+    try:
+        end = shm.Channel.attach_fd(path)
+    finally:
+        os.close(path)
+    buffer = bytearray(65536)
+    with end:
+        while n := end.recv_into(buffer):
+            end.sendall(memoryview(buffer)[:n])
+
+
+def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
+    # The rings of ``aio+ring`` (default geometry); run() starts their far end (_ring_echo)
+    # in a process of its own, from this descriptor.
+    rings = shm.Channel.create(2, 3, end=0)
+    ring_fd.value = rings.fileno()
+
+    async def echo(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for message in requests:
+            yield message
+
     def relay(credit: bool) -> grpc.RpcMethodHandler:
         async def frames(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            total = count = 0
+            total = granted = 0
             async for frame in requests:
                 total += len(frame)
-                count += 1
-                if credit and count % CREDIT_EVERY == 0:
+                if credit and total - granted >= CREDIT_EVERY:
+                    granted = total
                     yield total.to_bytes(8, "little")
             yield total.to_bytes(8, "little")
 
         return grpc.stream_stream_rpc_method_handler(frames)
 
     async def main() -> None:
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def read_replies() -> None:
+            # As the ring relay's reader: wait on the ring off the loop, hand the bytes over.
+            buffer = bytearray(65536)
+            while n := rings.recv_into(buffer):
+                loop.call_soon_threadsafe(replies.put_nowait, bytes(buffer[:n]))
+
+        threading.Thread(target=read_replies, daemon=True).start()
+
+        async def via_ring(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            async for message in requests:
+                rings.tx.write(message, 0)  # from the loop, as the ring relay's inline write
+                yield await replies.get()
+
         server = grpc.aio.server(options=OPTIONS)
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
-                    "ceiling.Relay", {"bidi": relay(False), "bidi+credit": relay(True)}
+                    "ceiling.Relay",
+                    {
+                        "bidi": relay(False),
+                        "bidi+credit": relay(True),
+                        "Echo": grpc.stream_stream_rpc_method_handler(echo),
+                        "EchoViaRing": grpc.stream_stream_rpc_method_handler(via_ring),
+                    },
                 ),
             )
         )
@@ -137,7 +212,37 @@ def _measure(
     }
 
 
-def run(seconds: float, rounds: int) -> dict[str, Any]:
+def _round_trips(channel: grpc.Channel, method: str, count: int) -> float:
+    """p50 in microseconds of ``count`` 64-byte round trips (the first fifth warms up)."""
+    outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def requests() -> Iterator[bytes]:
+        while (message := outgoing.get()) is not None:
+            yield message
+
+    call = channel.stream_stream(method)(requests())
+    message, samples = b"\xa5" * RTT_MSG, []
+    for _ in range(count):
+        began = time.perf_counter()
+        outgoing.put(message)
+        if len(next(call)) != RTT_MSG:
+            raise RuntimeError(f"{method}: the echo answered another size")
+        samples.append(time.perf_counter() - began)
+    outgoing.put(None)
+    for _ in call:
+        pass
+    return statistics.median(samples[count // 5 :]) * 1e6
+
+
+#: Round-trip transports: (server, method).
+RTT_KINDS = {
+    "grpc-raw": ("sync", "/ceiling.Raw/Echo"),
+    "aio": ("aio", "/ceiling.Relay/Echo"),
+    "aio+ring": ("aio", "/ceiling.Relay/EchoViaRing"),
+}
+
+
+def run(seconds: float, rounds: int, rtt_count: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="hvsock-ceiling-") as workdir:
         addresses = {
@@ -145,14 +250,22 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
             "aio": f"unix:{workdir}/aio.sock",
         }
         servers = {}
-        for name, target in (("sync", _sync_server), ("aio", _aio_server)):
+        ring_fd = ctx.Value("i", -1)
+        for name, target, extra in (
+            ("sync", _sync_server, ()),
+            ("aio", _aio_server, (ring_fd,)),
+        ):
             ready = ctx.Event()
-            proc = ctx.Process(target=target, args=(addresses[name], ready), daemon=True)
+            proc = ctx.Process(target=target, args=(addresses[name], ready, *extra), daemon=True)
             proc.start()
             if not ready.wait(60):
                 raise RuntimeError(f"the {name} server did not start")
             servers[name] = proc
-        results: dict[str, Any] = {"throughput": {}, "ratios": {}}
+        servers["ring-echo"] = ctx.Process(
+            target=_ring_echo, args=(servers["aio"].pid, ring_fd.value), daemon=True
+        )
+        servers["ring-echo"].start()
+        results: dict[str, Any] = {"throughput": {}, "rtt_p50_us": {}, "ratios": {}}
         try:
             channels = {n: grpc.insecure_channel(a, options=OPTIONS) for n, a in addresses.items()}
             for kind in ("grpc-raw", "bidi", "bidi+credit"):
@@ -169,6 +282,14 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
                     row[str(size)] = {**best, "rounds_MBps": [r["MBps"] for r in runs]}
                     mbps = best["MBps"]
                     print(f"  {kind:<12} {size // 1024:>4} KiB {mbps:8.0f} MB/s", flush=True)
+            # Round trips: kinds alternated over the rounds, the best p50 of each kept.
+            rtts: dict[str, list[float]] = {kind: [] for kind in RTT_KINDS}
+            for _ in range(rounds):
+                for kind, (server, method) in RTT_KINDS.items():
+                    rtts[kind].append(_round_trips(channels[server], method, rtt_count))
+            for kind, p50s in rtts.items():
+                results["rtt_p50_us"][kind] = {"p50": min(p50s), "rounds": p50s}
+                print(f"  rtt {kind:<10} p50 {min(p50s):7.1f} us", flush=True)
             for channel in channels.values():
                 channel.close()
         finally:
@@ -181,6 +302,9 @@ def run(seconds: float, rounds: int) -> dict[str, Any]:
             results["ratios"][f"{kind}/grpc-raw@{size}"] = (
                 results["throughput"][kind][str(size)]["MBps"] / raw[str(size)]["MBps"]
             )
+    rtt = results["rtt_p50_us"]
+    for kind in ("aio", "aio+ring"):
+        results["ratios"][f"rtt_p50 {kind}/grpc-raw"] = rtt[kind]["p50"] / rtt["grpc-raw"]["p50"]
     return results
 
 
@@ -192,13 +316,13 @@ def main() -> int:
     )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    results = run(0.3 if args.quick else 1.5, 2 if args.quick else 3)
+    results = run(0.3 if args.quick else 1.5, 2 if args.quick else 3, 1000 if args.quick else 5000)
     results["meta"] = {
         "quick": args.quick,
         "grpcio": grpc.__version__,
         "cpus": os.cpu_count(),
         "frame": FRAME,
-        "credit_every_frames": CREDIT_EVERY,
+        "credit_every_bytes": CREDIT_EVERY,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "loadavg": os.getloadavg(),
     }
