@@ -464,7 +464,7 @@ class Partition:
             with self._lock:
                 link = self._link
                 if link is None:
-                    link = self._link = Link(self.stub, self.session)
+                    link = self._link = Link(self._channel, self.session)
             pipe = link.open_end(channel, end)
         channel_end = ChannelEnd(self, channel, pipe)
         if isinstance(pipe, _pipe.RelayPipe):

@@ -24,9 +24,10 @@ import mmap
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hvsock.v1 import hvsock_pb2
+from hvsock_common.relaywire import FrameWriter
 from ring import (
     CONTROL_PAGE_SIZE,
     FIN_PACKET_LEN,
@@ -524,19 +525,20 @@ class RelayPipe(_NeverStalled):
 
     # -- socket -> host (lock held) ------------------------------------------------------------
 
-    def frames(self, frames: Any, budget: int) -> int:
-        """Add this end's pending frames to ``frames`` (a repeated RelayFrame), at most
+    def frames(self, writer: FrameWriter, budget: int) -> int:
+        """Add this end's pending frame to ``writer`` (one frame says all of it), with at most
         ``budget`` data bytes; returns the data bytes added."""
         if self._over:
             return 0
         tx, rx = self.tx, self.rx
-        frame = None
+        credit = 0
         if not rx.done and rx.granted > self._granted:
-            self._granted = rx.granted
-            frame = frames.add(channel_id=self.channel_id, end=self.end, credit=rx.granted)
+            self._granted = credit = rx.granted
         if self._close_sent:
+            if credit:
+                writer.add(self.channel_id, self.end, credit=credit)
             return 0
-        taken = 0
+        chunk = b""
         if tx.is_rescinded:
             tx.buffer.clear()
         elif tx.buffer and budget > 0:
@@ -547,24 +549,17 @@ class RelayPipe(_NeverStalled):
                     chunk = bytes(view[:n])
                 del buffer[:n]
                 tx.sent += n
-                taken = n
-                if frame is None:
-                    frame = frames.add(channel_id=self.channel_id, end=self.end)
-                frame.data = chunk
-        if tx.buffer and not tx.is_rescinded:
-            return taken  # FIN and close go behind the rest
-        if self._closed and not tx.is_rescinded:
-            # close() implies the FIN (one frame says both).
-            self._close_sent = self._fin_sent = True
-            if frame is None:
-                frame = frames.add(channel_id=self.channel_id, end=self.end)
-            frame.close = True
-        elif tx.fin_sent and not self._fin_sent and not tx.is_rescinded:
-            self._fin_sent = True
-            if frame is None:
-                frame = frames.add(channel_id=self.channel_id, end=self.end)
-            frame.fin = True
-        return taken
+        fin = close = False
+        # FIN and close go behind the rest of the data.
+        if not tx.buffer and not tx.is_rescinded:
+            if self._closed:
+                # close() implies the FIN (one frame says both).
+                self._close_sent = self._fin_sent = close = True
+            elif tx.fin_sent and not self._fin_sent:
+                self._fin_sent = fin = True
+        if credit or chunk or fin or close:
+            writer.add(self.channel_id, self.end, data=chunk, credit=credit, fin=fin, close=close)
+        return len(chunk)
 
     def pending(self) -> bool:
         """Whether :meth:`frames` has something to send (lock held)."""

@@ -7,6 +7,7 @@ opening another channel costs no RPC. Threads, beside the program's own:
 * gRPC's request consumer pulls :meth:`Link._requests`: each message carries the frames of
   every end with work (credit, data up to 256 KiB per frame and about 1 MiB per message, FIN,
   close), so small sends of many sockets travel together and large ones in large frames;
+  messages are encoded by hand (``hvsock_common.relaywire``: each data byte copied once);
 * the stream thread (``hvsock-relay``, a pooled worker) reads the responses and hands each
   frame to its end without ever blocking: credit takes effect at once, data is appended to the
   end's receive buffer (bounded by the credit it granted).
@@ -28,8 +29,9 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock.v1 import hvsock_pb2
 from hvsock_common.allocator import tune_for_large_messages
+from hvsock_common.relaywire import REQUEST_FRAMES, FrameWriter
 from hvsock_common.workers import WorkerPool
 
 from ._pipe import RelayPipe
@@ -38,6 +40,11 @@ log = logging.getLogger("hvsock.client")
 
 #: Data bytes in one request, about (the host takes messages of up to 1 MiB).
 MAX_REQUEST_DATA = 1_000_000
+
+#: The method's path. Its requests are encoded by hand (hvsock_common.relaywire), so the call
+#: is made without the stub's serializer; the responses are protobuf's to parse.
+_SERVICE = hvsock_pb2.DESCRIPTOR.services_by_name["HostService"]
+SESSION_DATA = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['SessionData'].name}"
 
 #: Runs each session's stream thread.
 _WORKERS = WorkerPool()
@@ -62,8 +69,10 @@ def _tune_allocator() -> None:
 class Link:
     """The SessionData stream of one session and its relayed ends."""
 
-    def __init__(self, stub: hvsock_pb2_grpc.HostServiceStub, session: str) -> None:
-        self._stub = stub
+    def __init__(self, channel: grpc.Channel, session: str) -> None:
+        self._session_data = channel.stream_stream(
+            SESSION_DATA, response_deserializer=hvsock_pb2.SessionDataResponse.FromString
+        )
         self._session = session
         self.lock = threading.Lock()
         self._work = threading.Condition(self.lock)  # an end has work, or the link is over
@@ -102,9 +111,9 @@ class Link:
 
     # -- socket -> host ----------------------------------------------------------------------
 
-    def _requests(self) -> Iterator[hvsock_pb2.SessionDataRequest]:
+    def _requests(self) -> Iterator[bytes]:
         """The request stream, pulled by gRPC's consumer thread one message at a time."""
-        yield hvsock_pb2.SessionDataRequest(session=self._session)
+        yield hvsock_pb2.SessionDataRequest(session=self._session).SerializeToString()
         ready, queued, work = self._ready, self._queued, self._work
         while True:
             with work:
@@ -112,8 +121,7 @@ class Link:
                     work.wait()
                 if self._over:
                     return
-                request = hvsock_pb2.SessionDataRequest()
-                frames, budget = request.frames, MAX_REQUEST_DATA
+                frames, budget = FrameWriter(REQUEST_FRAMES), MAX_REQUEST_DATA
                 # Round robin: an end with more than this message takes goes to the back.
                 for _ in range(len(ready)):
                     pipe = ready.popleft()
@@ -126,15 +134,15 @@ class Link:
                         self._pipes.pop(pipe.key, None)
                     if budget <= 0:
                         break
-            if len(frames):
-                yield request
+            if frames.count:
+                yield frames.message()
 
     # -- host -> socket ----------------------------------------------------------------------
 
     def _run(self) -> None:
         lost = False
         try:
-            call = self._stub.SessionData(self._requests())
+            call = self._session_data(self._requests())
             with self.lock:
                 self._call = call
                 if self._over:

@@ -1149,7 +1149,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
         self,
         request_iterator: AsyncIterator[hvsock_pb2.SessionDataRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[hvsock_pb2.SessionDataResponse]:
+    ) -> AsyncIterator[bytes]:  # SessionDataResponse, encoded (wire: sent as they are)
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:

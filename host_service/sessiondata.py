@@ -46,6 +46,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from hvsock.v1 import hvsock_pb2
+from hvsock_common.relaywire import RESPONSE_FRAMES, FrameWriter
 from ring import shm
 
 from .core import errors
@@ -351,7 +352,7 @@ class SessionData:
         self,
         first: hvsock_pb2.SessionDataRequest,
         requests: AsyncIterator[hvsock_pb2.SessionDataRequest],
-    ) -> AsyncGenerator[hvsock_pb2.SessionDataResponse, None]:
+    ) -> AsyncGenerator[bytes, None]:
         """The stream's responses (after :meth:`open_stream`), reading ``requests``
         meanwhile; every relayed end still open when the stream ends (however it ends) is
         torn down."""
@@ -381,16 +382,16 @@ class SessionData:
                 self._finish(relay, None)
                 self._on_abort(relay.channel_id, "the session's data stream ended")
 
-    def _batch(self) -> hvsock_pb2.SessionDataResponse:
-        response = hvsock_pb2.SessionDataResponse()
-        frames, size = response.frames, 0
+    def _batch(self) -> bytes:
+        """The next response, encoded (hvsock_common.relaywire: the data is copied once)."""
+        frames, size = FrameWriter(RESPONSE_FRAMES), 0
         out = self._out
-        while out and (size + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames):
+        while out and (size + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames.count):
             frame, relay = out.popleft()
             if isinstance(frame, DataFrame):
-                frames.add(channel_id=frame.channel_id, end=frame.end, data=frame.data)
+                frames.add(frame.channel_id, frame.end, data=frame.data)
             else:
-                frames.append(frame)
+                frames.add_encoded(frame.SerializeToString())
             n = len(frame.data)
             size += n
             if relay is not None and n:
@@ -398,7 +399,7 @@ class SessionData:
         self._out_data -= size
         if self._out_data < MAX_UNSENT:
             self._drained.set()
-        return response
+        return frames.message()
 
     async def _read(
         self,

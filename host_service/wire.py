@@ -13,6 +13,10 @@ errno detail (through :func:`status.abort`, the one mapping to gRPC):
   iterator, inside the servicer, which releases what the stream holds as on any other end and
   lets the exception out; the wrapper turns it into the status.
 
+A servicer may also answer with a response already encoded (``bytes``), which goes out as it
+is: SessionData does, its data frames written by hand (``hvsock_common.relaywire``) to save
+protobuf's copies of every relayed byte.
+
 Response streams are written here with ``context.write`` and the servicer's async generator is
 closed explicitly (``aclose``) however the call ends. Left to grpc.aio, a generator suspended at
 a ``yield`` when the client cancels (or its deadline passes, or its connection breaks) is only
@@ -71,9 +75,18 @@ async def _write_all(
         await result  # a servicer using context.write() itself
 
 
+def _encoder(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    def encode(response: Any) -> bytes:
+        return response if type(response) is bytes else serializer(response)
+
+    return encode
+
+
 def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.request_deserializer is None:
         return handler
+    if handler.response_serializer is not None:
+        handler = handler._replace(response_serializer=_encoder(handler.response_serializer))
     decode = _decoder(handler.request_deserializer, handler.request_streaming)
     if not handler.request_streaming and not handler.response_streaming:
         unary_unary = handler.unary_unary
