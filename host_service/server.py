@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import pathlib
-import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.allocator import tune_for_large_messages
+from hvsock_common.conventions import new_token
 
 from . import metrics
 from .core.config import HostConfig
@@ -65,7 +65,7 @@ def host_token(args: argparse.Namespace) -> str:
     """The given token, or a new one written to a file only this user can read."""
     if args.host_token:
         return str(args.host_token)
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     path: pathlib.Path = args.host_token_file
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.addresses import Address
-from hvsock_common.conventions import TOKEN_METADATA
+from hvsock_common.conventions import TOKEN_METADATA, new_token
 
 from . import __version__, metrics
 from .core import errors
@@ -1460,7 +1460,7 @@ def new_core(config: Any, host_token: str, *, now: float | None = None) -> HostC
     return HostCore(
         config=config,
         host_token=host_token,
-        token_factory=lambda: secrets.token_urlsafe(32),
+        token_factory=new_token,
         guid_factory=lambda: str(uuid.uuid4()),
         now=time.monotonic() if now is None else now,
     )

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import pathlib
-import secrets
 import shutil
 import signal
 import socket
@@ -43,7 +42,7 @@ import grpc
 
 import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-from hvsock_common.conventions import TOKEN_METADATA
+from hvsock_common.conventions import TOKEN_METADATA, new_token
 
 HOST_ECHO_PORT = 7001  # the host's echo service (a vsock-template service id)
 VM_ECHO_PORT = 7002  # each VM's echo service
@@ -112,7 +111,7 @@ def local_host(
     temporary files on exit, whatever happened."""
     workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     sock = workdir / "host.sock"
-    token = secrets.token_urlsafe(16)
+    token = new_token(16)
     log_path = workdir / "host.log"
     binary = pathlib.Path(sys.executable).parent / "hvsock-host"
     command = [str(binary)] if binary.exists() else [sys.executable, "-m", "host_service"]

@@ -19,6 +19,7 @@ import grpc
 
 from guest_client._partition import PERSONALITIES
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.conventions import new_token
 
 BIN = pathlib.Path(sys.executable).parent
 #: Partition names are unique on a host: tests that do not care get vm-1, vm-2, ...
@@ -112,7 +113,7 @@ def run_host(
         name = secrets.token_hex(4)
         sock = tmp_path / f"host-{name}.sock"
         shm_socket = tmp_path / f"shm-{name}.sock"
-        token = secrets.token_urlsafe(16)
+        token = new_token(16)
         state = tmp_path / "state.sqlite"
     full_env = {**os.environ, **(env or {})}
     drain: threading.Thread | None = None
