@@ -172,10 +172,9 @@ class DataPlane:
         rings = self._channels.get(channel_id)
         # -- both ends relayed: forwarding (hook: forward.py) --
         if self.forward and path is EndPath.RELAY and relays is not None:
-            spec = EndSpec(side, vm_id, session_id, relays, window)
             if rings is None:
                 # Told its limit now, opened with the rules once its peer's path is known.
-                reserved = relays.rules.reserve(window)
+                reserved = relays.rules.budget.take(window)
                 spec = EndSpec(side, vm_id, session_id, relays, window, reserved)
                 rings = self._channels[channel_id] = _ChannelRings(None, connector_view, spec)
                 rings.open(side)
@@ -185,7 +184,10 @@ class DataPlane:
             if rings.waiting is not None:
                 first, rings.waiting = rings.waiting, None
                 rings.forward = ForwardPair(
-                    channel_id, first, spec, self._capacities(connector_view)
+                    channel_id,
+                    first,
+                    EndSpec(side, vm_id, session_id, relays, window),
+                    self._capacities(connector_view),
                 )
                 rings.open(side)
                 self._apply_stalls(rings)
@@ -259,7 +261,7 @@ class DataPlane:
             return
         if self._channels.get(channel_id) is not rings:
             rings.waiting = None
-            spec.relays.rules.give_back(spec.reserved or 0)  # it never opens
+            spec.relays.rules.budget.give_back(spec.reserved or 0)  # it never opens
             return
         rings.waiting = None
         view = rings.geometry

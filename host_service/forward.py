@@ -78,7 +78,6 @@ class ForwardEnd:
         self.session_id = spec.session_id
         self.owner = spec.relays
         self.window = spec.window
-        self.reserved = spec.reserved
         self.finished = False
         #: This end -> its peer, and its peer -> this end (set by the pair).
         self.out: Flow
@@ -134,10 +133,11 @@ class ForwardPair:
             ring = rings[sender.index]
             sender.out = receiver.into = Flow(ring, ring + receiver.window, MAX_UNSENT)
         self.limits: dict[Side, RelayOpening] = {}
-        for end in (connector, acceptor):
+        for spec in (first, second):
+            end = ends[spec.side]
             # Registered in both at once: a frame the rules know is a frame relays can take.
             told = end.owner.rules.open_end(
-                channel_id, end.index, end.window, rings[end.index], end.reserved
+                channel_id, end.index, end.window, rings[end.index], spec.reserved
             ).told
             end.owner.relays[end.key] = end
             self.limits[end.side] = RelayOpening(told, rings[1 - end.index] + end.window)

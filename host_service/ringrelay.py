@@ -248,14 +248,18 @@ class RingRelay:
                 self._item = item
             _WORKERS.run(self._write_ring, "hvsock-relay-tx")
             return
+        if self._end_job(False, self._fin_written(item)):
+            _WORKERS.run(self._write_ring, "hvsock-relay-tx")
+
+    def _fin_written(self, item: _Fin | _Close) -> bool:
+        """The client's FIN (or close, which implies it) is in the ring: tell the loop; True
+        for the close (this direction is over)."""
         if item is _CLOSE:
             self.owner.post(_CLOSED, self, None)
-            self._end_job(False, True)
-            return
+            return True
         self._fin = True
         self.owner.post(_FIN_WRITTEN, self, None)
-        if self._end_job(False, False):
-            _WORKERS.run(self._write_ring, "hvsock-relay-tx")
+        return False
 
     def _write_inline(self, data: bytes) -> None:
         """On the loop, as the writer's job: write ``data`` without waiting, then end the job,
@@ -465,12 +469,9 @@ class RingRelay:
                                 return None
                             break
                     self._item = None
-                    if isinstance(item, _Close):
-                        post(_CLOSED, self, None)
+                    if self._fin_written(item):
                         over = True
                         break
-                    self._fin = True
-                    post(_FIN_WRITTEN, self, None)
                     continue
                 if not self._write_item(tx, item):
                     return None  # parked in the watcher

@@ -157,7 +157,8 @@ class SessionData:
         reserved: int | None = None,
     ) -> tuple[RingRelay, int]:
         """Register this session's relayed end of ``channel_id``; returns it and its first
-        send limit (what the peer's empty ring takes plus the window)."""
+        send limit (what the peer's empty ring takes plus the window the budget gives it;
+        ``reserved``: what it gave already)."""
         index = 0 if side is Side.CONNECTOR else 1
         rules = self.rules.open_end(channel_id, index, window, end.tx.writable(), reserved)
         relay = RingRelay(end, side, vm_id, self.session_id, channel_id, self, rules.told)
@@ -384,19 +385,21 @@ class SessionData:
 
     def _batch(self) -> bytes:
         """The next response, encoded (hvsock_common.relaywire: the data is copied once)."""
-        frames, size = FrameWriter(RESPONSE_FRAMES), 0
+        frames = FrameWriter(RESPONSE_FRAMES)
         out = self._out
-        while out and (size + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames.count):
+        while out and (
+            frames.data_bytes + len(out[0][0].data) <= MAX_RESPONSE_DATA or not frames.count
+        ):
             frame, relay = out.popleft()
             if isinstance(frame, DataFrame):
                 frames.add(frame.channel_id, frame.end, data=frame.data)
             else:
                 frames.add_encoded(frame.SerializeToString())
             n = len(frame.data)
-            size += n
             if relay is not None and n:
                 relay.written_out(n)
-        self._out_data -= size
+        # Data only ever travels in DataFrames: the writer counted all of it.
+        self._out_data -= frames.data_bytes
         if self._out_data < MAX_UNSENT:
             self._drained.set()
         return frames.message()

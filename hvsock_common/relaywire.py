@@ -34,7 +34,6 @@ _DATA = b"\x12"  # 2, length-delimited
 _FIN = b"\x18\x01"  # 3, varint, true
 _CREDIT = b"\x20"  # 4, varint
 _CLOSE = b"\x28\x01"  # 5, varint, true
-_CLOSE_DONE = b"\x30\x01"  # 6, varint, true
 _END = b"\x40"  # 8, varint
 
 #: Varints of small values, precomputed (channel ids, ends, lengths of small frames).
@@ -61,15 +60,16 @@ class FrameWriter:
     """The frames of one SessionData message, encoded as they are added.
 
     ``field`` is the number of the message's repeated ``frames`` field (:data:`REQUEST_FRAMES`
-    or :data:`RESPONSE_FRAMES`); ``prefix`` is what comes before the frames, already encoded
-    (nothing, usually). :meth:`message` joins everything: the data is copied once there.
+    or :data:`RESPONSE_FRAMES`). :meth:`message` joins everything: the data is copied once
+    there. Frames the host builds as protobuf (close_done, a reset) go in with
+    :meth:`add_encoded`.
     """
 
     __slots__ = ("_key", "_parts", "count", "data_bytes")
 
-    def __init__(self, field: int, prefix: bytes = b"") -> None:
+    def __init__(self, field: int) -> None:
         self._key = encode_varint(field << 3 | 2)
-        self._parts: list[Buffer] = [prefix] if prefix else []
+        self._parts: list[Buffer] = []
         #: Frames added, and their data bytes in all.
         self.count = 0
         self.data_bytes = 0
@@ -83,7 +83,6 @@ class FrameWriter:
         fin: bool = False,
         credit: int = 0,
         close: bool = False,
-        close_done: bool = False,
     ) -> None:
         """One RelayFrame. ``data`` is referenced, not copied, until :meth:`message`: it must
         not change before then."""
@@ -91,7 +90,7 @@ class FrameWriter:
         if channel_id:
             head += _CHANNEL_ID
             head += encode_varint(channel_id)
-        size = len(memoryview(data))
+        size = len(data)
         if fin:
             head += _FIN
         if credit:
@@ -99,8 +98,6 @@ class FrameWriter:
             head += encode_varint(credit)
         if close:
             head += _CLOSE
-        if close_done:
-            head += _CLOSE_DONE
         if end:
             head += _END
             head += encode_varint(end)
@@ -118,8 +115,7 @@ class FrameWriter:
         self.data_bytes += size
 
     def add_encoded(self, frame: bytes) -> None:
-        """One RelayFrame already encoded (``RelayFrame.SerializeToString()``: a reset, say,
-        whose Error this module does not write)."""
+        """One RelayFrame already encoded (``RelayFrame.SerializeToString()``)."""
         self._parts.append(self._key)
         self._parts.append(encode_varint(len(frame)))
         self._parts.append(frame)

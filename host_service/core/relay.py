@@ -105,6 +105,15 @@ class RelayBudget:
     def available(self) -> int:
         return max(self.limit - self.promised, 0)
 
+    def take(self, window: int) -> int:
+        """Promise up to ``window`` more: what there was room for (``give_back`` returns it)."""
+        taken = min(window, self.available)
+        self.promised += taken
+        return taken
+
+    def give_back(self, taken: int) -> None:
+        self.promised -= taken
+
 
 class EndState(StrEnum):
     #: Data and credit flow both ways.
@@ -268,24 +277,13 @@ class RelaySession:
 
     # -- ends ------------------------------------------------------------------------------
 
-    def reserve(self, window: int) -> int:
-        """Take up to ``window`` from the budget for an end told its first limit before it
-        opens here (its :meth:`open_end` gets what this returns); :meth:`give_back` returns it
-        if the end never opens."""
-        reserved = min(window, self.budget.available)
-        self.budget.promised += reserved
-        return reserved
-
-    def give_back(self, reserved: int) -> None:
-        self.budget.promised -= reserved
-
     def open_end(
         self, channel_id: int, end: int, window: int, room: int, reserved: int | None = None
     ) -> RelayEnd:
         """A relayed end of this session opened; ``room`` is what the peer's empty ring takes,
         so its first send limit (Channel.relay_send_limit) is ``room + window``, or less when
-        the budget has less than ``window`` left (``reserved``: what :meth:`reserve` took for
-        it already)."""
+        the budget has less than ``window`` left (``reserved``: what the budget gave it already,
+        for an end told its first limit before it opened here)."""
         if end not in (0, 1):
             raise InvalidArgument(f"end {end} is not 0 (connector) or 1 (acceptor)")
         if (channel_id, end) in self._ends:
@@ -293,7 +291,7 @@ class RelaySession:
         if not 0 <= window <= MAX_RELAY_WINDOW:
             raise InvalidArgument(f"relay window {window} is not in [0, {MAX_RELAY_WINDOW}]")
         if reserved is None:
-            reserved = self.reserve(window)
+            reserved = self.budget.take(window)
         relay_end = self._ends[(channel_id, end)] = RelayEnd(
             channel_id, end, window, room, reserved
         )

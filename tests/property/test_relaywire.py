@@ -44,12 +44,15 @@ def _write(writer: FrameWriter, frame: dict[str, object]) -> hvsock_pb2.RelayFra
     """Add ``frame`` to ``writer``; returns the RelayFrame protobuf builds from it."""
     fields = {k: v for k, v in frame.items() if k != "reset"}
     built = hvsock_pb2.RelayFrame(**fields)  # type: ignore[arg-type]
-    if frame["reset"] is not None:
-        code, message = frame["reset"]  # type: ignore[misc]
-        built.reset.code, built.reset.message = code, message
+    if frame["reset"] is not None or frame["close_done"]:
+        # The host's own frames, built as protobuf: they go in encoded.
+        if frame["reset"] is not None:
+            code, message = frame["reset"]  # type: ignore[misc]
+            built.reset.code, built.reset.message = code, message
         writer.add_encoded(built.SerializeToString())
     else:
         data = fields.pop("data")
+        del fields["close_done"]
         # Any buffer will do, unchanged until message().
         writer.add(data=memoryview(bytearray(data)), **fields)  # type: ignore[arg-type]
     return built
@@ -59,12 +62,13 @@ def _write(writer: FrameWriter, frame: dict[str, object]) -> hvsock_pb2.RelayFra
 def test_a_request_parses_as_protobuf_builds_it(
     frames: list[dict[str, object]], session: str
 ) -> None:
+    # Encoded protobuf messages concatenate into their merge: a session field then frames.
     prefix = hvsock_pb2.SessionDataRequest(session=session).SerializeToString()
-    writer = FrameWriter(REQUEST_FRAMES, prefix)
+    writer = FrameWriter(REQUEST_FRAMES)
     expected = hvsock_pb2.SessionDataRequest(session=session)
     for frame in frames:
         expected.frames.append(_write(writer, frame))
-    assert hvsock_pb2.SessionDataRequest.FromString(writer.message()) == expected
+    assert hvsock_pb2.SessionDataRequest.FromString(prefix + writer.message()) == expected
     assert writer.count == len(frames)
 
 
@@ -78,7 +82,7 @@ def test_a_response_parses_as_protobuf_builds_it(frames: list[dict[str, object]]
     assert writer.data_bytes == sum(
         len(f["data"])
         for f in frames
-        if f["reset"] is None  # type: ignore[arg-type]
+        if f["reset"] is None and not f["close_done"]  # type: ignore[arg-type]
     )
 
 
