@@ -25,6 +25,18 @@ And the 64-byte round trip (p50), a message each way on one bidi stream from a s
   thread waits on the other ring and hands the reply to the loop, as the host's ring relay
   does; no protobuf, credit, sessions or client-side stream thread).
 
+And serial connect cycles (connect, accept, the peer's close seen, close), carried as the
+relay carries them, one tiny message each: ``connect`` on an attach stream answered ``opened``,
+then ``fin`` on the session's data stream, ``close`` on it answered ``close_done``, all read by
+the client in order on one thread:
+
+- ``connect``: the server answers at once (no peer at all);
+- ``connect+accept``: the server first offers the connect to a peer process on an attach stream
+  of its own and waits for its ``accept``, as every accepting partition must.
+
+Both have nothing of the emulator in them; their rates are the most a relayed connect can reach
+against bench_e2e's ``connect/s relay-vm`` and ``connect/s relay`` targets.
+
 All over Unix sockets, client and servers in separate processes, in the same run. Writes
 bench/results/relay_ceiling.json and prints each transport's throughput and round trip and
 their ratios to ``grpc-raw``: the ratio ``bidi+credit`` reaches is the most the relay could
@@ -150,6 +162,51 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
                 rings.tx.write(message, 0)  # from the loop, as the ring relay's inline write
                 yield await replies.get()
 
+        # Connect cycles: the client's data stream and the peer's offers (one client, one
+        # peer at a time: the bench runs them serially).
+        to_data: asyncio.Queue[bytes] = asyncio.Queue()
+        offers: asyncio.Queue[bytes] = asyncio.Queue()
+        accepts: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def connect_attach(peer: bool) -> grpc.RpcMethodHandler:
+            async def attach(
+                requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[bytes]:
+                async for _connect in requests:
+                    if peer:
+                        offers.put_nowait(b"offer")
+                        await accepts.get()
+                    yield b"opened"
+                    to_data.put_nowait(b"fin")  # the peer closed at once
+
+            return grpc.stream_stream_rpc_method_handler(attach)
+
+        async def connect_data(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            async def answer_closes() -> None:
+                async for _close in requests:
+                    to_data.put_nowait(b"close_done")
+                to_data.put_nowait(b"")
+
+            closes = asyncio.ensure_future(answer_closes())
+            while message := await to_data.get():
+                yield message
+            await closes
+
+        async def peer_attach(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[bytes]:
+            async def take_accepts() -> None:
+                async for accept in requests:
+                    accepts.put_nowait(accept)
+                offers.put_nowait(b"")
+
+            taking = asyncio.ensure_future(take_accepts())
+            while offer := await offers.get():
+                yield offer
+            await taking
+
         server = grpc.aio.server(options=OPTIONS)
         server.add_generic_rpc_handlers(
             (
@@ -160,6 +217,10 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
                         "bidi+credit": relay(True),
                         "Echo": grpc.stream_stream_rpc_method_handler(echo),
                         "EchoViaRing": grpc.stream_stream_rpc_method_handler(via_ring),
+                        "connect": connect_attach(False),
+                        "connect+accept": connect_attach(True),
+                        "ConnectData": grpc.stream_stream_rpc_method_handler(connect_data),
+                        "Peer": grpc.stream_stream_rpc_method_handler(peer_attach),
                     },
                 ),
             )
@@ -170,6 +231,56 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
         await server.wait_for_termination()
 
     asyncio.run(main())
+
+
+def _queued(outgoing: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
+    """A request iterator fed from a queue (grpcio's sync calls read it on a thread of theirs)."""
+    while (message := outgoing.get()) is not None:
+        yield message
+
+
+def _accepting_peer(address: str) -> None:
+    """``connect+accept``'s peer: accept every offer, as a listening partition does."""
+    outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    with grpc.insecure_channel(address) as channel:
+        for _offer in channel.stream_stream("/ceiling.Relay/Peer")(_queued(outgoing)):
+            outgoing.put(b"accept")
+
+
+def _connect_cycles(
+    channel: grpc.Channel, kind: str, count: int, server_pid: int
+) -> dict[str, Any]:
+    """``count`` serial connect cycles after a warm-up: their rate and CPU per cycle."""
+    to_attach: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    to_data: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    data = channel.stream_stream("/ceiling.Relay/ConnectData")(_queued(to_data))
+    attach = channel.stream_stream(f"/ceiling.Relay/{kind}")(_queued(to_attach))
+
+    def cycles(n: int) -> None:
+        for _ in range(n):
+            to_attach.put(b"connect")
+            if next(attach) != b"opened" or next(data) != b"fin":
+                raise RuntimeError(f"{kind}: the connect was answered out of order")
+            to_data.put(b"close")
+            if next(data) != b"close_done":
+                raise RuntimeError(f"{kind}: the close was answered out of order")
+
+    cycles(count // 5)
+    began, cpu, server_cpu = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
+    cycles(count)
+    elapsed = time.perf_counter() - began
+    result = {
+        "per_s": count / elapsed,
+        "cpu_us_per_cycle": {
+            "client": (time.process_time() - cpu) / count * 1e6,
+            "server": (cpu_seconds(server_pid) - server_cpu) / count * 1e6,
+        },
+    }
+    to_attach.put(None)
+    to_data.put(None)
+    for _ in data:
+        pass
+    return result
 
 
 def _measure(
@@ -216,11 +327,7 @@ def _round_trips(channel: grpc.Channel, method: str, count: int) -> float:
     """p50 in microseconds of ``count`` 64-byte round trips (the first fifth warms up)."""
     outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
 
-    def requests() -> Iterator[bytes]:
-        while (message := outgoing.get()) is not None:
-            yield message
-
-    call = channel.stream_stream(method)(requests())
+    call = channel.stream_stream(method)(_queued(outgoing))
     message, samples = b"\xa5" * RTT_MSG, []
     for _ in range(count):
         began = time.perf_counter()
@@ -240,6 +347,33 @@ RTT_KINDS = {
     "aio": ("aio", "/ceiling.Relay/Echo"),
     "aio+ring": ("aio", "/ceiling.Relay/EchoViaRing"),
 }
+
+
+def _connect_ceilings(
+    ctx: Any, channel: grpc.Channel, address: str, server_pid: int, rounds: int, count: int
+) -> dict[str, Any]:
+    """Both connect kinds, the best of ``rounds`` each (every round kept)."""
+    results: dict[str, Any] = {}
+    for kind in ("connect", "connect+accept"):
+        peer = None
+        if kind == "connect+accept":
+            peer = ctx.Process(target=_accepting_peer, args=(address,), daemon=True)
+            peer.start()
+        try:
+            runs = [_connect_cycles(channel, kind, count, server_pid) for _ in range(rounds)]
+        finally:
+            if peer is not None:
+                peer.kill()
+                peer.join()
+        best = max(runs, key=lambda r: r["per_s"])
+        results[kind] = {**best, "rounds_per_s": [r["per_s"] for r in runs]}
+        cpu = best["cpu_us_per_cycle"]
+        print(
+            f"  {kind:<16} {best['per_s']:6.0f} connects/s"
+            f" (CPU per cycle: client {cpu['client']:.0f} us, server {cpu['server']:.0f} us)",
+            flush=True,
+        )
+    return results
 
 
 def run(seconds: float, rounds: int, rtt_count: int) -> dict[str, Any]:
@@ -290,6 +424,11 @@ def run(seconds: float, rounds: int, rtt_count: int) -> dict[str, Any]:
             for kind, p50s in rtts.items():
                 results["rtt_p50_us"][kind] = {"p50": min(p50s), "rounds": p50s}
                 print(f"  rtt {kind:<10} p50 {min(p50s):7.1f} us", flush=True)
+            aio_pid = servers["aio"].pid
+            assert aio_pid is not None
+            results["connect"] = _connect_ceilings(
+                ctx, channels["aio"], addresses["aio"], aio_pid, rounds, rtt_count // 2
+            )
             for channel in channels.values():
                 channel.close()
         finally:
