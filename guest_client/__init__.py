@@ -11,6 +11,9 @@ errors are ``OSError`` subclasses with the errno a real hv_sock caller sees.
 
 from __future__ import annotations
 
+# First of all: gRPC reads which I/O stack to run on when it is imported.
+from . import _grpc  # noqa: F401  # isort: skip
+
 import json
 import os
 import pathlib

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# First of all: gRPC reads which I/O stack to run on when it is imported.
+from . import _grpc  # noqa: F401  # isort: skip
+
 import argparse
 import asyncio
 import json

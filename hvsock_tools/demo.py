@@ -42,6 +42,7 @@ import grpc
 
 import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common import grpc_io
 from hvsock_common.conventions import TOKEN_METADATA, new_token
 
 HOST_ECHO_PORT = 7001  # the host's echo service (a vsock-template service id)
@@ -93,7 +94,9 @@ class LocalHost:
 
     def env(self, vm: tuple[str, str], data_path: str = "auto") -> dict[str, str]:
         """The environment a program in that VM would be given."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_")}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_") or k == grpc_io.ENV
+        }
         env.update(
             HVSOCK_HOST=self.target,
             HVSOCK_VM_ID=vm[0],
@@ -115,7 +118,8 @@ def local_host(
     log_path = workdir / "host.log"
     binary = pathlib.Path(sys.executable).parent / "hvsock-host"
     command = [str(binary)] if binary.exists() else [sys.executable, "-m", "host_service"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_")}
+    # None of the caller's host settings; its gRPC I/O choice is the whole process tree's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_") or k == grpc_io.ENV}
     proc: subprocess.Popen[bytes] | None = None
     try:
         with open(log_path, "wb") as log:
