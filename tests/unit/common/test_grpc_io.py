@@ -16,6 +16,7 @@ pytestmark = pytest.mark.unit
 def grpc_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     """As in a program that has not imported grpc yet (this process may have)."""
     monkeypatch.delitem(sys.modules, "grpc", raising=False)
+    monkeypatch.setattr(grpc_io, "_chosen", False)
     monkeypatch.delenv(grpc_io.GRPC_ENV, raising=False)
     monkeypatch.delenv(grpc_io.ENV, raising=False)
 
@@ -27,6 +28,7 @@ def test_the_pollers_are_chosen_for_the_import_only() -> None:
         assert os.environ[grpc_io.GRPC_ENV] == grpc_io.EXPERIMENTS
     # The programs this process starts get the environment they would have had.
     assert grpc_io.GRPC_ENV not in os.environ
+    assert grpc_io.stack() == "pollers"
 
 
 @pytest.mark.usefixtures("grpc_not_loaded")
@@ -43,6 +45,7 @@ def test_grpc_default_leaves_grpc_alone(monkeypatch: pytest.MonkeyPatch) -> None
     with grpc_io.choosing() as chosen:
         assert not chosen
         assert grpc_io.GRPC_ENV not in os.environ
+    assert grpc_io.stack() == "grpc-default"
 
 
 @pytest.mark.usefixtures("grpc_not_loaded")
@@ -52,6 +55,7 @@ def test_the_users_own_experiments_win(monkeypatch: pytest.MonkeyPatch, theirs: 
     with grpc_io.choosing() as chosen:
         assert not chosen
     assert os.environ[grpc_io.GRPC_ENV] == theirs
+    assert grpc_io.stack() == (f"GRPC_EXPERIMENTS={theirs}" if theirs else "grpc-default")
 
 
 def test_once_grpc_is_loaded_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
