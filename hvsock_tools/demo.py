@@ -55,6 +55,12 @@ WINDOW = 128 * 1024  # echo bytes in flight per connection: half a 64-page ring
 # ---- a private host service ----------------------------------------------------------------
 
 
+def _callers_environment() -> dict[str, str]:
+    """The caller's environment without its hvsock settings, but with its gRPC I/O choice,
+    which is the whole process tree's (``hvsock_common.grpc_io``)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_") or k == grpc_io.ENV}
+
+
 @dataclass
 class LocalHost:
     """An ``hvsock-host`` child process with its own socket and token."""
@@ -94,9 +100,7 @@ class LocalHost:
 
     def env(self, vm: tuple[str, str], data_path: str = "auto") -> dict[str, str]:
         """The environment a program in that VM would be given."""
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_") or k == grpc_io.ENV
-        }
+        env = _callers_environment()
         env.update(
             HVSOCK_HOST=self.target,
             HVSOCK_VM_ID=vm[0],
@@ -118,8 +122,7 @@ def local_host(
     log_path = workdir / "host.log"
     binary = pathlib.Path(sys.executable).parent / "hvsock-host"
     command = [str(binary)] if binary.exists() else [sys.executable, "-m", "host_service"]
-    # None of the caller's host settings; its gRPC I/O choice is the whole process tree's.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HVSOCK_") or k == grpc_io.ENV}
+    env = _callers_environment()
     proc: subprocess.Popen[bytes] | None = None
     try:
         with open(log_path, "wb") as log:
