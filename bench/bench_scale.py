@@ -68,7 +68,12 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
+from hvsock_common import grpc_io  # noqa: E402
+
+# The clients here speak the protocol with bare stubs: on the gRPC I/O stack hvsock's own
+# processes run on (hvsock_common.grpc_io), as bench_e2e's do.
+with grpc_io.choosing():
+    import grpc
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc  # noqa: E402
 from ring import shm  # noqa: E402
@@ -631,6 +636,7 @@ def main() -> None:
         "benchmark": "scale",
         "quick": n != TARGETS["connections"],
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "page": PAGE},
+        "grpc_io": grpc_io.stack(),
         "targets": TARGETS,
     }
     for mode in modes:
