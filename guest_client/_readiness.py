@@ -6,8 +6,13 @@ and true by draining that. Two watcher threads (started only once ``fileno()`` i
 sleep on the rings and flip the bits when data or space arrives; the socket's own calls flip
 them back after they consume data or space, through :meth:`Readiness.update`.
 
-Invariant: the bits shown equal ``state()`` after every ``update()``; a watcher only ever
-waits for a transition to "ready", so a bit can lag by at most one watcher wake-up.
+Invariant: the bits shown equal ``state()`` after every ``update()``; a watcher waits for a
+transition to "ready", so a bit can lag by at most one watcher wake-up, and each watcher also
+updates at least every ``_WATCH_SLICE``. That bounds the one lag no wake-up reports: a call
+blocked inside the end consumes what made it ready without returning to ``update()`` (a
+``sendall`` that takes room a reader freed, or credit the host granted, and waits again, after
+a watcher showed the room), so without the slice the bits would say "writable" until that call
+returned, possibly never.
 """
 
 from __future__ import annotations
@@ -99,14 +104,15 @@ class Readiness:
         def run() -> None:
             while not self._closed:
                 try:
-                    if not wait():
-                        continue
+                    ready = wait()
                 except OSError:
-                    pass
-                self.update()
-                # Wait until a socket call has consumed what made it ready, then wait again.
+                    ready = True
+                self.update()  # also when the slice ran out: see the invariant above
+                if not ready:
+                    continue
+                # Wait until what made it ready is consumed (update() says so), then wait again.
                 while not self._closed and not rearm.wait(_WATCH_SLICE):
-                    pass
+                    self.update()
                 rearm.clear()
 
         thread = threading.Thread(target=run, name="hvsock-readiness", daemon=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import select
 import threading
+import time
 
 import pytest
 
@@ -65,3 +67,45 @@ def test_readiness_probes_never_corrupt_the_rings_of_a_busy_stream() -> None:
         sender.close()
         receiver.close()
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+def _writable(sock: object) -> bool:
+    return bool(select.select([], [sock], [], 0)[1])
+
+
+def _until(condition: object, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "the bits never followed"
+        time.sleep(0.01)
+
+
+def test_bits_follow_a_call_blocked_in_the_end() -> None:
+    """A sendall blocked inside the end consumes the room the bits last showed without
+    returning to update(): room a reader freed, or credit the host granted, taken at once
+    while a watcher was showing it. Nothing wakes a watcher for that (the end never became
+    ready again), so the watchers look again every slice; before they did, select said
+    "writable" until the sendall returned (a relayed sender in tests/faults waited 30 s).
+    Forced here: the bits computed as if the room were still there, the call blocked."""
+    sender, receiver = socketpair()
+    data = b"x" * (1 << 20)  # far more than the rings hold: the sendall blocks
+    sender.fileno()  # readiness and its watchers
+    sending = threading.Thread(target=sender.sendall, args=(data,), daemon=True)
+    sending.start()
+    _until(lambda: not _writable(sender))
+    readiness = sender._readiness
+    assert readiness is not None
+    real = readiness._state
+    readiness._state = lambda: (real()[0], True)  # the room, as last seen
+    readiness.update()
+    readiness._state = real
+    assert _writable(sender) and sending.is_alive()
+    _until(lambda: not _writable(sender))
+    # Drain, so the sendall completes and everything closes cleanly.
+    buffer, received = bytearray(65536), 0
+    while received < len(data):
+        received += receiver.recv_into(buffer)
+    sending.join(10)
+    assert not sending.is_alive()
+    sender.close()
+    receiver.close()
