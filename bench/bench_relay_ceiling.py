@@ -28,7 +28,8 @@ And the 64-byte round trip (p50), a message each way on one bidi stream from a s
 And serial connect cycles (connect, accept, the peer's close seen, close), carried as the
 relay carries them, one tiny message each: ``connect`` on an attach stream answered ``opened``,
 then ``fin`` on the session's data stream, ``close`` on it answered ``close_done``, all read by
-the client in order on one thread:
+the client in order on one thread. That is five of the six messages a relayed connect exchanges
+(the end's first credit is left out), so these are upper bounds:
 
 - ``connect``: the server answers at once (no peer at all);
 - ``connect+accept``: the server first offers the connect to a peer process on an attach stream
