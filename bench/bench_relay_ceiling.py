@@ -58,7 +58,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -185,31 +185,26 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
 
             return grpc.stream_stream_rpc_method_handler(attach)
 
-        async def connect_data(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
-            async def answer_closes() -> None:
-                async for _close in requests:
-                    to_data.put_nowait(b"close_done")
-                to_data.put_nowait(b"")
+        def fed_from(
+            out: asyncio.Queue[bytes], on_request: Callable[[bytes], None]
+        ) -> grpc.RpcMethodHandler:
+            """A stream answering from ``out`` while ``on_request`` takes each request; it
+            ends when the client's requests do."""
 
-            closes = asyncio.ensure_future(answer_closes())
-            while message := await to_data.get():
-                yield message
-            await closes
+            async def stream(
+                requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[bytes]:
+                async def take() -> None:
+                    async for request in requests:
+                        on_request(request)
+                    out.put_nowait(b"")
 
-        async def peer_attach(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[bytes]:
-            async def take_accepts() -> None:
-                async for accept in requests:
-                    accepts.put_nowait(accept)
-                offers.put_nowait(b"")
+                taking = asyncio.ensure_future(take())
+                while message := await out.get():
+                    yield message
+                await taking
 
-            taking = asyncio.ensure_future(take_accepts())
-            while offer := await offers.get():
-                yield offer
-            await taking
+            return grpc.stream_stream_rpc_method_handler(stream)
 
         server = grpc.aio.server(options=OPTIONS)
         server.add_generic_rpc_handlers(
@@ -223,8 +218,12 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
                         "EchoViaRing": grpc.stream_stream_rpc_method_handler(via_ring),
                         "connect": connect_attach(False),
                         "connect+accept": connect_attach(True),
-                        "ConnectData": grpc.stream_stream_rpc_method_handler(connect_data),
-                        "Peer": grpc.stream_stream_rpc_method_handler(peer_attach),
+                        # The client's data stream: each close answered close_done.
+                        "ConnectData": fed_from(
+                            to_data, lambda _close: to_data.put_nowait(b"close_done")
+                        ),
+                        # The peer's attach stream: offers out, accepts in.
+                        "Peer": fed_from(offers, accepts.put_nowait),
                     },
                 ),
             )
