@@ -538,17 +538,21 @@ class RelayPipe(_NeverStalled):
             if credit:
                 writer.add(self.channel_id, self.end, credit=credit)
             return 0
-        chunk = b""
+        chunk: bytes | bytearray = b""
         if tx.is_rescinded:
             tx.buffer.clear()
         elif tx.buffer and budget > 0:
             buffer = tx.buffer
             n = min(len(buffer), MAX_FRAME_DATA, tx.limit - tx.sent, budget)
-            if n > 0:
+            if n == len(buffer):
+                # All of it: the frame takes the buffer itself, uncopied (the writer reads it
+                # after the lock is let go, when writes already go to the new buffer).
+                chunk, tx.buffer = buffer, bytearray()
+            elif n > 0:
                 with memoryview(buffer) as view:
                     chunk = bytes(view[:n])
                 del buffer[:n]
-                tx.sent += n
+            tx.sent += len(chunk)
         fin = close = False
         # FIN and close go behind the rest of the data.
         if not tx.buffer and not tx.is_rescinded:
