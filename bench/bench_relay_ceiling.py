@@ -38,6 +38,18 @@ the client in order on one thread. That is five of the six messages a relayed co
 Both have nothing of the emulator in them; their rates are the most a relayed connect can reach
 against bench_e2e's ``connect/s relay-vm`` and ``connect/s relay`` targets.
 
+And the testbed's echo (``hvsock_tools.demo.echo_client``: ``CHUNK`` sends, at most ``WINDOW``
+bytes sent and not yet echoed) from a sync grpcio client to the grpc.aio echo, one message per
+send, every byte echoed by the server itself: the shape of the testbed summary's ``vm-windows``
+line (a relayed VM, one sync grpcio process) with no host hop, no rings and none of hv_sock's
+16 KiB deliveries:
+
+- ``echo``: one echo alone;
+- ``echo x2``: two at once on one channel, as the VM runs them (its echo of the host program's
+  data, and its own echo against the host program's service); each one's rate.
+
+Their rates are the most the testbed's ``vm-windows`` line can reach.
+
 All over Unix sockets, client and servers in separate processes, in the same run. Writes
 bench/results/relay_ceiling.json and prints each transport's throughput and round trip and
 their ratios to ``grpc-raw``: the ratio ``bidi+credit`` reaches is the most the relay could
@@ -71,6 +83,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from host_service.core.relay import DEFAULT_RELAY_WINDOW, MAX_FRAME_DATA
 from hvsock_common import grpc_io
+from hvsock_tools.demo import CHUNK as ECHO_CHUNK
+from hvsock_tools.demo import WINDOW as ECHO_WINDOW
 from ring import shm
 
 SIZES = [16384, 65536, 262144]
@@ -352,6 +366,45 @@ RTT_KINDS = {
 }
 
 
+def _echo(channel: grpc.Channel, nbytes: int) -> float:
+    """One windowed echo of ``nbytes`` (the testbed's shape); its rate in MB/s."""
+    lock = threading.Condition()
+    sent = received = 0
+    message = b"\xa5" * ECHO_CHUNK
+
+    def sends() -> Iterator[bytes]:
+        nonlocal sent
+        while sent < nbytes:
+            with lock:
+                while sent - received + ECHO_CHUNK > ECHO_WINDOW:
+                    lock.wait()
+                sent += ECHO_CHUNK
+            yield message
+
+    began = time.perf_counter()
+    for answer in channel.stream_stream("/ceiling.Relay/Echo")(sends()):
+        with lock:
+            received += len(answer)
+            lock.notify()
+    if received != nbytes:
+        raise RuntimeError(f"echo: {received} of {nbytes} bytes came back")
+    return nbytes / (time.perf_counter() - began) / 1e6
+
+
+def _echo_ceilings(channel: grpc.Channel, rounds: int, nbytes: int) -> dict[str, Any]:
+    """``echo`` and ``echo x2``, the best of ``rounds`` each (every round kept)."""
+    results: dict[str, Any] = {}
+    for kind, count in (("echo", 1), ("echo x2", 2)):
+        runs = []
+        for _ in range(rounds):
+            with futures.ThreadPoolExecutor(count) as pool:
+                rates = list(pool.map(lambda _: _echo(channel, nbytes), range(count)))
+            runs.append(min(rates))  # each way's: the slower echo's
+        results[kind] = {"MBps": max(runs), "rounds_MBps": runs}
+        print(f"  {kind:<16} {max(runs):6.0f} MB/s each", flush=True)
+    return results
+
+
 def _connect_ceilings(
     ctx: Any, channel: grpc.Channel, address: str, server_pid: int, rounds: int, count: int
 ) -> dict[str, Any]:
@@ -379,7 +432,7 @@ def _connect_ceilings(
     return results
 
 
-def run(seconds: float, rounds: int, rtt_count: int) -> dict[str, Any]:
+def run(seconds: float, rounds: int, rtt_count: int, echo_bytes: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="hvsock-ceiling-") as workdir:
         addresses = {
@@ -432,6 +485,7 @@ def run(seconds: float, rounds: int, rtt_count: int) -> dict[str, Any]:
             results["connect"] = _connect_ceilings(
                 ctx, channels["aio"], addresses["aio"], aio_pid, rounds, rtt_count // 2
             )
+            results["echo"] = _echo_ceilings(channels["aio"], rounds, echo_bytes)
             for channel in channels.values():
                 channel.close()
         finally:
@@ -458,7 +512,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    results = run(0.3 if args.quick else 1.5, 2 if args.quick else 3, 1000 if args.quick else 5000)
+    quick = args.quick
+    results = run(0.3, 2, 1000, 32 << 20) if quick else run(1.5, 3, 5000, 256 << 20)
     results["meta"] = {
         "quick": args.quick,
         "grpcio": grpc.__version__,
@@ -466,6 +521,8 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "frame": FRAME,
         "credit_every_bytes": CREDIT_EVERY,
+        "echo_chunk": ECHO_CHUNK,
+        "echo_window": ECHO_WINDOW,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "loadavg": os.getloadavg(),
     }
