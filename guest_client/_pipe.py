@@ -233,6 +233,7 @@ class RelaySend:
     def __init__(
         self, lock: threading.Lock, kick: Callable[[], None], limit: int, max_payload: int
     ) -> None:
+        self._lock = lock  # taken directly on the write path: cheaper than the condition's
         self._room = threading.Condition(lock)  # credit arrived, or the end is over
         self._kick = kick  # (lock held) tell the session stream this end has work
         self._max_payload = max_payload
@@ -252,7 +253,10 @@ class RelaySend:
         self._write(data, timeout, True)
 
     def _write(self, data: Buffer, timeout: float | None, whole: bool) -> int:
-        _check_timeout(timeout)
+        if timeout is not None:
+            _check_timeout(timeout)
+        if type(data) is bytes or type(data) is bytearray:  # the usual data: no view to cast
+            return self._write_view(data, timeout, whole)
         with memoryview(data) as view:
             if not view.c_contiguous:
                 with memoryview(view.tobytes()) as copy, copy.cast("B") as src:
@@ -260,11 +264,13 @@ class RelaySend:
             with view.cast("B") as src:
                 return self._write_view(src, timeout, whole)
 
-    def _write_view(self, src: memoryview, timeout: float | None, whole: bool) -> int:
+    def _write_view(
+        self, src: bytes | bytearray | memoryview, timeout: float | None, whole: bool
+    ) -> int:
         n = len(src)
         done = 0
         deadline = 0.0
-        with self._room:
+        with self._lock:
             if self._fin:
                 raise status_error(ST_FIN_SENT, op="write")
             while done < n:
@@ -275,7 +281,10 @@ class RelaySend:
                 room = self.limit - self.accepted
                 if room > 0:
                     take = min(room, n - done)
-                    self.buffer += src[done : done + take]
+                    if take == n:
+                        self.buffer += src  # all of it: no slice
+                    else:
+                        self.buffer += memoryview(src)[done : done + take]
                     self.accepted += take
                     done += take
                     self._kick()
@@ -357,6 +366,7 @@ class RelayReceive:
     """
 
     def __init__(self, lock: threading.Lock, kick: Callable[[], None], capacity: int) -> None:
+        self._lock = lock  # taken directly on the read path: cheaper than the condition's
         self._data = threading.Condition(lock)  # data, EOF, or close
         self._kick = kick
         self._capacity = capacity
@@ -374,9 +384,17 @@ class RelayReceive:
 
     def read_into(self, buffer: Buffer, nbytes: int = 0, timeout: float | None = None) -> int:
         """Read up to ``nbytes`` (default ``len(buffer)``) into ``buffer``; 0 = EOF."""
-        _check_timeout(timeout)
+        if timeout is not None:
+            _check_timeout(timeout)
         if nbytes < 0:
             raise ValueError("negative buffersize in read_into")
+        if type(buffer) is bytearray:  # the usual buffer: no view to check or cast
+            n = len(buffer)
+            if nbytes:
+                if nbytes > n:
+                    raise ValueError("buffer too small for requested bytes")
+                n = nbytes
+            return self._read(buffer, n, timeout) if n else 0
         with memoryview(buffer) as view:
             if view.readonly:
                 raise TypeError("read_into needs a writable buffer")
@@ -390,9 +408,9 @@ class RelayReceive:
                     return 0
                 return self._read(dst, n, timeout)
 
-    def _read(self, dst: memoryview, n: int, timeout: float | None) -> int:
+    def _read(self, dst: bytearray | memoryview, n: int, timeout: float | None) -> int:
         deadline = 0.0
-        with self._data:
+        with self._lock:
             while not self._size:
                 if self._error is not None:
                     raise self._error
@@ -408,8 +426,7 @@ class RelayReceive:
                 frame = frames[0]
                 start = self._offset
                 take = min(len(frame) - start, n - done)
-                with memoryview(frame) as src:
-                    dst[done : done + take] = src[start : start + take]
+                dst[done : done + take] = memoryview(frame)[start : start + take]
                 done += take
                 if start + take == len(frame):
                     frames.popleft()
