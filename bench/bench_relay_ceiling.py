@@ -38,6 +38,12 @@ the client in order on one thread. That is five of the six messages a relayed co
 Both have nothing of the emulator in them; their rates are the most a relayed connect can reach
 against bench_e2e's ``connect/s relay-vm`` and ``connect/s relay`` targets.
 
+And ``connect+accept x N``: bench_scale's first phase. The client fires N (10,240; 1,024 with
+--quick) connects at once on one attach stream; the server offers each to the accepting peer
+on the peer's stream and, on its accept, answers ``opened`` to both: five tiny messages per
+connect, many in flight. Its rate is the most bench_scale's ``connect+accept per second`` can
+reach, and its server CPU per connect is the part of the host's that is gRPC's alone.
+
 And the testbed's echo (``hvsock_tools.demo.echo_client``: ``CHUNK`` sends, at most ``WINDOW``
 bytes sent and not yet echoed) from a sync grpcio client to the grpc.aio echo, one message per
 send, every byte echoed by the server itself: the shape of the testbed summary's ``vm-windows``
@@ -185,6 +191,13 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
         to_data: asyncio.Queue[bytes] = asyncio.Queue()
         offers: asyncio.Queue[bytes] = asyncio.Queue()
         accepts: asyncio.Queue[bytes] = asyncio.Queue()
+        # Connects in flight: what goes to the connecting client and to the accepting peer.
+        to_connector: asyncio.Queue[bytes] = asyncio.Queue()
+        to_acceptor: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def accepted(_accept: bytes) -> None:
+            to_acceptor.put_nowait(b"opened")
+            to_connector.put_nowait(b"opened")
 
         def connect_attach(peer: bool) -> grpc.RpcMethodHandler:
             async def attach(
@@ -238,6 +251,11 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
                         ),
                         # The peer's attach stream: offers out, accepts in.
                         "Peer": fed_from(offers, accepts.put_nowait),
+                        # Connects in flight: the connector's and the acceptor's streams.
+                        "Connects": fed_from(
+                            to_connector, lambda _connect: to_acceptor.put_nowait(b"offer")
+                        ),
+                        "Accepts": fed_from(to_acceptor, accepted),
                     },
                 ),
             )
@@ -256,12 +274,35 @@ def _queued(outgoing: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
         yield message
 
 
-def _accepting_peer(address: str) -> None:
-    """``connect+accept``'s peer: accept every offer, as a listening partition does."""
+def _accepting_peer(address: str, method: str) -> None:
+    """The connect ceilings' peer: accept every offer, as a listening partition does."""
     outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
     with grpc.insecure_channel(address) as channel:
-        for _offer in channel.stream_stream("/ceiling.Relay/Peer")(_queued(outgoing)):
-            outgoing.put(b"accept")
+        for message in channel.stream_stream(f"/ceiling.Relay/{method}")(_queued(outgoing)):
+            if message == b"offer":
+                outgoing.put(b"accept")
+
+
+def _connects_in_flight(channel: grpc.Channel, count: int, server_pid: int) -> dict[str, Any]:
+    """``count`` connects fired at once, until every one is opened: their rate and the
+    server's CPU per connect."""
+    outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    began, server_cpu = time.perf_counter(), cpu_seconds(server_pid)
+    answers = channel.stream_stream("/ceiling.Relay/Connects")(_queued(outgoing))
+    for _ in range(count):
+        outgoing.put(b"connect")
+    for _ in range(count):
+        if next(answers) != b"opened":
+            raise RuntimeError("connect+accept x N: a connect was answered otherwise")
+    elapsed = time.perf_counter() - began
+    result = {
+        "per_s": count / elapsed,
+        "server_cpu_us_per_connect": (cpu_seconds(server_pid) - server_cpu) / count * 1e6,
+    }
+    outgoing.put(None)
+    for _ in answers:
+        pass
+    return result
 
 
 def _connect_cycles(
@@ -406,33 +447,50 @@ def _echo_ceilings(channel: grpc.Channel, rounds: int, nbytes: int) -> dict[str,
 
 
 def _connect_ceilings(
-    ctx: Any, channel: grpc.Channel, address: str, server_pid: int, rounds: int, count: int
+    ctx: Any,
+    channel: grpc.Channel,
+    address: str,
+    server_pid: int,
+    rounds: int,
+    count: int,
+    in_flight: int,
 ) -> dict[str, Any]:
-    """Both connect kinds, the best of ``rounds`` each (every round kept)."""
+    """Every connect kind, the best of ``rounds`` each (every round kept)."""
     results: dict[str, Any] = {}
-    for kind in ("connect", "connect+accept"):
+    # kind -> the peer's stream (None: no peer)
+    for kind, peer_method in (
+        ("connect", None),
+        ("connect+accept", "Peer"),
+        ("connect+accept x N", "Accepts"),
+    ):
         peer = None
-        if kind == "connect+accept":
-            peer = ctx.Process(target=_accepting_peer, args=(address,), daemon=True)
+        if peer_method is not None:
+            peer = ctx.Process(target=_accepting_peer, args=(address, peer_method), daemon=True)
             peer.start()
         try:
-            runs = [_connect_cycles(channel, kind, count, server_pid) for _ in range(rounds)]
+            if peer_method == "Accepts":
+                runs = [_connects_in_flight(channel, in_flight, server_pid) for _ in range(rounds)]
+            else:
+                runs = [_connect_cycles(channel, kind, count, server_pid) for _ in range(rounds)]
         finally:
             if peer is not None:
                 peer.kill()
                 peer.join()
         best = max(runs, key=lambda r: r["per_s"])
         results[kind] = {**best, "rounds_per_s": [r["per_s"] for r in runs]}
-        cpu = best["cpu_us_per_cycle"]
-        print(
-            f"  {kind:<16} {best['per_s']:6.0f} connects/s"
-            f" (CPU per cycle: client {cpu['client']:.0f} us, server {cpu['server']:.0f} us)",
-            flush=True,
-        )
+        if peer_method == "Accepts":
+            results[kind]["in_flight"] = in_flight
+            cost = f"server CPU per connect {best['server_cpu_us_per_connect']:.0f} us"
+        else:
+            cpu = best["cpu_us_per_cycle"]
+            cost = f"CPU per cycle: client {cpu['client']:.0f} us, server {cpu['server']:.0f} us"
+        print(f"  {kind:<18} {best['per_s']:6.0f} connects/s ({cost})", flush=True)
     return results
 
 
-def run(seconds: float, rounds: int, rtt_count: int, echo_bytes: int) -> dict[str, Any]:
+def run(
+    seconds: float, rounds: int, rtt_count: int, echo_bytes: int, in_flight: int
+) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="hvsock-ceiling-") as workdir:
         addresses = {
@@ -483,7 +541,7 @@ def run(seconds: float, rounds: int, rtt_count: int, echo_bytes: int) -> dict[st
             aio_pid = servers["aio"].pid
             assert aio_pid is not None
             results["connect"] = _connect_ceilings(
-                ctx, channels["aio"], addresses["aio"], aio_pid, rounds, rtt_count // 2
+                ctx, channels["aio"], addresses["aio"], aio_pid, rounds, rtt_count // 2, in_flight
             )
             results["echo"] = _echo_ceilings(channels["aio"], rounds, echo_bytes)
             for channel in channels.values():
@@ -512,8 +570,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    quick = args.quick
-    results = run(0.3, 2, 1000, 32 << 20) if quick else run(1.5, 3, 5000, 256 << 20)
+    # (seconds per point, rounds, round trips, bytes per echo, connects in flight)
+    scale = (0.3, 2, 1000, 32 << 20, 1024) if args.quick else (1.5, 3, 5000, 256 << 20, 10_240)
+    results = run(*scale)
     results["meta"] = {
         "quick": args.quick,
         "grpcio": grpc.__version__,
