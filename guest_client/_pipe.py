@@ -256,15 +256,15 @@ class RelaySend:
         if timeout is not None:
             _check_timeout(timeout)
         if type(data) is bytes or type(data) is bytearray:  # the usual data: no view to cast
-            return self._write_view(data, timeout, whole)
+            return self._write_contiguous(data, timeout, whole)
         with memoryview(data) as view:
             if not view.c_contiguous:
                 with memoryview(view.tobytes()) as copy, copy.cast("B") as src:
-                    return self._write_view(src, timeout, whole)
+                    return self._write_contiguous(src, timeout, whole)
             with view.cast("B") as src:
-                return self._write_view(src, timeout, whole)
+                return self._write_contiguous(src, timeout, whole)
 
-    def _write_view(
+    def _write_contiguous(
         self, src: bytes | bytearray | memoryview, timeout: float | None, whole: bool
     ) -> int:
         n = len(src)
@@ -389,26 +389,21 @@ class RelayReceive:
         if nbytes < 0:
             raise ValueError("negative buffersize in read_into")
         if type(buffer) is bytearray:  # the usual buffer: no view to check or cast
-            n = len(buffer)
-            if nbytes:
-                if nbytes > n:
-                    raise ValueError("buffer too small for requested bytes")
-                n = nbytes
-            return self._read(buffer, n, timeout) if n else 0
+            return self._read(buffer, nbytes, timeout)
         with memoryview(buffer) as view:
             if view.readonly:
                 raise TypeError("read_into needs a writable buffer")
             with view.cast("B") as dst:
-                n = len(dst)
-                if nbytes:
-                    if nbytes > n:
-                        raise ValueError("buffer too small for requested bytes")
-                    n = nbytes
-                if n == 0:
-                    return 0
-                return self._read(dst, n, timeout)
+                return self._read(dst, nbytes, timeout)
 
-    def _read(self, dst: bytearray | memoryview, n: int, timeout: float | None) -> int:
+    def _read(self, dst: bytearray | memoryview, nbytes: int, timeout: float | None) -> int:
+        n = len(dst)
+        if nbytes:
+            if nbytes > n:
+                raise ValueError("buffer too small for requested bytes")
+            n = nbytes
+        if n == 0:
+            return 0
         deadline = 0.0
         with self._lock:
             while not self._size:
