@@ -523,7 +523,9 @@ class RelayPipe(_NeverStalled):
         )
         self.tx = RelaySend(lock, lambda: kick(self), channel.relay_send_limit, send_payload)
         self.rx = RelayReceive(lock, lambda: kick(self), channel.relay_receive_window)
-        self._granted = 0  # receive credit sent to the host
+        # Receive credit the host has: what was sent it, or, for an end the host credited as
+        # it opened, its receive window (no first credit is sent).
+        self._granted = self.rx.granted if channel.relay_receive_credited else 0
         self._fin_sent = False  # the FIN is out
         self._closed = False  # the program closed the socket
         self._close_sent = False  # ... and the close frame is out

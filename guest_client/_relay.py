@@ -12,6 +12,13 @@ opening another channel costs no RPC. Threads, beside the program's own:
   frame to its end without ever blocking: credit takes effect at once, data is appended to the
   end's receive buffer (bounded by the credit it granted).
 
+Early frames. The stream says ``early_frames``, so the host credits an end that opens while
+the stream is open with its receive window (``Channel.relay_receive_credited``): the end sends
+no first credit, and the host may send it data and FIN before the attach stream's reader has
+built it (the two streams are not ordered). Such frames are held in ``_early`` until
+:meth:`Link.open_end` registers the end. Only a NOT_FOUND reset comes for an end this link
+never registers or has forgotten (the answer to frames that crossed a reset); it is dropped.
+
 Locking: one lock per link guards the link and every one of its ends (their ``tx`` and ``rx``
 conditions are built on it), so a frame, a grant and a wake-up are applied atomically. An end
 with work is put on ``_ready`` (at most once) by its ``kick``; the request consumer drains it.
@@ -23,7 +30,7 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -45,6 +52,9 @@ MAX_REQUEST_DATA = 1_000_000
 #: is made without the stub's serializer; the responses are protobuf's to parse.
 _SERVICE = hvsock_pb2.DESCRIPTOR.services_by_name["HostService"]
 SESSION_DATA = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['SessionData'].name}"
+
+#: google.rpc.Code NOT_FOUND: a reset for an end the host does not know (or no longer).
+_NOT_FOUND = 5
 
 #: Runs each session's stream thread.
 _WORKERS = WorkerPool()
@@ -79,20 +89,28 @@ class Link:
         self._pipes: dict[tuple[int, int], RelayPipe] = {}
         self._ready: collections.deque[RelayPipe] = collections.deque()
         self._queued: set[tuple[int, int]] = set()
+        # Frames for ends not registered yet (see "Early frames" above), in arrival order.
+        self._early: dict[tuple[int, int], list[hvsock_pb2.RelayFrame]] = {}
         self._started = False
         self._over = False  # the stream ended (or the link was closed)
         self._call: Any = None  # the stream, once open (cancelled by close())
 
     def open_end(self, channel: hvsock_pb2.Channel, end: int) -> RelayPipe:
-        """A relayed end of this session: registered before any of its frames can arrive (the
-        host sends it nothing before its first credit, which this queues)."""
+        """A relayed end of this session. The frames that came for it before it was built are
+        applied first; an end the host did not credit as it opened gets its first credit
+        queued (the host sends it nothing before that)."""
         with self.lock:
             pipe = RelayPipe(self.lock, self._kick, channel, end)
             if self._over:
                 pipe.lost()
                 return pipe
+            for frame in self._early.pop(pipe.key, ()):
+                pipe.on_frame(frame)
+            if pipe.over:
+                return pipe
             self._pipes[pipe.key] = pipe
-            self._kick(pipe)
+            if pipe.pending():
+                self._kick(pipe)
             start = not self._started
             self._started = True
         if start:
@@ -113,7 +131,9 @@ class Link:
 
     def _requests(self) -> Iterator[bytes]:
         """The request stream, pulled by gRPC's consumer thread one message at a time."""
-        yield hvsock_pb2.SessionDataRequest(session=self._session).SerializeToString()
+        yield hvsock_pb2.SessionDataRequest(
+            session=self._session, early_frames=True
+        ).SerializeToString()
         ready, queued, work = self._ready, self._queued, self._work
         while True:
             with work:
@@ -149,14 +169,7 @@ class Link:
                     call.cancel()
             for response in call:
                 with self.lock:
-                    pipes = self._pipes
-                    for frame in response.frames:
-                        pipe = pipes.get((frame.channel_id, frame.end))
-                        if pipe is None:
-                            continue  # ended here already (e.g. frames that crossed a reset)
-                        pipe.on_frame(frame)
-                        if pipe.over:
-                            del pipes[pipe.key]
+                    self._route(response.frames)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
                 # Cancelled here (close(), or the attach stream found the host gone), maybe
@@ -171,9 +184,23 @@ class Link:
             lost = True
         self._end(lost)
 
+    def _route(self, frames: Iterable[hvsock_pb2.RelayFrame]) -> None:
+        """Hand the host's frames to their ends (lock held)."""
+        pipes = self._pipes
+        for frame in frames:
+            key = (frame.channel_id, frame.end)
+            pipe = pipes.get(key)
+            if pipe is not None:
+                pipe.on_frame(frame)
+                if pipe.over:
+                    del pipes[key]
+            elif not (frame.HasField("reset") and frame.reset.code == _NOT_FOUND):
+                self._early.setdefault(key, []).append(frame)
+
     def _end(self, lost: bool) -> None:
         with self.lock:
             self._over = True
+            self._early.clear()
             pipes = list(self._pipes.values())
             self._pipes.clear()
             for pipe in pipes:

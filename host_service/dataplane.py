@@ -170,23 +170,25 @@ class DataPlane:
         shared memory where its rings are (on the relay what it is told: its first send limit
         and its receive window), and on the relay its first send limit."""
         rings = self._channels.get(channel_id)
+        # Decided as the end opens, as it is told (Channel.relay_receive_credited).
+        credited = relays is not None and relays.credits_new_ends
         # -- both ends relayed: forwarding (hook: forward.py) --
         if self.forward and path is EndPath.RELAY and relays is not None:
             if rings is None:
                 # Told its limit now, opened with the rules once its peer's path is known.
                 reserved = relays.rules.budget.take(window)
-                spec = EndSpec(side, vm_id, session_id, relays, window, reserved)
+                spec = EndSpec(side, vm_id, session_id, relays, window, reserved, credited)
                 rings = self._channels[channel_id] = _ChannelRings(None, connector_view, spec)
                 rings.open(side)
                 asyncio.get_running_loop().call_soon(self._settle, channel_id, rings)
-                opening = self._relay_opening(connector_view, side, reserved, window)
+                opening = self._relay_opening(connector_view, side, reserved, window, credited)
                 return path, opening, opening.send_limit
             if rings.waiting is not None:
                 first, rings.waiting = rings.waiting, None
                 rings.forward = ForwardPair(
                     channel_id,
                     first,
-                    EndSpec(side, vm_id, session_id, relays, window),
+                    EndSpec(side, vm_id, session_id, relays, window, credited=credited),
                     self._capacities(connector_view),
                 )
                 rings.open(side)
@@ -213,12 +215,13 @@ class DataPlane:
             if relays is None:
                 raise ValueError("a relayed end needs its session's SessionData")
             _, send_limit = self._ring_relay(
-                rings, channel_id, EndSpec(side, vm_id, session_id, relays, window)
+                rings,
+                channel_id,
+                EndSpec(side, vm_id, session_id, relays, window, credited=credited),
             )
-            # What this end's (empty) receive ring holds, plus the window: from the geometry,
-            # as reading the ring's room is its writer's call (the peer may be writing).
-            receive_ring = self._capacities(connector_view)[1 - end]
-            segment = RelayOpening(send_limit, receive_ring + window)
+            segment = RelayOpening(
+                send_limit, self._receive_window(connector_view, side, window), credited
+            )
         else:
             rings.shm_ends = _replaced(rings.shm_ends, end, vm_id)
             self._check_mapped_later(channel_id, rings, end)
@@ -242,9 +245,18 @@ class DataPlane:
         assert rings.broker is not None
         # Over the broker's mapping: a second one would cost a descriptor per relayed end.
         attached = rings.broker.view_end(_END_OF_SIDE[spec.side])
+        receive_credit = (
+            self._receive_window(rings.geometry, spec.side, spec.window) if spec.credited else 0
+        )
         try:
             relay, send_limit = spec.relays.open_end(
-                attached, spec.side, spec.vm_id, channel_id, spec.window, spec.reserved
+                attached,
+                spec.side,
+                spec.vm_id,
+                channel_id,
+                spec.window,
+                spec.reserved,
+                receive_credit,
             )
         except BaseException:
             attached.close()
@@ -282,14 +294,25 @@ class DataPlane:
             ring_capacity(connector_view.recv_pages, self.max_payload),
         )
 
+    def _receive_window(self, connector_view: RingGeometry, side: Side, window: int) -> int:
+        """What a relayed end's (empty) receive ring holds, plus its window: from the
+        geometry, as reading the ring's room is its writer's call (the peer may be writing)."""
+        return self._capacities(connector_view)[1 - _END_OF_SIDE[side]] + window
+
     def _relay_opening(
-        self, connector_view: RingGeometry, side: Side, reserved: int, window: int
+        self,
+        connector_view: RingGeometry,
+        side: Side,
+        reserved: int,
+        window: int,
+        credited: bool,
     ) -> RelayOpening:
         """What a relayed end is told: its send limit (its empty ring and the budget it got)
         and its receive window (its peer's ring and its own window: its client's memory)."""
-        rings = self._capacities(connector_view)
-        end = _END_OF_SIDE[side]
-        return RelayOpening(rings[end] + reserved, rings[1 - end] + window)
+        send_ring = self._capacities(connector_view)[_END_OF_SIDE[side]]
+        return RelayOpening(
+            send_ring + reserved, self._receive_window(connector_view, side, window), credited
+        )
 
     def _check_mapped_later(self, channel_id: int, rings: _ChannelRings, end: int) -> None:
         """Check, ``map_timeout`` seconds from now, that ``end`` has mapped its segment."""

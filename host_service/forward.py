@@ -49,6 +49,8 @@ class RelayOpening:
 
     send_limit: int
     receive_window: int
+    #: The host took ``receive_window`` as the end's first credit (Channel.relay_receive_credited).
+    credited: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,8 @@ class EndSpec:
     window: int
     #: Budget taken for it when it was told its first limit before opening (None: not yet).
     reserved: int | None = None
+    #: It opens credited: its session's stream takes early frames (SessionData.credits_new_ends).
+    credited: bool = False
 
 
 class ForwardEnd:
@@ -78,6 +82,7 @@ class ForwardEnd:
         self.session_id = spec.session_id
         self.owner = spec.relays
         self.window = spec.window
+        self.credited = spec.credited
         self.finished = False
         #: This end -> its peer, and its peer -> this end (set by the pair).
         self.out: Flow
@@ -131,16 +136,25 @@ class ForwardPair:
         for sender in (connector, acceptor):
             receiver = sender.peer
             ring = rings[sender.index]
-            sender.out = receiver.into = Flow(ring, ring + receiver.window, MAX_UNSENT)
+            receive_window = ring + receiver.window
+            sender.out = receiver.into = Flow(
+                ring, receive_window, MAX_UNSENT, receive_window if receiver.credited else 0
+            )
         self.limits: dict[Side, RelayOpening] = {}
         for spec in (first, second):
             end = ends[spec.side]
+            receive_window = rings[1 - end.index] + end.window
             # Registered in both at once: a frame the rules know is a frame relays can take.
             told = end.owner.rules.open_end(
-                channel_id, end.index, end.window, rings[end.index], spec.reserved
+                channel_id,
+                end.index,
+                end.window,
+                rings[end.index],
+                spec.reserved,
+                receive_window if end.credited else 0,
             ).told
             end.owner.relays[end.key] = end
-            self.limits[end.side] = RelayOpening(told, rings[1 - end.index] + end.window)
+            self.limits[end.side] = RelayOpening(told, receive_window, end.credited)
 
     # -- carrying out a flow's effects -------------------------------------------------------
 

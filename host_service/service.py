@@ -592,6 +592,7 @@ class Host:
             channel.relay_window = window
             # What this end's (empty) receive ring holds, plus the window.
             channel.relay_receive_window = segment.receive_window
+            channel.relay_receive_credited = segment.credited
         else:
             channel.shared_memory.CopyFrom(segment)
         attachment.send(hvsock_pb2.AttachResponse(request_id=plan.request_id, opened=channel))

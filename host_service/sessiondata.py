@@ -136,6 +136,9 @@ class SessionData:
         self._scheduled = False
         # The stream, while open: frames waiting to go out, and the loop's wake-up for them.
         self.streaming = False
+        #: The open stream's client holds frames for ends it has not seen open yet
+        #: (SessionDataRequest.early_frames): ends opening now are credited at once.
+        self.credits_new_ends = False
         self._out: collections.deque[
             tuple[hvsock_pb2.RelayFrame | DataFrame, RelayedEnd | None]
         ] = collections.deque()
@@ -155,14 +158,20 @@ class SessionData:
         channel_id: int,
         window: int,
         reserved: int | None = None,
+        receive_credit: int = 0,
     ) -> tuple[RingRelay, int]:
         """Register this session's relayed end of ``channel_id``; returns it and its first
         send limit (what the peer's empty ring takes plus the window the budget gives it;
-        ``reserved``: what it gave already)."""
+        ``reserved``: what it gave already). ``receive_credit``: its first credit, when it
+        opens credited (its reader starts at once)."""
         index = 0 if side is Side.CONNECTOR else 1
-        rules = self.rules.open_end(channel_id, index, window, end.tx.writable(), reserved)
+        rules = self.rules.open_end(
+            channel_id, index, window, end.tx.writable(), reserved, receive_credit
+        )
         relay = RingRelay(end, side, vm_id, self.session_id, channel_id, self, rules.told)
         self.relays[relay.key] = relay
+        if receive_credit:
+            relay.credit(receive_credit)
         return relay, rules.told
 
     def rescinded(self, relay: RingRelay, reason: str) -> None:
@@ -357,6 +366,7 @@ class SessionData:
         """The stream's responses (after :meth:`open_stream`), reading ``requests``
         meanwhile; every relayed end still open when the stream ends (however it ends) is
         torn down."""
+        self.credits_new_ends = first.early_frames
         reader = asyncio.create_task(self._read(first, requests))
         reader.add_done_callback(lambda _: self._wake.set())
         try:
@@ -370,7 +380,7 @@ class SessionData:
             if reader.done() and not reader.cancelled() and (error := reader.exception()):
                 raise error  # a malformed request, or a rule of the stream broken
         finally:
-            self.streaming = False
+            self.streaming = self.credits_new_ends = False
             reader.cancel()
             # Its exception, if any, was raised above (or the stream ended some other way
             # first): the ends must be torn down whatever it was.

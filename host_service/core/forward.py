@@ -193,7 +193,9 @@ class Flow:
         "written",
     )
 
-    def __init__(self, ring: int, capacity: int, max_unsent: int) -> None:
+    def __init__(self, ring: int, capacity: int, max_unsent: int, credit: int = 0) -> None:
+        """``credit``: the receiver's first credit when it opened credited (its receive
+        window, ``capacity``), else 0: nothing goes to it before its first grant."""
         if not 0 < ring <= capacity:
             raise ValueError(f"ring {ring} must be positive and at most capacity {capacity}")
         if max_unsent <= 0:
@@ -209,7 +211,7 @@ class Flow:
         self.delivered = 0
         self.forwarded = 0
         self.written = 0
-        self.credit = 0
+        self.credit = credit
         self.stalled = False
         self._fin_done = False
         self._pushed = ""  # the last of FIN and close pushed ("" none yet)

@@ -29,6 +29,9 @@ never hurts: the larger value wins):
   strict end still moves its bytes, at a ring's pace.
 * Host -> client. The host sends no data beyond the client's ``receive_limit`` (its credit),
   and nothing before the first: a client registers a channel with the stream by granting.
+  An end may instead open credited (``open_end(receive_limit=...)``: its stream said it holds
+  frames for ends it has not seen open yet), its first limit being its receive window: the
+  host may send at once, which saves the client's first grant and a round trip.
 
 Rules of this file:
 
@@ -231,7 +234,15 @@ class RelayEnd:
         "window",
     )
 
-    def __init__(self, channel_id: int, end: int, window: int, room: int, reserved: int) -> None:
+    def __init__(
+        self,
+        channel_id: int,
+        end: int,
+        window: int,
+        room: int,
+        reserved: int,
+        receive_limit: int = 0,
+    ) -> None:
         self.channel_id = channel_id
         self.end = end
         self.state = EndState.OPEN
@@ -245,7 +256,7 @@ class RelayEnd:
         self.send_limit = self.told = room + reserved
         self.step = max(self.send_limit // 4, 1)
         #: Host -> client: the client's credit and the bytes sent to it.
-        self.receive_limit = 0
+        self.receive_limit = receive_limit
         self.sent = 0
 
     @property
@@ -278,12 +289,19 @@ class RelaySession:
     # -- ends ------------------------------------------------------------------------------
 
     def open_end(
-        self, channel_id: int, end: int, window: int, room: int, reserved: int | None = None
+        self,
+        channel_id: int,
+        end: int,
+        window: int,
+        room: int,
+        reserved: int | None = None,
+        receive_limit: int = 0,
     ) -> RelayEnd:
         """A relayed end of this session opened; ``room`` is what the peer's empty ring takes,
         so its first send limit (Channel.relay_send_limit) is ``room + window``, or less when
         the budget has less than ``window`` left (``reserved``: what the budget gave it already,
-        for an end told its first limit before it opened here)."""
+        for an end told its first limit before it opened here). ``receive_limit``: its first
+        credit when it opens credited (Channel.relay_receive_credited), else 0 (none yet)."""
         if end not in (0, 1):
             raise InvalidArgument(f"end {end} is not 0 (connector) or 1 (acceptor)")
         if (channel_id, end) in self._ends:
@@ -293,7 +311,7 @@ class RelaySession:
         if reserved is None:
             reserved = self.budget.take(window)
         relay_end = self._ends[(channel_id, end)] = RelayEnd(
-            channel_id, end, window, room, reserved
+            channel_id, end, window, room, reserved, receive_limit
         )
         return relay_end
 

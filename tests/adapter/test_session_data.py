@@ -54,6 +54,17 @@ async def _frames(call: Any) -> list[hvsock_pb2.RelayFrame]:
     return list(response.frames)
 
 
+async def _until_unknown_answered(call: Any) -> list[hvsock_pb2.RelayFrame]:
+    """The frames that come before the host's NOT_FOUND answer to a frame for channel 99."""
+    before: list[hvsock_pb2.RelayFrame] = []
+    while True:
+        for frame in await _frames(call):
+            if frame.channel_id == 99:
+                assert frame.reset.code == grpc.StatusCode.NOT_FOUND.value[0], frame
+                return before
+            before.append(frame)
+
+
 async def test_the_first_send_limit_is_the_ring_room_plus_the_window() -> None:
     async with in_process_host(relay_window=100_000) as h:
         _guest, _root, mine, theirs = await _pair(h)
@@ -62,6 +73,8 @@ async def test_the_first_send_limit_is_the_ring_room_plus_the_window() -> None:
         room = mine.relay_send_limit - 100_000
         assert 4000 < room < 4096  # the 2-page ring, less its framing
         assert theirs.relay_receive_window == room + 100_000  # the same ring, read by root
+        # No stream was open as they opened: nothing comes to either before its first credit.
+        assert not mine.relay_receive_credited and not theirs.relay_receive_credited
         _, _, mine, _ = await _pair(h, relay_window=0)
         assert mine.relay_window == 0 and mine.relay_send_limit == room
 
@@ -252,3 +265,107 @@ async def test_idle_relayed_ends_hold_no_thread() -> None:
         assert ringrelay._WATCHER.threads <= 2
         for call, _ in streams:
             call.cancel()
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["forwarded", "on-rings"])
+async def test_an_end_opening_on_a_stream_that_takes_early_frames_is_credited(
+    forward: bool,
+) -> None:
+    """SessionDataRequest.early_frames: an end that opens while its session's stream said so is
+    credited with its receive window at once (Channel.relay_receive_credited), so its peer's
+    data and FIN reach it with no credit from it; an end of a stream that did not say so gets
+    nothing before its first credit, as before (nor does one that opens with no stream open:
+    see the first test)."""
+    async with in_process_host(forward=forward) as h:
+        number = next(_NAMES)
+        service = addresses.service_id_for_port(5100 + number)
+        created = await h.admin.CreatePartition(
+            hvsock_pb2.CreatePartitionRequest(name=f"vm{number}"), metadata=h.admin_metadata
+        )
+        root = await h.attach(hvsock_pb2.Hello(host=True, token=h.token))
+        guest = await h.attach(hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token))
+        gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
+        await gs.write(
+            hvsock_pb2.SessionDataRequest(
+                session=guest.welcome.session,
+                early_frames=True,  # type: ignore[union-attr]
+            )
+        )
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(session=root.welcome.session)  # type: ignore[union-attr]
+        )
+        listening = await root.request(
+            listen=hvsock_pb2.Listen(
+                address=hvsock_pb2.Address(vm_id=addresses.WILDCARD, service_id=service),
+                auto_accept=2,
+            )
+        )
+        assert listening.HasField("listening"), listening
+        # Both streams are open (the host has read their first requests) once a frame for an
+        # unknown channel is answered on each.
+        for stream in (gs, rs):
+            await stream.write(
+                hvsock_pb2.SessionDataRequest(
+                    frames=[hvsock_pb2.RelayFrame(channel_id=99, credit=1)]
+                )
+            )
+            await _until_unknown_answered(stream)
+
+        async def connect() -> tuple[Any, Any]:
+            opened = await guest.request(
+                connect=hvsock_pb2.Connect(
+                    remote=hvsock_pb2.Address(vm_id=addresses.PARENT, service_id=service)
+                )
+            )
+            assert opened.HasField("opened"), opened
+            theirs = await root.next_unsolicited()
+            assert theirs.HasField("opened"), theirs
+            return opened.opened, theirs.opened
+
+        mine, theirs = await connect()
+        assert mine.relay_receive_credited and not theirs.relay_receive_credited
+        cid = mine.channel_id
+        # The root's data and FIN come to the guest, which never granted anything.
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, data=b"first", fin=True)]
+            )
+        )
+        got, fin = b"", False
+        while not fin:
+            for frame in await _frames(gs):
+                assert (frame.channel_id, frame.end) == (cid, 0), frame
+                assert not frame.HasField("reset"), frame
+                got += frame.data
+                fin = fin or frame.fin
+        assert got == b"first"
+        # The other way, nothing comes before the root's first credit: once the host has
+        # taken the guest's data (it answers the unknown channel behind it), the root's next
+        # frame is the answer to its own unknown channel, not data.
+        await gs.write(
+            hvsock_pb2.SessionDataRequest(
+                frames=[
+                    hvsock_pb2.RelayFrame(channel_id=cid, end=0, data=b"back"),
+                    hvsock_pb2.RelayFrame(channel_id=99, credit=1),
+                ]
+            )
+        )
+        await _until_unknown_answered(gs)
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(frames=[hvsock_pb2.RelayFrame(channel_id=99, credit=1)])
+        )
+        assert not any(frame.data for frame in await _until_unknown_answered(rs))
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(
+                frames=[
+                    hvsock_pb2.RelayFrame(channel_id=cid, end=1, credit=theirs.relay_receive_window)
+                ]
+            )
+        )
+        got = b""
+        while len(got) < 4:
+            for frame in await _frames(rs):
+                got += frame.data
+        assert got == b"back"
+        gs.cancel()
+        rs.cancel()

@@ -88,6 +88,15 @@ def test_nothing_goes_before_the_receivers_first_credit() -> None:
     assert (f.delivered, f.forwarded, f.held) == (3, 3, 0)
 
 
+def test_a_receiver_that_opened_credited_gets_data_and_fin_at_once() -> None:
+    """Its stream takes early frames (Channel.relay_receive_credited): its receive window is
+    its first credit, so nothing waits for a grant."""
+    f = Flow(RING, RING + WINDOW, UNSENT, credit=RING + WINDOW)
+    assert f.push(b"abc") == [ForwardData(b"abc"), Progress(3, RING - 3)]
+    assert f.push_fin() == [ForwardFin(), SenderFin()]
+    assert f.grant(RING + WINDOW) == []  # the same credit again: nothing new
+
+
 def test_data_is_split_where_the_credit_ends() -> None:
     f = flow()
     f.grant(5)

@@ -223,6 +223,19 @@ def test_sent_within_credit() -> None:
     s.sent(CID + 9, 0, 1)  # an end already forgotten: nothing to count
 
 
+def test_an_end_opened_credited_may_be_sent_its_window_at_once() -> None:
+    s = RelaySession()
+    s.open_end(CID, 0, WINDOW, ROOM, receive_limit=ROOM + WINDOW)
+    end = s.get(CID, 0)
+    assert end is not None and end.sendable == ROOM + WINDOW
+    s.sent(CID, 0, ROOM + WINDOW)
+    with pytest.raises(InvalidArgument, match="credit"):
+        s.sent(CID, 0, 1)
+    # The client's own grants still only move the limit up.
+    assert s.receive(CID, 0, credit=10) == []
+    assert s.receive(CID, 0, credit=ROOM + WINDOW + 5) == [ClientCredit(CID, 0, ROOM + WINDOW + 5)]
+
+
 def test_end_forgets() -> None:
     s = session()
     end = s.end(CID, 0)

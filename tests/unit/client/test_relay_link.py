@@ -1,0 +1,130 @@
+"""``guest_client._relay.Link`` and early frames: the host may send a credited end's frames on
+the SessionData stream before the attach stream's reader has built the end (the two streams are
+not ordered); the link holds them until the end is registered. No network: the stream is a
+fake call fed by the test."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from guest_client._relay import Link
+from hvsock.v1 import hvsock_pb2
+
+pytestmark = pytest.mark.unit
+
+_NOT_FOUND, _UNAVAILABLE = 5, 14
+
+
+class _FakeCall:
+    """The stream's responses, as the test hands them over: :meth:`send` returns once the link
+    has handled the response (it asked for the next one)."""
+
+    def __init__(self) -> None:
+        self.responses: queue.SimpleQueue[hvsock_pb2.SessionDataResponse | None] = (
+            queue.SimpleQueue()
+        )
+        self._asked = threading.Condition()
+        self._asks = 0  # how many responses the link has asked for
+        self._sent = 0
+
+    def __iter__(self) -> Iterator[hvsock_pb2.SessionDataResponse]:
+        while True:
+            with self._asked:
+                self._asks += 1
+                self._asked.notify_all()
+            response = self.responses.get()
+            if response is None:
+                return
+            yield response
+
+    def send(self, *frames: hvsock_pb2.RelayFrame) -> None:
+        self._sent += 1
+        self.responses.put(hvsock_pb2.SessionDataResponse(frames=frames))
+        with self._asked:
+            assert self._asked.wait_for(lambda: self._asks > self._sent, timeout=10)
+
+    def cancel(self) -> None:
+        self.responses.put(None)
+
+
+class _FakeChannel:
+    def __init__(self) -> None:
+        self.call = _FakeCall()
+
+    def stream_stream(self, *_args: Any, **_kwargs: Any) -> Any:
+        return lambda _requests: self.call
+
+
+def _channel(channel_id: int, credited: bool) -> hvsock_pb2.Channel:
+    return hvsock_pb2.Channel(
+        channel_id=channel_id,
+        data_path=hvsock_pb2.DATA_PATH_GRPC_RELAY,
+        geometry=hvsock_pb2.RingGeometry(send_ring_pages=2, recv_ring_pages=2, max_payload=4096),
+        relay_send_limit=4000,
+        relay_receive_window=8000,
+        relay_receive_credited=credited,
+    )
+
+
+@pytest.fixture
+def link() -> Iterator[tuple[Link, _FakeCall]]:
+    fake = _FakeChannel()
+    link = Link(fake, "session")  # type: ignore[arg-type]
+    first = link.open_end(_channel(1, credited=False), 0)  # starts the stream thread
+    assert first.pending()  # an end not credited queues its first credit
+    yield link, fake.call
+    link.close()
+
+
+def _read_all(pipe: Any) -> bytes:
+    got = bytearray()
+    buffer = bytearray(64)
+    while n := pipe.rx.read_into(buffer, 0, 5):
+        got += buffer[:n]
+    return bytes(got)
+
+
+def test_frames_before_the_end_is_built_are_held_for_it(link: tuple[Link, _FakeCall]) -> None:
+    link_, call = link
+    call.send(
+        hvsock_pb2.RelayFrame(channel_id=7, end=1, data=b"early "),
+        hvsock_pb2.RelayFrame(channel_id=7, end=1, data=b"bytes", fin=True),
+    )
+    pipe = link_.open_end(_channel(7, credited=True), 1)
+    assert not pipe.pending()  # credited as it opened: no first credit to send
+    assert _read_all(pipe) == b"early bytes"  # in order, then EOF
+    # The end is registered now: later frames go straight to it.
+    other = link_.open_end(_channel(8, credited=True), 0)
+    call.send(hvsock_pb2.RelayFrame(channel_id=8, end=0, data=b"late", fin=True))
+    assert _read_all(other) == b"late"
+
+
+def test_a_not_found_reset_for_an_unknown_end_is_not_held(link: tuple[Link, _FakeCall]) -> None:
+    """The host's answer to frames that crossed a reset names an end the link forgot; were it
+    held, a later end of that key would open reset (and the link would keep it forever)."""
+    link_, call = link
+    call.send(
+        hvsock_pb2.RelayFrame(channel_id=9, end=0, reset=hvsock_pb2.Error(code=_NOT_FOUND)),
+    )
+    pipe = link_.open_end(_channel(9, credited=True), 0)
+    assert not pipe.over
+    call.send(hvsock_pb2.RelayFrame(channel_id=9, end=0, data=b"ok", fin=True))
+    assert _read_all(pipe) == b"ok"
+
+
+def test_an_end_reset_before_it_is_built_opens_over(link: tuple[Link, _FakeCall]) -> None:
+    """A rescind can come right behind the opening: the end is built already over, its data
+    readable, then EOF."""
+    link_, call = link
+    call.send(
+        hvsock_pb2.RelayFrame(channel_id=11, end=0, data=b"last"),
+        hvsock_pb2.RelayFrame(channel_id=11, end=0, reset=hvsock_pb2.Error(code=_UNAVAILABLE)),
+    )
+    pipe = link_.open_end(_channel(11, credited=True), 0)
+    assert pipe.over and pipe.ended_by_host
+    assert _read_all(pipe) == b"last"
