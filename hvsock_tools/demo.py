@@ -110,6 +110,15 @@ class LocalHost:
         return env
 
 
+def _accepts_connections(path: pathlib.Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:  # not there yet, or not listening yet
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def local_host(
     *extra: str, prefix: str = "hvsock-demo", log_level: str = "INFO"
@@ -146,7 +155,8 @@ def local_host(
                 env=env,
             )
         deadline = time.monotonic() + 30
-        while b"serving on" not in log_path.read_bytes():
+        # Ready once its Unix socket takes a connection (whatever the log level lets it say).
+        while not _accepts_connections(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"hvsock-host did not start:\n{log_path.read_text()}")
             time.sleep(0.02)

@@ -50,3 +50,13 @@ def test_demo_echoes_on_both_data_paths_and_cleans_up() -> None:
     assert len(pids) == 3, out  # the host service and the two VMs
     assert not [pid for pid in pids if pathlib.Path(f"/proc/{pid}").exists()]
     assert _demo_dirs() <= before
+
+
+def test_local_host_starts_whatever_its_log_level() -> None:
+    """It waits for the host's socket, not for a log line a quieter level would not print."""
+    from hvsock_tools.demo import local_host
+
+    with local_host(prefix="hvsock-quiet", log_level="WARNING") as host:
+        vm_id, _token = host.create_vm("quiet")
+        assert vm_id
+        assert b"serving on" not in host.log_path.read_bytes()
