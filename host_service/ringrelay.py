@@ -21,9 +21,15 @@ three things to start it again:
 
 Before parking in the watcher, a pump that has just moved bytes waits in the ring for
 :data:`GRACE` seconds (spinning, then a futex sleep), so a busy stream keeps its thread and
-pays no hand-off, while an idle one lets it go. The reader reads small amounts into buffers of
-their size and large ones into a buffer of its worker thread (allocated on the first large read
-of that thread): window buffers exist while data is in flight, never per channel.
+pays no hand-off, while an idle one lets it go. The reader's job begins on the loop (started
+there, or resumed there by the watcher), which never waits: an end that has just opened parks
+from there, and a little data or an EOF (a round trip's answer after an idle spell, a connect
+cycle's end) is read there, saving the hand-offs to a worker and back; once data moved, or
+when the ring holds more, the job goes on on a worker.
+
+The reader reads small amounts into buffers of their size and large ones into a buffer of its
+worker thread (allocated on the first large read of that thread): window buffers exist while
+data is in flight, never per channel.
 
 State. Per direction, ``_rx_active`` / ``_tx_active`` say a job runs, is queued, or is parked in
 the watcher; at most one job per direction exists, and only the code that clears the flag (a
@@ -349,7 +355,7 @@ class RingRelay:
                 return
             self._rx_active, self._parked = True, False
             self._alive += 1
-        _WORKERS.run(self._read_ring, "hvsock-relay-rx")
+        self._read_on_loop()  # every kick comes from the loop (credit, written_out, stalls)
 
     def _reader_may_go(self) -> bool:  # under _lock
         return self._credit > self._read and self._unsent < MAX_UNSENT and self._recv_open
@@ -412,7 +418,8 @@ class RingRelay:
         _WORKERS.run(self._write_ring, "hvsock-relay-tx")
 
     def _resume_reader(self) -> None:
-        _WORKERS.run(self._read_ring, "hvsock-relay-rx")
+        if not self.owner.call_soon(self._read_on_loop):  # the loop is gone: stopping
+            _WORKERS.run(self._read_ring, "hvsock-relay-rx")
 
     # -- the writer: client -> ring ------------------------------------------------------------
 
@@ -518,15 +525,29 @@ class RingRelay:
 
     # -- the reader: ring -> client ------------------------------------------------------------
 
-    def _read_ring(self) -> None:
-        while (over := self._read_until_idle()) is not None and self._end_job(True, over):
-            pass
+    def _read_ring(self, moved: bool = False) -> None:
+        """The reader's job on a worker (``moved``: the loop has just moved data for it)."""
+        while (over := self._read_until_idle(moved)) is not None and self._end_job(True, over):
+            moved = False
 
-    def _read_until_idle(self) -> bool | None:
+    def _read_moved(self) -> None:
+        self._read_ring(True)
+
+    def _read_on_loop(self) -> None:
+        """The reader's job, begun on the loop, where it never waits: an end that has just
+        opened parks in the watcher from here; a ring that holds a little (a round trip's
+        answer, a connect cycle's EOF) is read here, which saves handing the job to a worker
+        and the data back. Once data moved, or when the ring holds more, the job goes on on a
+        worker, which waits a while for more (``GRACE``) as always."""
+        over = self._read_until_idle(on_loop=True)
+        if over is not None and self._end_job(True, over):
+            _WORKERS.run(self._read_ring, "hvsock-relay-rx")
+
+    def _read_until_idle(self, moved: bool = False, on_loop: bool = False) -> bool | None:
         """Read while there is credit: False (out of credit, or stalled), True (over for
-        good), or None (parked in the watcher, whose callback runs the next job)."""
+        good), or None (parked in the watcher, whose callback runs the next job; or, from
+        the loop, handed to a worker: see :meth:`_read_on_loop`)."""
         rx, post = self.end.rx, self.owner.post
-        moved = False
         over = False
         try:
             while True:
@@ -547,6 +568,9 @@ class RingRelay:
                     continue  # the check above ends the job; set_running() starts it again
                 # A small read into its own buffer; a large one into the thread's.
                 small = min(room, rx.readable())
+                if on_loop and small > _SMALL_READ:
+                    _WORKERS.run(self._read_ring, "hvsock-relay-rx")  # the job goes on there
+                    return None
                 target = bytearray(small) if small <= _SMALL_READ else _scratch()
                 try:
                     n = rx.read_into(target, min(room, len(target)), 0)
@@ -563,6 +587,9 @@ class RingRelay:
                 metrics.child(metrics.BYTES, "to_client").inc(n)
                 data = bytes(target) if n == len(target) else bytes(memoryview(target)[:n])
                 post(_DATA, self, data)
+                if on_loop:
+                    _WORKERS.run(self._read_moved, "hvsock-relay-rx")  # the job goes on there
+                    return None
                 moved = True
         except RingCorruptError as exc:
             # Ring contents are the peer's to spoil: the channel is rescinded and the client

@@ -223,6 +223,15 @@ class SessionData:
 
     # -- pumps -> loop ---------------------------------------------------------------------
 
+    def call_soon(self, callback: Callable[[], object]) -> bool:
+        """From a pump or the watcher: run ``callback`` on the loop; False if the loop is gone
+        (the server is stopping)."""
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:
+            return False
+        return True
+
     def post(self, kind: str, relay: RingRelay, value: Any) -> None:
         """From a pump: hand ``kind`` to the loop (batched: one wake-up for every post made
         before the loop gets to them)."""
