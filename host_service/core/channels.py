@@ -55,7 +55,7 @@ from host_service.core.notices import ChannelNotices
 from host_service.core.partitions import Partitions
 from host_service.core.records import _Channel, _Listener, _Partition
 from host_service.core.timers import TimerEntry, Timers
-from host_service.core.types import ChannelInfo, RingGeometry, Session, Side
+from host_service.core.types import SIDES, ChannelInfo, RingGeometry, Session, Side
 from hvsock_common.addresses import Address
 
 __all__ = ["Channels"]
@@ -129,16 +129,19 @@ class Channels:
         session of its own partition holds).
         """
         channel = self._channels.get(channel_id)
-        missing = f"no channel {channel_id} in session {session.session_id} of {partition.vm_id}"
-        if channel is None:
-            raise NotFound(missing)
-        sides = [
-            s
-            for s in Side
-            if channel.vm(s) == partition.vm_id and channel.session(s) == session.session_id
-        ]
-        if not sides:
-            raise NotFound(missing)
+        sides = (
+            []
+            if channel is None
+            else [
+                s
+                for s in SIDES
+                if channel.vm(s) == partition.vm_id and channel.session(s) == session.session_id
+            ]
+        )
+        if channel is None or not sides:
+            raise NotFound(
+                f"no channel {channel_id} in session {session.session_id} of {partition.vm_id}"
+            )
         if side is None:
             if len(sides) > 1:
                 raise InvalidArgument(
@@ -301,7 +304,7 @@ class Channels:
                 continue
             if session_id is None or any(
                 channel.vm(side) == partition.vm_id and channel.session(side) == session_id
-                for side in Side
+                for side in SIDES
             ):
                 out.extend(self.feed(channel, ChannelInput.RESCIND, now, reason))
         return out

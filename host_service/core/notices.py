@@ -39,7 +39,7 @@ from host_service.core.events import (
 )
 from host_service.core.partitions import Partitions
 from host_service.core.records import _Channel
-from host_service.core.types import Side
+from host_service.core.types import SIDES, Side
 
 __all__ = ["ChannelNotices"]
 
@@ -95,7 +95,7 @@ class ChannelNotices:
         )
 
     def established(self, out: list[Event], channel: _Channel, now: float) -> None:
-        for side in Side:
+        for side in SIDES:
             vm, owner = channel.vm(side), channel.session(side)
             if self._partitions.live(vm, owner):
                 self._events.emit(
@@ -149,7 +149,7 @@ class ChannelNotices:
         attached to it."""
         live = self._partitions.live
         if old not in CONNECTING_STATES:
-            for side in Side:
+            for side in SIDES:
                 if live(channel.vm(side), channel.session(side)):
                     self._rescinded(out, channel, side, now, reason)
             return
