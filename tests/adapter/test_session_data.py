@@ -21,8 +21,9 @@ SERVICE = addresses.service_id_for_port(5100)
 _NAMES = itertools.count(1)
 
 
-async def _pair(h: InProcessHost, **connect: Any) -> tuple[AttachStream, AttachStream, Any, Any]:
-    """(guest, root, guest's Channel, root's Channel): a relayed channel, guest -> host."""
+async def _attached(h: InProcessHost) -> tuple[AttachStream, AttachStream, str]:
+    """(guest, root, service): a new VM's session and the host's, the root listening on
+    ``service`` with auto-accept credit for two connects."""
     number = next(_NAMES)
     service = addresses.service_id_for_port(5100 + number)
     created = await h.admin.CreatePartition(
@@ -33,10 +34,17 @@ async def _pair(h: InProcessHost, **connect: Any) -> tuple[AttachStream, AttachS
     listening = await root.request(
         listen=hvsock_pb2.Listen(
             address=hvsock_pb2.Address(vm_id=addresses.WILDCARD, service_id=service),
-            auto_accept=1,
+            auto_accept=2,
         )
     )
     assert listening.HasField("listening"), listening
+    return guest, root, service
+
+
+async def _connect(
+    guest: AttachStream, root: AttachStream, service: str, **connect: Any
+) -> tuple[Any, Any]:
+    """(guest's Channel, root's Channel): a relayed channel, guest -> host."""
     opened = await guest.request(
         connect=hvsock_pb2.Connect(
             remote=hvsock_pb2.Address(vm_id=addresses.PARENT, service_id=service), **connect
@@ -45,7 +53,14 @@ async def _pair(h: InProcessHost, **connect: Any) -> tuple[AttachStream, AttachS
     assert opened.HasField("opened"), opened
     theirs = await root.next_unsolicited()
     assert theirs.HasField("opened"), theirs
-    return guest, root, opened.opened, theirs.opened
+    return opened.opened, theirs.opened
+
+
+async def _pair(h: InProcessHost, **connect: Any) -> tuple[AttachStream, AttachStream, Any, Any]:
+    """(guest, root, guest's Channel, root's Channel): a relayed channel, guest -> host."""
+    guest, root, service = await _attached(h)
+    mine, theirs = await _connect(guest, root, service, **connect)
+    return guest, root, mine, theirs
 
 
 async def _frames(call: Any) -> list[hvsock_pb2.RelayFrame]:
@@ -277,30 +292,13 @@ async def test_an_end_opening_on_a_stream_that_takes_early_frames_is_credited(
     nothing before its first credit, as before (nor does one that opens with no stream open:
     see the first test)."""
     async with in_process_host(forward=forward) as h:
-        number = next(_NAMES)
-        service = addresses.service_id_for_port(5100 + number)
-        created = await h.admin.CreatePartition(
-            hvsock_pb2.CreatePartitionRequest(name=f"vm{number}"), metadata=h.admin_metadata
-        )
-        root = await h.attach(hvsock_pb2.Hello(host=True, token=h.token))
-        guest = await h.attach(hvsock_pb2.Hello(vm_id=created.partition.vm_id, token=created.token))
+        guest, root, service = await _attached(h)
         gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
-        await gs.write(
-            hvsock_pb2.SessionDataRequest(
-                session=guest.welcome.session,
-                early_frames=True,  # type: ignore[union-attr]
-            )
-        )
+        guest_session = guest.welcome.session  # type: ignore[union-attr]
+        await gs.write(hvsock_pb2.SessionDataRequest(session=guest_session, early_frames=True))
         await rs.write(
             hvsock_pb2.SessionDataRequest(session=root.welcome.session)  # type: ignore[union-attr]
         )
-        listening = await root.request(
-            listen=hvsock_pb2.Listen(
-                address=hvsock_pb2.Address(vm_id=addresses.WILDCARD, service_id=service),
-                auto_accept=2,
-            )
-        )
-        assert listening.HasField("listening"), listening
         # Both streams are open (the host has read their first requests) once a frame for an
         # unknown channel is answered on each.
         for stream in (gs, rs):
@@ -310,19 +308,7 @@ async def test_an_end_opening_on_a_stream_that_takes_early_frames_is_credited(
                 )
             )
             await _until_unknown_answered(stream)
-
-        async def connect() -> tuple[Any, Any]:
-            opened = await guest.request(
-                connect=hvsock_pb2.Connect(
-                    remote=hvsock_pb2.Address(vm_id=addresses.PARENT, service_id=service)
-                )
-            )
-            assert opened.HasField("opened"), opened
-            theirs = await root.next_unsolicited()
-            assert theirs.HasField("opened"), theirs
-            return opened.opened, theirs.opened
-
-        mine, theirs = await connect()
+        mine, theirs = await _connect(guest, root, service)
         assert mine.relay_receive_credited and not theirs.relay_receive_credited
         cid = mine.channel_id
         # The root's data and FIN come to the guest, which never granted anything.
