@@ -418,7 +418,9 @@ class RingRelay:
         _WORKERS.run(self._write_ring, "hvsock-relay-tx")
 
     def _resume_reader(self) -> None:
-        if not self.owner.call_soon(self._read_on_loop):  # the loop is gone: stopping
+        # Stopping (the watch was cancelled), the job's end unmaps the rings: a worker's work,
+        # as it is when the loop is gone (the server stopping).
+        if self._stopping or not self.owner.call_soon(self._read_on_loop):
             _WORKERS.run(self._read_ring, "hvsock-relay-rx")
 
     # -- the writer: client -> ring ------------------------------------------------------------
