@@ -390,7 +390,14 @@ class Partition:
         with self._lock:
             listener = self._listeners.get(channel.listener_id) if channel.listener_id else None
         if listener is None or listener.closed:
-            self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id))
+            if channel.data_path == hvsock_pb2.DATA_PATH_GRPC_RELAY:
+                # Closed on its stream like any relayed end: the link takes the frames the
+                # host may have sent it already (a credited end's), and its close_done.
+                end = self._open_on_reader(channel, 1)
+                if end is not None:
+                    end.close()
+            else:
+                self.notify(close=hvsock_pb2.Close(channel_id=channel.channel_id))
             return
         end = self._open_on_reader(channel, 1)
         if end is not None:

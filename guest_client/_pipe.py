@@ -546,7 +546,7 @@ class RelayPipe(_NeverStalled):
             return 0
         tx, rx = self.tx, self.rx
         credit = 0
-        if not rx.done and rx.granted > self._granted:
+        if self._owes_credit():
             self._granted = credit = rx.granted
         if self._close_sent:
             if credit:
@@ -579,12 +579,20 @@ class RelayPipe(_NeverStalled):
             writer.add(self.channel_id, self.end, data=chunk, credit=credit, fin=fin, close=close)
         return len(chunk)
 
+    def _owes_credit(self) -> bool:
+        """Whether the host is to hear of more receive credit (lock held). The first credit
+        goes out even if the end stopped reading before it did (closed at once): the host
+        carries out neither end's FIN nor close toward a peer that never granted, so two ends
+        that both closed before granting would each wait for the other."""
+        rx = self.rx
+        return rx.granted > self._granted and (not rx.done or not self._granted)
+
     def pending(self) -> bool:
         """Whether :meth:`frames` has something to send (lock held)."""
         if self._over or self._close_sent:
             return False
-        tx, rx = self.tx, self.rx
-        if not rx.done and rx.granted > self._granted:
+        tx = self.tx
+        if self._owes_credit():
             return True
         if tx.is_rescinded:
             return False
