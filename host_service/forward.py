@@ -98,6 +98,11 @@ class ForwardEnd:
             effects = self.out.push_fin()
         elif is_close(item):
             effects = self.out.push_close()
+            # A closed end reads nothing more: its peer's bytes are dropped from now on and
+            # its peer's FIN and close complete. Not only once this close is carried out: that
+            # waits for the peer's credit, and a peer that closed without granting would wait
+            # for this end's in turn, for as long as the sessions live.
+            self.pair.carry_out(self.peer, self.into.receiver_gone())
         else:  # the stop marker never comes here: stop() is called instead
             raise errors.InvalidState(f"unexpected item {item!r} for a forwarded end")
         self.pair.carry_out(self, effects)

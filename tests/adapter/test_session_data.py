@@ -355,3 +355,27 @@ async def test_an_end_opening_on_a_stream_that_takes_early_frames_is_credited(
         assert got == b"back"
         gs.cancel()
         rs.cancel()
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["forwarded", "on-rings"])
+async def test_ends_that_close_before_granting_are_both_closed(forward: bool) -> None:
+    """A client that closes its end without ever granting credit (it never meant to read) must
+    not hold its peer's close: each end's close completes (close_done) though neither granted."""
+    async with in_process_host(forward=forward) as h:
+        guest, root, mine, _theirs = await _pair(h)
+        cid = mine.channel_id
+        gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
+        for stream, attached, end in ((gs, guest, 0), (rs, root, 1)):
+            await stream.write(
+                hvsock_pb2.SessionDataRequest(
+                    session=attached.welcome.session,  # type: ignore[union-attr]
+                    frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=end, close=True)],
+                )
+            )
+        for stream in (gs, rs):
+            frames: list[hvsock_pb2.RelayFrame] = []
+            while not any(frame.close_done for frame in frames):
+                frames += await _frames(stream)
+            assert not any(frame.HasField("reset") for frame in frames), frames
+        gs.cancel()
+        rs.cancel()
