@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -28,39 +29,15 @@ def _wait_for(condition: Callable[[], object], what: str) -> None:
         time.sleep(0.005)
 
 
-def test_ends_closed_before_granting_anything_still_close() -> None:
-    """The first channel of two sessions opens before either's SessionData stream, so neither
-    end is credited as it opens; both close at once, before their first credit went out. The
-    host forwards no FIN or close toward an end that never granted, so each close would wait
-    for the other's credit for as long as the sessions live: the first credit goes out with
-    the close."""
-    with local_host(prefix="hvsock-early", log_level="WARNING") as host:
-        server = host.partition(data_path="relay")
-        client = host.partition(vm=host.create_vm("quick"), data_path="relay")
-        try:
-            service = hv.service_id_for_port(5302)
-            listener = server.socket()
-            listener.bind((hv.HV_GUID_WILDCARD, service))
-            listener.listen(4)
-            connected = client.socket()
-            connected.connect((hv.HV_GUID_PARENT, service))
-            accepted, _ = listener.accept()
-            accepted.close()
-            connected.close()
-            for partition in (server, client):
-                link = partition._link
-                assert link is not None
-                _wait_for(lambda link=link: not link._pipes, "an end was never closed")
-        finally:
-            client.close()
-            server.close()
+class _Relayed(NamedTuple):
+    server: Any  # the host partition, relayed, listening on ``service``
+    client: Any  # a VM, relayed
+    listener: Any
+    service: str
 
 
-def test_an_opening_for_a_closed_listener_takes_its_early_frames() -> None:
-    """The host accepts a connect on a listener's behalf and sends the connector's data and FIN
-    to the listener's end before its partition routes the ``opened``; by then the listener is
-    closed. The end is still built and closed on its stream, so the frames are taken (and the
-    close answered) rather than held for an end that never comes."""
+@pytest.fixture
+def relayed() -> Iterator[_Relayed]:
     with local_host(prefix="hvsock-early", log_level="WARNING") as host:
         server = host.partition(data_path="relay")
         client = host.partition(vm=host.create_vm("early"), data_path="relay")
@@ -69,42 +46,70 @@ def test_an_opening_for_a_closed_listener_takes_its_early_frames() -> None:
             listener = server.socket()
             listener.bind((hv.HV_GUID_WILDCARD, service))
             listener.listen(4)
-            # A first connection opens the server's SessionData stream (ends opening after it
-            # are credited at once).
-            first = client.socket()
-            first.connect((hv.HV_GUID_PARENT, service))
-            accepted, _ = listener.accept()
-            accepted.close()
-            first.close()
-            # Hold the server's attach reader in an answer's callback, so the next opening
-            # waits behind it while its frames arrive on the other stream.
-            holding, release = threading.Event(), threading.Event()
-
-            def hold(_answer: hvsock_pb2.AttachResponse) -> None:
-                holding.set()
-                release.wait(TIMEOUT)
-
-            server.send_request(
-                on_answer=hold,
-                listen=hvsock_pb2.Listen(
-                    address=hvsock_pb2.Address(
-                        vm_id=hv.HV_GUID_WILDCARD, service_id=hv.service_id_for_port(5301)
-                    )
-                ),
-            )
-            assert holding.wait(TIMEOUT)
-            second = client.socket()
-            second.connect((hv.HV_GUID_PARENT, service))  # returns once the host accepted
-            second.sendall(b"early")
-            second.close()
-            link = server._link
-            assert link is not None
-            _wait_for(lambda: link._early, "the second end's frames did not arrive early")
-            listener.close()
-            release.set()
-            # The reader routes the opening: the end is built, takes its frames and closes;
-            # the host's close_done ends it, and the link holds nothing for it.
-            _wait_for(lambda: not link._early and not link._pipes, "the link still holds it")
+            yield _Relayed(server, client, listener, service)
         finally:
             client.close()
             server.close()
+
+
+def _connect_accept_close_at_once(r: _Relayed) -> None:
+    connected = r.client.socket()
+    connected.connect((hv.HV_GUID_PARENT, r.service))
+    accepted, _ = r.listener.accept()
+    accepted.close()
+    connected.close()
+
+
+def test_ends_closed_before_granting_anything_still_close(relayed: _Relayed) -> None:
+    """The first channel of two sessions opens before either's SessionData stream, so neither
+    end is credited as it opens; both close at once, before their first credit went out. The
+    host forwards no FIN or close toward an end that never granted, so each close would wait
+    for the other's credit for as long as the sessions live: the first credit goes out with
+    the close."""
+    _connect_accept_close_at_once(relayed)
+    for partition in (relayed.server, relayed.client):
+        link = partition._link
+        assert link is not None
+        _wait_for(lambda link=link: not link._pipes, "an end was never closed")
+
+
+def test_an_opening_for_a_closed_listener_takes_its_early_frames(relayed: _Relayed) -> None:
+    """The host accepts a connect on a listener's behalf and sends the connector's data and FIN
+    to the listener's end before its partition routes the ``opened``; by then the listener is
+    closed. The end is still built and closed on its stream, so the frames are taken (and the
+    close answered) rather than held for an end that never comes."""
+    server, client, listener, service = relayed
+    # A first connection opens the server's SessionData stream (ends opening after it are
+    # credited at once).
+    _connect_accept_close_at_once(relayed)
+    # Hold the server's attach reader in an answer's callback, so the next opening
+    # waits behind it while its frames arrive on the other stream.
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(_answer: hvsock_pb2.AttachResponse) -> None:
+        holding.set()
+        release.wait(TIMEOUT)
+
+    server.send_request(
+        on_answer=hold,
+        listen=hvsock_pb2.Listen(
+            address=hvsock_pb2.Address(
+                vm_id=hv.HV_GUID_WILDCARD, service_id=hv.service_id_for_port(5301)
+            )
+        ),
+    )
+    try:
+        assert holding.wait(TIMEOUT)
+        second = client.socket()
+        second.connect((hv.HV_GUID_PARENT, service))  # returns once the host accepted
+        second.sendall(b"early")
+        second.close()
+        link = server._link
+        assert link is not None
+        _wait_for(lambda: link._early, "the second end's frames did not arrive early")
+        listener.close()
+    finally:
+        release.set()
+    # The reader routes the opening: the end is built, takes its frames and closes; the
+    # host's close_done ends it, and the link holds nothing for it.
+    _wait_for(lambda: not link._early and not link._pipes, "the link still holds it")
