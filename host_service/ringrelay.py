@@ -168,7 +168,11 @@ class RingRelay:
         channel_id: int,
         owner: SessionData,
         told: int,
+        credit: int = 0,
     ) -> None:
+        """``credit``: the client's first receive credit, when the end opened credited; its
+        reader starts when the data plane next opens the stall gates (set_running), so a
+        stalled end reads nothing even then."""
         self.end = end
         self.side = side
         #: The end's number in frames: 0 the connector, 1 the acceptor.
@@ -183,10 +187,10 @@ class RingRelay:
         # Guards everything the pumps and the loop share below.
         self._lock = threading.Lock()
         self._told = told  # the client's send limit as told
-        self._credit = 0  # the client's receive limit
+        self._credit = credit  # the client's receive limit
         self._read = 0  # bytes read from the ring for the client
         self._unsent = 0  # of those, not yet written to the stream
-        self._reader = False  # the client granted credit: the reader is live
+        self._reader = credit > 0  # the client granted credit: the reader is live
         self._parked = False  # the reader stopped for credit (all it read is posted)
         self._rx_active = self._tx_active = False  # a job runs, is queued or is watched
         self._rx_over = self._tx_over = False  # the direction has ended for good

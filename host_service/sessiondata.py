@@ -163,15 +163,15 @@ class SessionData:
         """Register this session's relayed end of ``channel_id``; returns it and its first
         send limit (what the peer's empty ring takes plus the window the budget gives it;
         ``reserved``: what it gave already). ``receive_credit``: its first credit, when it
-        opens credited (its reader starts at once)."""
+        opens credited (the data plane's stall gates start its reader)."""
         index = 0 if side is Side.CONNECTOR else 1
         rules = self.rules.open_end(
             channel_id, index, window, end.tx.writable(), reserved, receive_credit
         )
-        relay = RingRelay(end, side, vm_id, self.session_id, channel_id, self, rules.told)
+        relay = RingRelay(
+            end, side, vm_id, self.session_id, channel_id, self, rules.told, receive_credit
+        )
         self.relays[relay.key] = relay
-        if receive_credit:
-            relay.credit(receive_credit)
         return relay, rules.told
 
     def rescinded(self, relay: RingRelay, reason: str) -> None:
