@@ -580,12 +580,9 @@ class RelayPipe(_NeverStalled):
         return len(chunk)
 
     def _owes_credit(self) -> bool:
-        """Whether the host is to hear of more receive credit (lock held). The first credit
-        goes out even if the end stopped reading before it did (closed at once): the host
-        carries out neither end's FIN nor close toward a peer that never granted, so two ends
-        that both closed before granting would each wait for the other."""
+        """Whether the host is to hear of more receive credit (lock held)."""
         rx = self.rx
-        return rx.granted > self._granted and (not rx.done or not self._granted)
+        return not rx.done and rx.granted > self._granted
 
     def pending(self) -> bool:
         """Whether :meth:`frames` has something to send (lock held)."""

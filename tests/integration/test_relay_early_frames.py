@@ -64,8 +64,8 @@ def test_ends_closed_before_granting_anything_still_close(relayed: _Relayed) -> 
     """The first channel of two sessions opens before either's SessionData stream, so neither
     end is credited as it opens; both close at once, before their first credit went out. The
     host forwards no FIN or close toward an end that never granted, so each close would wait
-    for the other's credit for as long as the sessions live: the first credit goes out with
-    the close."""
+    for the other's credit for as long as the sessions live, did the host not count a closed
+    end as gone for its peer's bytes."""
     _connect_accept_close_at_once(relayed)
     for partition in (relayed.server, relayed.client):
         link = partition._link
