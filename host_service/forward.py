@@ -138,17 +138,21 @@ class ForwardPair:
         self.ends = ends
         connector, acceptor = ends[Side.CONNECTOR], ends[Side.ACCEPTOR]
         connector.peer, acceptor.peer = acceptor, connector
+        # Each end's receive window: the ring its peer writes to it, plus its own window.
+        windows = {end.side: rings[1 - end.index] + end.window for end in ends.values()}
         for sender in (connector, acceptor):
             receiver = sender.peer
-            ring = rings[sender.index]
-            receive_window = ring + receiver.window
+            receive_window = windows[receiver.side]
             sender.out = receiver.into = Flow(
-                ring, receive_window, MAX_UNSENT, receive_window if receiver.credited else 0
+                rings[sender.index],
+                receive_window,
+                MAX_UNSENT,
+                receive_window if receiver.credited else 0,
             )
         self.limits: dict[Side, RelayOpening] = {}
         for spec in (first, second):
             end = ends[spec.side]
-            receive_window = rings[1 - end.index] + end.window
+            receive_window = windows[end.side]
             # Registered in both at once: a frame the rules know is a frame relays can take.
             told = end.owner.rules.open_end(
                 channel_id,

@@ -240,8 +240,7 @@ class SessionData:
             if self._scheduled:
                 return
             self._scheduled = True
-        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
-            self._loop.call_soon_threadsafe(self._take_posts)
+        self.call_soon(self._take_posts)  # False: the loop is gone, the server is stopping
 
     def _take_posts(self) -> None:
         with self._inbox_lock:
