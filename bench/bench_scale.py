@@ -61,7 +61,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -75,6 +74,7 @@ from hvsock_common import grpc_io  # noqa: E402
 with grpc_io.choosing():
     import grpc
 
+from guest_client._partition import AttachOutbox  # noqa: E402
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc  # noqa: E402
 from ring import shm  # noqa: E402
 from ring.handover import KIND_CHANNEL, connect, receive  # noqa: E402
@@ -201,28 +201,28 @@ class Descriptors:
 
 
 class Partition:
-    """One attach stream with many requests in flight (stubs only)."""
+    """One attach stream with many requests in flight (stubs, and the guest library's batching
+    of queued requests: as guest_client does, requests and responses travel in batches)."""
 
     def __init__(self, target: str, hello: hvsock_pb2.Hello) -> None:
         self.channel = grpc.insecure_channel(target)
         self.stub = hvsock_pb2_grpc.HostServiceStub(self.channel)
-        self._requests: queue.SimpleQueue[hvsock_pb2.AttachRequest | None] = queue.SimpleQueue()
+        self._requests = AttachOutbox()
         self._ids = itertools.count(1)
+        hello.response_batches = True
         self._requests.put(hvsock_pb2.AttachRequest(hello=hello))
-        self.call = self.stub.Attach(self._iter())
+        self.call = self.stub.Attach(iter(self._requests))
         self.welcome = next(self.call).welcome
+        self._requests.batches = self.welcome.request_batches
         self.inbox: queue.SimpleQueue[hvsock_pb2.AttachResponse | None] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def _iter(self) -> Iterator[hvsock_pb2.AttachRequest]:
-        while (request := self._requests.get()) is not None:
-            yield request
-
     def _read(self) -> None:
         with contextlib.suppress(grpc.RpcError):
-            for response in self.call:
-                self.inbox.put(response)
+            for message in self.call:
+                for response in message.batch or (message,):
+                    self.inbox.put(response)
         self.inbox.put(None)
 
     def send(self, **kind: Any) -> int:

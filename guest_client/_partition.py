@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common.conventions import MAX_ATTACH_BATCH
 
 from . import _pipe, errors
 from ._channel import ChannelEnd, Listener
@@ -150,11 +151,12 @@ class Partition:
     def _attach(self) -> None:
         """Open the attach stream and read the welcome (called again after the host restarts)."""
         self.stub = hvsock_pb2_grpc.HostServiceStub(self._channel)
-        requests: queue.SimpleQueue[hvsock_pb2.AttachRequest | None] = queue.SimpleQueue()
+        requests = AttachOutbox()
+        self._hello.response_batches = True
         requests.put(hvsock_pb2.AttachRequest(hello=self._hello))
         self._pending: dict[int, _Pending] = {}
         self._requests = requests
-        call = self.stub.Attach(_drain(requests), wait_for_ready=True)
+        call = self.stub.Attach(iter(requests), wait_for_ready=True)
         try:
             first = next(call)
         except grpc.RpcError as exc:
@@ -164,6 +166,7 @@ class Partition:
             self._attach_error = ConnectionResetError(errno.ECONNRESET, "host closed the stream")
             return
         welcome = first.welcome
+        requests.batches = welcome.request_batches
         self.vm_id = welcome.vm_id
         self.name = welcome.name
         self.is_host = welcome.host
@@ -248,8 +251,9 @@ class Partition:
 
     def _read(self, call: Any, generation: int) -> None:
         try:
-            for response in call:
-                self._route(response)
+            for message in call:
+                for response in message.batch or (message,):
+                    self._route(response)
         except grpc.RpcError as exc:
             reason = f"{exc.code().name}: {exc.details()}"
         else:
@@ -601,8 +605,30 @@ class Partition:
         return f"<Partition {kind} {getattr(self, 'vm_id', '?')} at {self.target}>"
 
 
-def _drain(
-    requests: queue.SimpleQueue[hvsock_pb2.AttachRequest | None],
-) -> Iterator[hvsock_pb2.AttachRequest]:
-    while (request := requests.get()) is not None:
-        yield request
+class AttachOutbox:
+    """The attach stream's requests, in order, ended by None. Once the host takes batches,
+    requests that queued up while the stream sent the last message leave in one message: gRPC's
+    stream sends one message at a time and the host reads one per round of its loop, so many
+    connects in flight would otherwise go no faster than those rounds."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[hvsock_pb2.AttachRequest | None] = queue.SimpleQueue()
+        self.put = self._queue.put
+        #: Welcome.request_batches (until the welcome is read, each request goes alone).
+        self.batches = False
+
+    def __iter__(self) -> Iterator[hvsock_pb2.AttachRequest]:
+        # One consumer (gRPC's request thread): empty() false means get() will not block.
+        waiting = self._queue
+        while (request := waiting.get()) is not None:
+            if not self.batches:
+                yield request
+                continue
+            batch = [request]
+            while len(batch) < MAX_ATTACH_BATCH and not waiting.empty():
+                if (request := waiting.get()) is None:
+                    break
+                batch.append(request)
+            yield batch[0] if len(batch) == 1 else hvsock_pb2.AttachRequest(batch=batch)
+            if request is None:
+                return

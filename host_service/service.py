@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.addresses import Address
-from hvsock_common.conventions import TOKEN_METADATA, new_token
+from hvsock_common.conventions import MAX_ATTACH_BATCH, TOKEN_METADATA, new_token
 
 from . import __version__, metrics
 from .core import errors
@@ -81,6 +81,8 @@ MAX_QUEUED_RESPONSES = 65536
 #: Why a session ends when its client ends its requests (its request stream, or its
 #: descriptor connection once requests moved there): the stream then ends OK.
 ATTACH_STREAM_ENDED = "attach stream ended"
+_BATCH_NOT_ALONE = "a request with a batch carries nothing else: no request_id, no kind"
+_BATCH_NESTED = "a request inside a batch holds no batch of its own"
 #: Events queued for one WatchEvents stream before the host cuts off a watcher that does not
 #: keep up (RESOURCE_EXHAUSTED): a watcher that stopped reading must not grow host memory.
 MAX_WATCH_BACKLOG = 10_000
@@ -126,6 +128,10 @@ def _geometry(ring: RingGeometry, max_payload: int) -> hvsock_pb2.RingGeometry:
     )
 
 
+def _error(err: errors.HvError) -> hvsock_pb2.AttachResponse:
+    return hvsock_pb2.AttachResponse(error=error_message(err))
+
+
 @dataclass(eq=False)
 class Attachment:
     """One live attach stream: one session of a partition (a partition may have several at
@@ -142,6 +148,8 @@ class Attachment:
     )
     #: Hello.peer_fin_notices: tell this session when a peer shuts down writing.
     peer_fin_notices: bool = False
+    #: Hello.response_batches: answers and events queued together leave in one message.
+    response_batches: bool = False
     #: The session proved it maps what it receives on this connection (ProveSharedMemory):
     #: its channel ends go on shared memory, their descriptors on this connection.
     shm_capable: bool = False
@@ -911,12 +919,22 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             # Inside the try: a client that hangs up before reading welcome is detached too.
             yield hvsock_pb2.AttachResponse(request_id=first.request_id, welcome=welcome)
             reader = asyncio.create_task(self._read_requests(request_iterator, attachment))
-            while True:
-                response = await attachment.responses.get()
+            queued = attachment.responses
+            # What queued up while the last message was being sent leaves in one message (to a
+            # client that takes batches): the stream sends one message per round of the loop.
+            while (response := await queued.get()) is not None:
+                if not attachment.response_batches:
+                    yield response
+                    continue
+                batch = [response]
+                while len(batch) < MAX_ATTACH_BATCH and queued.qsize():
+                    if (response := queued.get_nowait()) is None:
+                        break
+                    batch.append(response)
+                yield batch[0] if len(batch) == 1 else hvsock_pb2.AttachResponse(batch=batch)
                 if response is None:
-                    reason = attachment.ended or reason
                     break
-                yield response
+            reason = attachment.ended or reason
         finally:
             try:
                 if reader is not None:
@@ -969,6 +987,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             await abort(context, err)
         attachment = host.register(session)
         attachment.peer_fin_notices = hello.peer_fin_notices
+        attachment.response_batches = hello.response_batches
         info = core.get_partition(session.vm_id)
         welcome = hvsock_pb2.Welcome(
             vm_id=session.vm_id,
@@ -977,6 +996,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             session=attachment.secret,
             shm_socket=host.handover.address if host.handover is not None else "",
             control_socket=host.handover is not None,
+            request_batches=True,
             limits=limits_pb(core),
             host=session.is_host,
             token=new_token,
@@ -1023,16 +1043,35 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             attachment.end(ATTACH_STREAM_ENDED)
 
     def serve_request(self, request: hvsock_pb2.AttachRequest, attachment: Attachment) -> None:
-        """Carry out one request of the session, from its stream or its descriptor connection,
-        and send its answer (if it has one now)."""
+        """Carry out one request message of the session, from its stream or its descriptor
+        connection (a request, or a batch of them in order), and send each answer it has now."""
+        if not request.batch:
+            self._serve_one(request, attachment)
+        elif request.request_id or request.WhichOneof("kind"):
+            self._answer(request, attachment, _error(errors.InvalidArgument(_BATCH_NOT_ALONE)))
+        else:
+            for one in request.batch:
+                if one.batch:
+                    self._answer(one, attachment, _error(errors.InvalidArgument(_BATCH_NESTED)))
+                else:
+                    self._serve_one(one, attachment)
+
+    def _serve_one(self, request: hvsock_pb2.AttachRequest, attachment: Attachment) -> None:
         if attachment.ended is not None:
             return
         try:
             response = self._handle(request, attachment)
         except errors.HvError as err:
-            response = hvsock_pb2.AttachResponse(error=error_message(err))
-        if response is None:
-            return
+            response = _error(err)
+        if response is not None:
+            self._answer(request, attachment, response)
+
+    def _answer(
+        self,
+        request: hvsock_pb2.AttachRequest,
+        attachment: Attachment,
+        response: hvsock_pb2.AttachResponse,
+    ) -> None:
         if request.request_id == 0:
             # A notification (close, shutdown, unlisten the client does not wait on): never
             # answered; a failure is only logged.

@@ -10,13 +10,24 @@ import os
 import pathlib
 import secrets
 
-__all__ = ["DEFAULT_TARGET", "TOKEN_METADATA", "default_host_token_file", "new_token"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "MAX_ATTACH_BATCH",
+    "TOKEN_METADATA",
+    "default_host_token_file",
+    "new_token",
+]
 
 #: Where ``hvsock-host`` listens unless told otherwise, and so where clients look first.
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 #: gRPC metadata key carrying the host partition's token on admin calls.
 TOKEN_METADATA = "x-hvsock-token"
+
+#: Most requests in one AttachRequest.batch, and responses in one AttachResponse.batch (the
+#: proto says 256). Attach messages are at most a few hundred bytes each, so a full batch stays
+#: far below gRPC's 4 MiB receive default and the host's 1 MiB request limit.
+MAX_ATTACH_BATCH = 256
 
 
 def default_host_token_file() -> pathlib.Path:

@@ -4,6 +4,7 @@ by the test (connect and close timeouts fire when the clock says, not after real
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import grpc
 import pytest
@@ -157,3 +158,77 @@ async def test_reflection_answers_under_v1_and_v1alpha() -> None:
             await call.done_writing()
             names = {s.name for s in response.list_services_response.service}
             assert {"hvsock.v1.HostService", "grpc.reflection.v1.ServerReflection"} <= names
+
+
+def _listen(request_id: int, port: int) -> hvsock_pb2.AttachRequest:
+    address = hvsock_pb2.Address(
+        vm_id=addresses.WILDCARD, service_id=addresses.service_id_for_port(port)
+    )
+    return hvsock_pb2.AttachRequest(
+        request_id=request_id, listen=hvsock_pb2.Listen(address=address)
+    )
+
+
+async def _attached_raw(h: InProcessHost, **hello: Any) -> Any:
+    """A host attach stream read message by message (batches left as they came)."""
+    call = h.host_api.Attach()
+    await call.write(
+        hvsock_pb2.AttachRequest(hello=hvsock_pb2.Hello(host=True, token=h.token, **hello))
+    )
+    welcome = (await call.read()).welcome
+    assert welcome.request_batches
+    return call
+
+
+def _answers(message: hvsock_pb2.AttachResponse) -> list[tuple[int, str, int]]:
+    """(request id, kind, errno) of each response in a message."""
+    return [
+        (one.request_id, one.WhichOneof("kind"), one.error.errno.errno)
+        for one in message.batch or (message,)
+    ]
+
+
+@pytest.mark.parametrize("response_batches", [True, False])
+async def test_a_request_batch_is_carried_out_in_order_and_each_answered_alone(
+    response_batches: bool,
+) -> None:
+    async with in_process_host() as h:
+        call = await _attached_raw(h, response_batches=response_batches)
+        # The third listens where the first does: only in order is it the one refused.
+        batch = [_listen(1, 5001), _listen(2, 5002), _listen(3, 5001)]
+        await call.write(hvsock_pb2.AttachRequest(batch=batch))
+        expected = [(1, "listening", 0), (2, "listening", 0), (3, "error", errno.EADDRINUSE)]
+        # The three answers are queued by one request message, before the stream sends any:
+        # a session that takes batches gets them in one message, any other one each alone.
+        messages = [await call.read() for _ in range(1 if response_batches else 3)]
+        assert [answer for message in messages for answer in _answers(message)] == expected
+        assert all(bool(message.batch) == response_batches for message in messages)
+        call.cancel()
+
+
+async def test_a_batch_with_a_request_id_of_its_own_is_refused_whole() -> None:
+    async with in_process_host() as h:
+        call = await _attached_raw(h)
+        await call.write(hvsock_pb2.AttachRequest(request_id=7, batch=[_listen(1, 5001)]))
+        assert _answers(await call.read()) == [(7, "error", errno.EINVAL)]
+        # Nothing of that batch was carried out: its address is free.
+        await call.write(_listen(8, 5001))
+        assert _answers(await call.read()) == [(8, "listening", 0)]
+        call.cancel()
+
+
+async def test_a_batch_inside_a_batch_is_refused_alone() -> None:
+    async with in_process_host() as h:
+        call = await _attached_raw(h)
+        nested = hvsock_pb2.AttachRequest(request_id=2, batch=[_listen(3, 5002)])
+        await call.write(
+            hvsock_pb2.AttachRequest(batch=[_listen(1, 5001), nested, _listen(4, 5002)])
+        )
+        answers = [await call.read() for _ in range(3)]
+        assert [_answers(answer)[0] for answer in answers] == [
+            (1, "listening", 0),
+            (2, "error", errno.EINVAL),
+            (4, "listening", 0),  # the nested batch's listen on 5002 never happened
+        ]
+        assert "no batch of its own" in answers[1].error.message
+        call.cancel()

@@ -192,7 +192,13 @@ channel_frame = data_request
 channel_data = st.tuples(st.booleans(), known, st.lists(channel_frame, min_size=0, max_size=4))
 
 action = st.one_of(
-    st.tuples(st.just("live"), st.booleans(), st.lists(attach_request, min_size=1, max_size=4)),
+    # (which live session, its requests, sent in one AttachRequest.batch or one by one)
+    st.tuples(
+        st.just("live"),
+        st.booleans(),
+        st.lists(attach_request, min_size=1, max_size=4),
+        st.booleans(),
+    ),
     st.tuples(st.just("fresh"), st.lists(attach_request, min_size=0, max_size=4)),
     st.tuples(st.just("admin"), admin_request, token_choice),
     st.tuples(st.just("data"), channel_data),
@@ -253,7 +259,7 @@ class Harness:
     def run(self, item: Any) -> None:
         kind = item[0]
         if kind == "live":
-            self._live(self.live[int(item[1])], item[2])
+            self._live(self.live[int(item[1])], item[2], item[3])
         elif kind == "fresh":
             self._fresh(item[1])
         elif kind == "admin":
@@ -261,13 +267,16 @@ class Harness:
         else:
             self._data(*item[1])
 
-    def _live(self, partition: RawPartition, items: list[Any]) -> None:
-        ids = []
-        for item in items:
-            request = self._build(item)
-            # Our own request ids, so answers can be told apart; connects are not awaited (a
-            # missing service answers only after the connect timeout).
-            ids.append((partition.send(**_kind_of(request)), request.WhichOneof("kind")))
+    def _live(self, partition: RawPartition, items: list[Any], batched: bool) -> None:
+        requests = [self._build(item) for item in items]
+        kinds = [request.WhichOneof("kind") for request in requests]
+        # Our own request ids, so answers can be told apart; connects are not awaited (a
+        # missing service answers only after the connect timeout).
+        if batched:
+            sent = partition.send_batch([_kind_of(request) for request in requests])
+        else:
+            sent = [partition.send(**_kind_of(request)) for request in requests]
+        ids = list(zip(sent, kinds, strict=True))
         self.requests += len(items)
         for request_id, kind in ids:
             if kind == "connect":

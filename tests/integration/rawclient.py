@@ -67,6 +67,17 @@ class RawPartition:
         self._requests.put(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
         return request_id
 
+    def send_batch(self, requests: list[dict[str, Any]]) -> list[int]:
+        """Send requests (each a ``kind=message`` dict) in one AttachRequest.batch; their ids."""
+        batch = []
+        for kind in requests:
+            request_id = next(self._ids)
+            self.answers.setdefault(request_id, queue.SimpleQueue())
+            self._kinds[request_id] = next(iter(kind), "")
+            batch.append(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
+        self._requests.put(hvsock_pb2.AttachRequest(batch=batch))
+        return [request.request_id for request in batch]
+
     def answer(self, request_id: int, timeout: float = 10) -> hvsock_pb2.AttachResponse:
         return self.answers[request_id].get(timeout=timeout)
 
