@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from hvsock.v1 import hvsock_pb2
 from hvsock_common.relaywire import RESPONSE_FRAMES, FrameWriter
-from ring import shm
+from ring import RingCorruptError, shm
 
 from .core import errors
 from .core.relay import (
@@ -184,9 +184,17 @@ class SessionData:
 
     def _finish_when_drained(self, relay: RingRelay) -> None:
         """Finish a rescinded (or corrupt) end with its reset now if nothing more can reach
-        the client; otherwise its reader's EOF will."""
-        if relay.reader_eof or not relay._reader or not self.streaming:
+        the client; otherwise its reader's EOF will. An end whose client has not granted yet
+        keeps what its ring holds for that first credit (the channel may be over, both ends
+        having sent FIN, with the data sent before them unread): its reader starts then."""
+        if relay.reader_eof or not self.streaming:
             self._finish_reset(relay)
+            return
+        if not relay._reader:
+            # No reader has run, nor will before a credit (on the loop): the ring is ours to
+            # look at from here. A corrupt one is not read at all.
+            if relay.corrupt is not None or not _holds_data(relay.end.rx):
+                self._finish_reset(relay)
             return
         with relay._lock:
             parked = relay._parked
@@ -441,6 +449,15 @@ class SessionData:
         """The attach session is over: end the stream (UNAVAILABLE)."""
         self.ended = reason
         self._wake.set()
+
+
+def _holds_data(rx: Any) -> bool:
+    """Whether a ring nobody reads now holds anything to read (False when it cannot be read:
+    corrupt, or unmapped)."""
+    try:
+        return bool(rx.readable())
+    except (RingCorruptError, OSError):
+        return False
 
 
 def _reset(error: errors.HvError) -> hvsock_pb2.RelayFrame:

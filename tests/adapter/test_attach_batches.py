@@ -10,6 +10,7 @@ import asyncio
 import itertools
 from typing import Any
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -84,7 +85,9 @@ async def _answers(
         )
         last = await asyncio.wait_for(call.read(), 5)
         assert [one.request_id for one in last.batch or (last,)] == [1000]
-        call.cancel()
+        # Ending the requests ends the session and then the stream, with nothing more.
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
         return answers
 
 

@@ -379,3 +379,54 @@ async def test_ends_that_close_before_granting_are_both_closed(forward: bool) ->
             assert not any(frame.HasField("reset") for frame in frames), frames
         gs.cancel()
         rs.cancel()
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["forwarded", "on-rings"])
+async def test_an_end_that_grants_after_both_fins_still_reads_what_was_sent(
+    forward: bool,
+) -> None:
+    """Both ends shut down writing, one of them before it granted any credit: the channel is
+    over (both FINs; the host rescinds it), but what the peer sent before its FIN is still that
+    end's to read, as on Hyper-V, where the rescind leaves the ring's data readable. Once it
+    grants, it gets the data, then the end of the stream (FIN or the rescind's reset)."""
+    async with in_process_host(forward=forward) as h:
+        guest, root, mine, _theirs = await _pair(h)
+        cid = mine.channel_id
+        gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
+        await gs.write(
+            hvsock_pb2.SessionDataRequest(
+                session=guest.welcome.session,  # type: ignore[union-attr]
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=0, data=b"hello", fin=True)],
+            )
+        )
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(
+                session=root.welcome.session,  # type: ignore[union-attr]
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, fin=True)],
+            )
+        )
+        # The channel is over once the guest's end hears of it (the root's FIN, or the reset
+        # of the channel rescinded on both FINs: it granted nothing, so that waits for it).
+        await gs.write(
+            hvsock_pb2.SessionDataRequest(
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=0, credit=1 << 20)]
+            )
+        )
+        while not any(frame.fin or frame.HasField("reset") for frame in await _frames(gs)):
+            pass
+        await rs.write(
+            hvsock_pb2.SessionDataRequest(
+                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, credit=1 << 20)]
+            )
+        )
+        got, last = b"", None
+        while last is None:
+            for frame in await _frames(rs):
+                assert (frame.channel_id, frame.end) == (cid, 1), frame
+                got += frame.data
+                if frame.fin or frame.HasField("reset"):
+                    last = frame
+        assert got == b"hello"
+        assert last.fin or last.reset.code == grpc.StatusCode.UNAVAILABLE.value[0], last
+        gs.cancel()
+        rs.cancel()
