@@ -1049,6 +1049,15 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
             self._serve_one(request, attachment)
         elif request.request_id or request.WhichOneof("kind"):
             self._answer(request, attachment, _error(errors.InvalidArgument(_BATCH_NOT_ALONE)))
+        elif len(request.batch) > MAX_ATTACH_BATCH:
+            # Each is told (by its own id), and none is carried out: one message must not hold
+            # the loop for more than a batch's worth of requests.
+            why = (
+                f"a batch holds at most {MAX_ATTACH_BATCH} requests (this one held "
+                f"{len(request.batch)}): none of them was carried out"
+            )
+            for one in request.batch:
+                self._answer(one, attachment, _error(errors.InvalidArgument(why)))
         else:
             for one in request.batch:
                 if one.batch:

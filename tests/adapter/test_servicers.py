@@ -232,3 +232,26 @@ async def test_a_batch_inside_a_batch_is_refused_alone() -> None:
         ]
         assert "no batch of its own" in answers[1].error.message
         call.cancel()
+
+
+async def test_a_batch_above_the_limit_is_refused_request_by_request() -> None:
+    async with in_process_host() as h:
+        call = await _attached_raw(h, response_batches=True)
+        batch = [_listen(request_id, 6000 + request_id) for request_id in range(1, 258)]
+        await call.write(hvsock_pb2.AttachRequest(batch=batch))
+        answers: list[hvsock_pb2.AttachResponse] = []
+        while len(answers) < len(batch):
+            message = await call.read()
+            answers += message.batch or (message,)
+        assert [answer.request_id for answer in answers] == list(range(1, 258))
+        assert {(a.error.errno.errno, a.error.message) for a in answers} == {
+            (
+                errno.EINVAL,
+                "a batch holds at most 256 requests (this one held 257): "
+                "none of them was carried out",
+            )
+        }
+        # None was: the first address is free.
+        await call.write(_listen(300, 6001))
+        assert _answers(await call.read()) == [(300, "listening", 0)]
+        call.cancel()
