@@ -63,6 +63,12 @@ async def _pair(h: InProcessHost, **connect: Any) -> tuple[AttachStream, AttachS
     return guest, root, mine, theirs
 
 
+async def _first(stream: Any, attached: AttachStream, *frames: hvsock_pb2.RelayFrame) -> None:
+    """A SessionData stream's first request: the session of ``attached``, with ``frames``."""
+    session = attached.welcome.session  # type: ignore[union-attr]
+    await stream.write(hvsock_pb2.SessionDataRequest(session=session, frames=frames))
+
+
 async def _frames(call: Any) -> list[hvsock_pb2.RelayFrame]:
     response = await asyncio.wait_for(call.read(), 5)
     assert response is not grpc.aio.EOF
@@ -115,21 +121,13 @@ async def test_data_flows_and_hostile_frames_reset_only_their_channel() -> None:
         guest, root, mine, _theirs = await _pair(h)
         cid = mine.channel_id
         gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
-        await rs.write(
-            hvsock_pb2.SessionDataRequest(
-                session=root.welcome.session,  # type: ignore[union-attr]
-                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, credit=1 << 20)],
-            )
-        )
-        await gs.write(
-            hvsock_pb2.SessionDataRequest(
-                session=guest.welcome.session,  # type: ignore[union-attr]
-                frames=[
-                    hvsock_pb2.RelayFrame(channel_id=cid, end=0, data=b"hello", fin=True),
-                    # Another session's channel, seen from here: unknown.
-                    hvsock_pb2.RelayFrame(channel_id=cid, end=1, data=b"x"),
-                ],
-            )
+        await _first(rs, root, hvsock_pb2.RelayFrame(channel_id=cid, end=1, credit=1 << 20))
+        await _first(
+            gs,
+            guest,
+            hvsock_pb2.RelayFrame(channel_id=cid, end=0, data=b"hello", fin=True),
+            # Another session's channel, seen from here: unknown.
+            hvsock_pb2.RelayFrame(channel_id=cid, end=1, data=b"x"),
         )
         (reset,) = await _frames(gs)
         assert (reset.channel_id, reset.end) == (cid, 1)
@@ -366,11 +364,8 @@ async def test_ends_that_close_before_granting_are_both_closed(forward: bool) ->
         cid = mine.channel_id
         gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
         for stream, attached, end in ((gs, guest, 0), (rs, root, 1)):
-            await stream.write(
-                hvsock_pb2.SessionDataRequest(
-                    session=attached.welcome.session,  # type: ignore[union-attr]
-                    frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=end, close=True)],
-                )
+            await _first(
+                stream, attached, hvsock_pb2.RelayFrame(channel_id=cid, end=end, close=True)
             )
         for stream in (gs, rs):
             frames: list[hvsock_pb2.RelayFrame] = []
@@ -393,18 +388,10 @@ async def test_an_end_that_grants_after_both_fins_still_reads_what_was_sent(
         guest, root, mine, _theirs = await _pair(h)
         cid = mine.channel_id
         gs, rs = h.host_api.SessionData(), h.host_api.SessionData()
-        await gs.write(
-            hvsock_pb2.SessionDataRequest(
-                session=guest.welcome.session,  # type: ignore[union-attr]
-                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=0, data=b"hello", fin=True)],
-            )
+        await _first(
+            gs, guest, hvsock_pb2.RelayFrame(channel_id=cid, end=0, data=b"hello", fin=True)
         )
-        await rs.write(
-            hvsock_pb2.SessionDataRequest(
-                session=root.welcome.session,  # type: ignore[union-attr]
-                frames=[hvsock_pb2.RelayFrame(channel_id=cid, end=1, fin=True)],
-            )
-        )
+        await _first(rs, root, hvsock_pb2.RelayFrame(channel_id=cid, end=1, fin=True))
         # The channel is over once the guest's end hears of it (the root's FIN, or the reset
         # of the channel rescinded on both FINs: it granted nothing, so that waits for it).
         await gs.write(
