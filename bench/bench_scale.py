@@ -209,8 +209,9 @@ class Partition:
         self.stub = hvsock_pb2_grpc.HostServiceStub(self.channel)
         self._requests = AttachOutbox()
         self._ids = itertools.count(1)
-        hello.response_batches = True
-        self._requests.put(hvsock_pb2.AttachRequest(hello=hello))
+        first = hvsock_pb2.AttachRequest(hello=hello)
+        first.hello.response_batches = True
+        self._requests.put(first)
         self.call = self.stub.Attach(iter(self._requests))
         self.welcome = next(self.call).welcome
         self._requests.batches = self.welcome.request_batches

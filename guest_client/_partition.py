@@ -152,8 +152,9 @@ class Partition:
         """Open the attach stream and read the welcome (called again after the host restarts)."""
         self.stub = hvsock_pb2_grpc.HostServiceStub(self._channel)
         requests = AttachOutbox()
-        self._hello.response_batches = True
-        requests.put(hvsock_pb2.AttachRequest(hello=self._hello))
+        request = hvsock_pb2.AttachRequest(hello=self._hello)  # a copy: the caller's stays as is
+        request.hello.response_batches = True
+        requests.put(request)
         self._pending: dict[int, _Pending] = {}
         self._requests = requests
         call = self.stub.Attach(iter(requests), wait_for_ready=True)
