@@ -180,6 +180,12 @@ async def _attached_raw(h: InProcessHost, **hello: Any) -> Any:
     return call
 
 
+async def _end(call: Any) -> None:
+    """End the session: its requests end, then the host ends the stream, with nothing more."""
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+
+
 def _answers(message: hvsock_pb2.AttachResponse) -> list[tuple[int, str, int]]:
     """(request id, kind, errno) of each response in a message."""
     return [
@@ -203,7 +209,7 @@ async def test_a_request_batch_is_carried_out_in_order_and_each_answered_alone(
         messages = [await call.read() for _ in range(1 if response_batches else 3)]
         assert [answer for message in messages for answer in _answers(message)] == expected
         assert all(bool(message.batch) == response_batches for message in messages)
-        call.cancel()
+        await _end(call)
 
 
 async def test_a_batch_with_a_request_id_of_its_own_is_refused_whole() -> None:
@@ -214,7 +220,7 @@ async def test_a_batch_with_a_request_id_of_its_own_is_refused_whole() -> None:
         # Nothing of that batch was carried out: its address is free.
         await call.write(_listen(8, 5001))
         assert _answers(await call.read()) == [(8, "listening", 0)]
-        call.cancel()
+        await _end(call)
 
 
 async def test_a_batch_inside_a_batch_is_refused_alone() -> None:
@@ -231,7 +237,7 @@ async def test_a_batch_inside_a_batch_is_refused_alone() -> None:
             (4, "listening", 0),  # the nested batch's listen on 5002 never happened
         ]
         assert "no batch of its own" in answers[1].error.message
-        call.cancel()
+        await _end(call)
 
 
 async def test_a_batch_above_the_limit_is_refused_request_by_request() -> None:
@@ -254,4 +260,4 @@ async def test_a_batch_above_the_limit_is_refused_request_by_request() -> None:
         # None was: the first address is free.
         await call.write(_listen(300, 6001))
         assert _answers(await call.read()) == [(300, "listening", 0)]
-        call.cancel()
+        await _end(call)
