@@ -190,20 +190,19 @@ class SessionData:
         if relay.reader_eof or not self.streaming:
             self._finish_reset(relay)
             return
-        if not relay._reader:
-            # No reader has run, nor will before a credit (on the loop): the ring is ours to
-            # look at from here. A corrupt one is not read at all.
-            if relay.corrupt is not None or not _holds_data(relay.end.rx):
-                self._finish_reset(relay)
-            return
-        with relay._lock:
-            parked = relay._parked
-        if parked:
+        if relay._reader:
+            with relay._lock:
+                if not relay._parked:
+                    return  # the reader runs: its EOF finishes the end
             # All the reader read is posted: take those posts first (they go out before the
-            # reset), then see whether the ring holds more for credit the client may grant.
+            # reset).
             self._take_posts()
-            if not relay.finished and relay.end.rx.readable() == 0:
-                self._finish_reset(relay)
+            if relay.finished:
+                return
+        # No reader runs, nor will before the client grants (on the loop): the ring is ours to
+        # look at from here. What it still holds waits for that credit.
+        if not _holds_data(relay.end.rx):
+            self._finish_reset(relay)
 
     def _finish_reset(self, relay: RingRelay) -> None:
         if relay.corrupt is not None and relay.corrupt[0]:

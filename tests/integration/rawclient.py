@@ -60,21 +60,21 @@ class RawPartition:
         except grpc.RpcError as exc:
             self.ended = exc
 
-    def send(self, **kind: Any) -> int:
+    def _request(self, kind: dict[str, Any]) -> hvsock_pb2.AttachRequest:
+        """A request with the next id, its answer awaited."""
         request_id = next(self._ids)
         self.answers.setdefault(request_id, queue.SimpleQueue())
         self._kinds[request_id] = next(iter(kind), "")
-        self._requests.put(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
-        return request_id
+        return hvsock_pb2.AttachRequest(request_id=request_id, **kind)
+
+    def send(self, **kind: Any) -> int:
+        request = self._request(kind)
+        self._requests.put(request)
+        return request.request_id
 
     def send_batch(self, requests: list[dict[str, Any]]) -> list[int]:
         """Send requests (each a ``kind=message`` dict) in one AttachRequest.batch; their ids."""
-        batch = []
-        for kind in requests:
-            request_id = next(self._ids)
-            self.answers.setdefault(request_id, queue.SimpleQueue())
-            self._kinds[request_id] = next(iter(kind), "")
-            batch.append(hvsock_pb2.AttachRequest(request_id=request_id, **kind))
+        batch = [self._request(kind) for kind in requests]
         self._requests.put(hvsock_pb2.AttachRequest(batch=batch))
         return [request.request_id for request in batch]
 
