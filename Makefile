@@ -52,7 +52,7 @@ bench-scale: $(STAMP)
 
 # hv sockets end to end (both data paths) vs TCP, Unix sockets and a raw gRPC stream.
 bench-e2e: $(STAMP)
-	$(PY) bench/bench_e2e.py $(if $(QUICK),--quick)
+	$(PY) bench/bench_e2e.py $(if $(QUICK),--quick) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 # socat through `hvsock run`'s vsock shim vs the same socat over TCP loopback; connect rates.
 bench-run: $(STAMP)

@@ -1,6 +1,6 @@
 """hv sockets end to end, through the socket API, next to TCP, Unix sockets and raw gRPC.
 
-    .venv/bin/python bench/bench_e2e.py [--quick] [--out bench/results]
+    .venv/bin/python bench/bench_e2e.py [--quick] [--rounds N] [--out bench/results]
 
 Starts its own ``hvsock-host`` (a child process, private Unix socket and shared-memory
 directory), creates one VM, and runs two worker processes (spawned, so no GIL is shared): the
@@ -21,11 +21,20 @@ partitions for the whole run.
 - connect + accept + close cycles per second (the client waits for the server's close), on
   shm, relay (both ends relayed) and relay-vm (only the VM's end relayed), default rings.
 
+Every point is measured in each of ``--rounds`` rounds (3; 1 with ``--quick``). Within a
+round, each send size is measured on every transport one right after the other, then the round
+trips, then the connects, in an order rotated from round to round. A ratio is taken within
+each round, so a transport is compared with the baseline measured beside it (this machine's
+speed drifts by a third over minutes: a baseline measured minutes apart skews a ratio either
+way); the figure reported for each point, ratio and target is the median over the rounds (the
+lower middle for an even count), and every round's value is kept.
+
 The targets are the relay's (issue 12) and the shared-memory path's, as ratios to the
 baselines measured in the same run.
 
-Writes bench/results/e2e.json (every figure, every ratio, the targets and whether each was
-met) and bench/results/e2e.png, and prints a short table. It never fails on a missed target.
+Writes bench/results/e2e.json (every round's figures, the medians, every ratio, the targets
+and whether each was met) and bench/results/e2e.png (medians, bars spanning the rounds), and
+prints a short table. It never fails on a missed target.
 """
 
 from __future__ import annotations
@@ -494,13 +503,29 @@ def _mbps(figure: dict[str, Any]) -> float:
     return float(figure["bytes"]) / figure["seconds"] / 1e6 if figure["seconds"] else 0.0
 
 
+def _median_figure(figures: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The figure of the median round by ``key`` (the lower middle for an even count), with
+    every round's ``key`` kept as ``rounds``."""
+    ordered = sorted(figures, key=lambda figure: figure[key])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds": [figure[key] for figure in figures]}
+
+
+def _rotated(kinds: list[str], turn: int) -> list[str]:
+    """``kinds`` starting ``turn`` places on: each round measures the kinds in another order,
+    so no kind always comes first (or right after the machine was busy elsewhere)."""
+    turn %= len(kinds)
+    return kinds[turn:] + kinds[:turn]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = 0.3 if args.quick else 1.5
     rtt_count = 1000 if args.quick else 5000
     cycle_seconds = 0.5 if args.quick else 2.0
+    rounds = args.rounds if args.rounds else (1 if args.quick else 3)
     results: dict[str, Any] = {
         "meta": {
             "quick": args.quick,
+            "rounds": rounds,
             "seconds_per_point": seconds,
             "rtt_count": rtt_count,
             "connect_seconds": cycle_seconds,
@@ -519,13 +544,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for k, v in HV_KINDS.items()
             },
         },
-        "throughput": {},
-        "rtt": {},
-        "connect": {},
+        # Each round's figures, as measured: {"throughput": {kind: {size: figure}}, "rtt":
+        # {kind: figure}, "connect": {kind: figure}, "connect_concurrent": {kind: figure}}.
+        "rounds": [],
         "errors": [],
         "wall": {},  # seconds each point took, set-up and teardown included
         "cpu_seconds": {},  # ... and the CPU each process used meanwhile
-        "connect_concurrent": {},  # connect cycles with CONNECT_THREADS connecting threads
     }
     with local_host(prefix="hvsock-e2e", log_level="INFO") as host:
         vm_id, vm_token = host.create_vm("bench-vm")
@@ -577,83 +601,145 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         k: cpu_seconds(p) - cpu[k] for k, p in pids.items()
                     }
 
-            for kind in THROUGHPUT_KINDS:
-                row = results["throughput"][kind] = {}
+            def throughput(turn: int, kind: str, size: int) -> dict[str, Any] | None:
+                where = f"round {turn} throughput {kind} {size}"
+                got = record(
+                    where, lambda: pair(kind, "sink", "source", size=size, seconds=seconds)
+                )
+                if got is None:
+                    return None
+                served, sent = got
+                served["MBps"] = _mbps(served)
+                served["sends"] = sent["sends"]
+                served["cpu_s_per_GB"] = {
+                    k: v / (served["bytes"] / 1e9)
+                    for k, v in results["cpu_seconds"][where].items()
+                    if served["bytes"]
+                }
+                return dict(served)
+
+            def cycles(hv_kind: str, threads: int) -> dict[str, Any]:
+                attach(hv_kind)
+                lid, address = server.call("listen", kind=hv_kind)
+                server.call("cycle_server", lid=lid)
+                try:
+                    figure: dict[str, Any] = guest.call(
+                        "cycle_client",
+                        kind=hv_kind,
+                        address=address,
+                        seconds=cycle_seconds,
+                        threads=threads,
+                    )
+                finally:
+                    accepted = server.call("cycle_stop", lid=lid)
+                figure["accepted"] = accepted
+                return figure
+
+            # Rounds, so every ratio has a baseline measured beside it (this machine's speed
+            # drifts by a third over minutes): in each round, for each size, every transport
+            # one after the other; then round trips, then connects, the kinds rotated.
+            for turn in range(rounds):
+                figures: dict[str, Any] = {
+                    "throughput": {kind: {} for kind in THROUGHPUT_KINDS},
+                    "rtt": {},
+                    "connect": {},
+                    "connect_concurrent": {},
+                }
+                results["rounds"].append(figures)
                 for size in SIZES:
+                    for kind in _rotated(THROUGHPUT_KINDS, turn):
+                        figure = throughput(turn, kind, size)
+                        if figure is not None:
+                            figures["throughput"][kind][str(size)] = figure
+                for kind in THROUGHPUT_KINDS:
+                    row = figures["throughput"][kind]
+                    print(
+                        f"  round {turn} throughput {kind:<16}"
+                        + " ".join(f"{row.get(str(s), {}).get('MBps', 0):8.0f}" for s in SIZES),
+                        flush=True,
+                    )
+                for kind in _rotated(RTT_KINDS, turn):
+                    hv_kind = RTT_HV_KIND.get(kind, kind)
                     got = record(
-                        f"throughput {kind} {size}",
-                        lambda kind=kind, size=size: pair(
-                            kind, "sink", "source", size=size, seconds=seconds
+                        f"round {turn} rtt {kind}",
+                        lambda hv_kind=hv_kind: pair(
+                            hv_kind,
+                            "echo",
+                            "ping",
+                            count=rtt_count,
+                            warmup=min(200, rtt_count // 5),
                         ),
                     )
-                    if got is None:
-                        continue
-                    served, sent = got
-                    served["MBps"] = _mbps(served)
-                    served["sends"] = sent["sends"]
-                    cpu = results["cpu_seconds"][f"throughput {kind} {size}"]
-                    served["cpu_s_per_GB"] = {
-                        k: v / (served["bytes"] / 1e9) for k, v in cpu.items() if served["bytes"]
-                    }
-                    row[str(size)] = served
-                print(
-                    f"  throughput {kind:<12}"
-                    + " ".join(f"{row.get(str(s), {}).get('MBps', 0):8.0f}" for s in SIZES),
-                    flush=True,
-                )
-            for kind in RTT_KINDS:
-                hv_kind = RTT_HV_KIND.get(kind, kind)
-                got = record(
-                    f"rtt {kind}",
-                    lambda hv_kind=hv_kind: pair(
-                        hv_kind, "echo", "ping", count=rtt_count, warmup=min(200, rtt_count // 5)
-                    ),
-                )
-                if got is not None:
-                    results["rtt"][kind] = got[1]
-                    print(f"  rtt {kind:<6} p50 {got[1]['p50_us']:7.1f} us", flush=True)
-            for kind in CONNECT_KINDS:
-                hv_kind = RTT_HV_KIND.get(kind, kind)
-
-                def cycles(hv_kind: str = hv_kind, threads: int = 1) -> dict[str, Any]:
-                    attach(hv_kind)
-                    lid, address = server.call("listen", kind=hv_kind)
-                    server.call("cycle_server", lid=lid)
-                    try:
-                        figure: dict[str, Any] = guest.call(
-                            "cycle_client",
-                            kind=hv_kind,
-                            address=address,
-                            seconds=cycle_seconds,
-                            threads=threads,
-                        )
-                    finally:
-                        accepted = server.call("cycle_stop", lid=lid)
-                    figure["accepted"] = accepted
-                    return figure
-
-                got = record(f"connect {kind}", cycles)
-                if got is not None:
-                    cpu = results["cpu_seconds"][f"connect {kind}"]
-                    got["cpu_us_per_cycle"] = {
-                        k: v / got["cycles"] * 1e6 for k, v in cpu.items() if got["cycles"]
-                    }
-                    results["connect"][kind] = got
-                    print(f"  connect {kind:<6} {got['per_s']:7.0f} cycles/s", flush=True)
-                where = f"connect {kind} x{CONNECT_THREADS}"
-                got = record(where, lambda h=hv_kind: cycles(h, CONNECT_THREADS))
-                if got is not None:
-                    results["connect_concurrent"][kind] = got
-                    print(f"  {where:<16} {got['per_s']:7.0f} cycles/s", flush=True)
+                    if got is not None:
+                        figures["rtt"][kind] = got[1]
+                        print(f"  round {turn} rtt {kind:<8} p50 {got[1]['p50_us']:7.1f} us")
+                for kind in _rotated(CONNECT_KINDS, turn):
+                    hv_kind = RTT_HV_KIND.get(kind, kind)
+                    for threads, table_name in (
+                        (1, "connect"),
+                        (CONNECT_THREADS, "connect_concurrent"),
+                    ):
+                        where = f"round {turn} connect {kind} x{threads}"
+                        got = record(where, lambda h=hv_kind, t=threads: cycles(h, t))
+                        if got is None:
+                            continue
+                        got["cpu_us_per_cycle"] = {
+                            k: v / got["cycles"] * 1e6
+                            for k, v in results["cpu_seconds"][where].items()
+                            if got["cycles"]
+                        }
+                        figures[table_name][kind] = got
+                        print(f"  {where:<30} {got['per_s']:7.0f} cycles/s", flush=True)
         finally:
             guest.stop()
             server.stop()
-    results["ratios"], results["targets"] = ratios(results)
+    results.update(summarize(results["rounds"]))
     return results
 
 
-def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    tput, rtt, conn = results["throughput"], results["rtt"], results["connect"]
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median round of every point, every ratio taken within each round (a transport
+    against the baseline measured beside it) and its median over the rounds, and the targets
+    judged on those medians."""
+    summary: dict[str, Any] = {"throughput": {}, "rtt": {}, "connect": {}, "connect_concurrent": {}}
+    for kind in THROUGHPUT_KINDS:
+        row = summary["throughput"][kind] = {}
+        for size in SIZES:
+            figures = [
+                r["throughput"][kind][str(size)]
+                for r in rounds
+                if str(size) in r["throughput"][kind]
+            ]
+            if figures:
+                row[str(size)] = _median_figure(figures, "MBps")
+    for table_name, kinds, key in (
+        ("rtt", RTT_KINDS, "p50_us"),
+        ("connect", CONNECT_KINDS, "per_s"),
+        ("connect_concurrent", CONNECT_KINDS, "per_s"),
+    ):
+        for kind in kinds:
+            figures = [r[table_name][kind] for r in rounds if kind in r[table_name]]
+            if figures:
+                summary[table_name][kind] = _median_figure(figures, key)
+    per_round = [ratios(r) for r in rounds]
+    summary["ratio_rounds"] = {
+        name: [r.get(name) for r in per_round] for name in (per_round[0] if per_round else {})
+    }
+    summary["ratios"] = {
+        name: (
+            statistics.median_low(known)
+            if (known := [v for v in values if v is not None])
+            else None
+        )
+        for name, values in summary["ratio_rounds"].items()
+    }
+    summary["targets"] = targets(summary["ratios"], summary["ratio_rounds"], summary["connect"])
+    return summary
+
+
+def ratios(figures: dict[str, Any]) -> dict[str, float | None]:
+    """Every ratio of one round's figures."""
+    tput, rtt = figures["throughput"], figures["rtt"]
 
     def mb(kind: str, size: int) -> float | None:
         figure = tput.get(kind, {}).get(str(size))
@@ -682,20 +768,31 @@ def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
         r[f"relay-vm-default/grpc-raw@{size}"] = div(
             mb("relay-vm-default", size), mb("grpc-raw", size)
         )
-    targets: dict[str, Any] = {}
+    return r
 
-    def target(name: str, value: float | None, op: str, bound: float) -> None:
+
+def targets(
+    r: dict[str, float | None], r_rounds: dict[str, list[float | None]], conn: dict[str, Any]
+) -> dict[str, Any]:
+    """Each target judged on its median over the rounds; every round's value is kept."""
+    judged: dict[str, Any] = {}
+
+    def target(name: str, value: float | None, op: str, bound: float, rounds: list[Any]) -> None:
         met = None if value is None else (value >= bound if op == ">=" else value <= bound)
-        targets[name] = {"value": value, "op": op, "target": bound, "met": met}
+        judged[name] = {"value": value, "op": op, "target": bound, "met": met, "rounds": rounds}
 
     def ratio_target(name: str, op: str, bound: float) -> None:
-        target(name, r.get(name), op, bound)
+        target(name, r.get(name), op, bound, r_rounds.get(name, []))
+
+    def rate_target(kind: str, bound: float) -> None:
+        figure = conn.get(kind, {})
+        target(f"connect/s {kind}", figure.get("per_s"), ">=", bound, figure.get("rounds", []))
 
     # The shared-memory path.
     ratio_target("shm/tcp@16384", ">=", 1.0)
     ratio_target("shm/tcp@65536", ">=", 1.0)
     ratio_target("rtt_p50 shm/tcp", "<=", 1.0)
-    target("connect/s shm", conn.get("shm", {}).get("per_s"), ">=", 1000.0)
+    rate_target("shm", 1000.0)
     # The relay (issue 12): "relay-vm" relays only the VM's end, "relay" both; "-default" is
     # the host's default rings (2/3 pages), the others 64-page rings.
     ratio_target("relay-vm-default/grpc-raw@65536", ">=", 0.3)
@@ -705,10 +802,10 @@ def ratios(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     ratio_target("relay-vm/grpc-raw@262144", ">=", 0.5)
     ratio_target("relay/grpc-raw@65536", ">=", 0.35)
     ratio_target("relay/grpc-raw@262144", ">=", 0.35)
-    target("connect/s relay-vm", conn.get("relay-vm", {}).get("per_s"), ">=", 1000.0)
-    target("connect/s relay", conn.get("relay", {}).get("per_s"), ">=", 800.0)
+    rate_target("relay-vm", 1000.0)
+    rate_target("relay", 800.0)
     ratio_target("rtt_p50 relay-vm/grpc-raw", "<=", 1.2)
-    return r, targets
+    return judged
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -720,15 +817,24 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for kind, row in results["throughput"].items():
         sizes = [s for s in SIZES if str(s) in row]
-        ax.plot(sizes, [row[str(s)]["MBps"] for s in sizes], marker="o", label=kind)
+        figures = [row[str(s)] for s in sizes]
+        medians = [f["MBps"] for f in figures]
+        spread = [
+            [f["MBps"] - min(f["rounds"]) for f in figures],
+            [max(f["rounds"]) - f["MBps"] for f in figures],
+        ]
+        ax.errorbar(sizes, medians, yerr=spread, marker="o", capsize=3, label=kind)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(SIZES, [f"{s // 1024} KiB" for s in SIZES])
     ax.set_xlabel("send size (one connection, sendall)")
-    ax.set_ylabel("MB/s (reader, first byte to EOF)")
+    ax.set_ylabel("MB/s (reader, first byte to EOF): median, bars the rounds' range")
     mode = "quick" if results["meta"]["quick"] else "full"
-    stack = results["meta"]["grpc_io"]
-    ax.set_title(f"hv sockets end to end vs TCP / Unix / raw gRPC ({mode}; gRPC on {stack})")
+    stack, rounds = results["meta"]["grpc_io"], results["meta"]["rounds"]
+    ax.set_title(
+        f"hv sockets end to end vs TCP / Unix / raw gRPC\n"
+        f"({mode}, {rounds} rounds; gRPC on {stack})"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -737,7 +843,11 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"gRPC I/O stack (every process): {results['meta']['grpc_io']}"]
+    meta = results["meta"]
+    lines = [
+        f"gRPC I/O stack (every process): {meta['grpc_io']}; {meta['rounds']} rounds, "
+        "each figure the median round's"
+    ]
     lines.append("throughput MB/s  " + "".join(f"{s // 1024:>7} KiB" for s in SIZES))
     for kind, row in results["throughput"].items():
         cells = "".join(
@@ -751,21 +861,31 @@ def table(results: dict[str, Any]) -> str:
     for kind, figure in results["connect"].items():
         concurrent = results["connect_concurrent"].get(kind, {}).get("per_s", 0.0)
         lines.append(f"  {kind:<15}{figure['per_s']:>9.0f}{concurrent:>11.0f}")
-    lines.append("targets")
+    lines.append("targets (median over the rounds; then each round's value)")
     for name, t in results["targets"].items():
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
         verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-        lines.append(f"  {name:<30}{value:>9} {t['op']} {t['target']:<7} {verdict}")
+        each = " ".join("-" if v is None else f"{v:.2f}" for v in t["rounds"])
+        lines.append(f"  {name:<32}{value:>9} {t['op']} {t['target']:<7} {verdict:<7} [{each}]")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short points (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="short points, one round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="rounds of every point (default 3, 1 with --quick); each ratio is taken within "
+        "a round, the targets on the median",
+    )
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     )
     args = parser.parse_args()
+    if args.rounds < 0:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     results = run(args)

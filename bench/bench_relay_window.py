@@ -2,7 +2,7 @@
 and with the strict one (window 0: a ring's back-pressure byte for byte), against raw grpcio in
 the same run.
 
-    .venv/bin/python bench/bench_relay_window.py [--quick] [--out bench/results]
+    .venv/bin/python bench/bench_relay_window.py [--quick] [--rounds N] [--out bench/results]
 
 It runs bench_e2e's points (same worker processes, same host service) for the relay kinds only,
 twice: once as configured, once with HVSOCK_RELAY_WINDOW=0 in every process (the host's default
@@ -40,6 +40,9 @@ def _one(args: argparse.Namespace, strict: bool) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short points")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds of every point (bench_e2e's --rounds)"
+    )
     parser.add_argument("--out", default="bench/results", help="where to write the JSON")
     args = parser.parse_args()
     report: dict[str, Any] = {}
