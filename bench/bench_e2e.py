@@ -616,7 +616,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for k, v in results["cpu_seconds"][where].items()
                     if served["bytes"]
                 }
-                return dict(served)
+                return served
 
             def cycles(hv_kind: str, threads: int) -> dict[str, Any]:
                 attach(hv_kind)
@@ -672,7 +672,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     if got is not None:
                         figures["rtt"][kind] = got[1]
-                        print(f"  round {turn} rtt {kind:<8} p50 {got[1]['p50_us']:7.1f} us")
+                        print(
+                            f"  round {turn} rtt {kind:<8} p50 {got[1]['p50_us']:7.1f} us",
+                            flush=True,
+                        )
                 for kind in _rotated(CONNECT_KINDS, turn):
                     hv_kind = RTT_HV_KIND.get(kind, kind)
                     for threads, table_name in (
