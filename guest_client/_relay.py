@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -85,7 +86,13 @@ class Link:
         )
         self._session = session
         self.lock = threading.Lock()
-        self._work = threading.Condition(self.lock)  # an end has work, or the link is over
+        # The request consumer, out of work, waits on ``_wakeup`` (after setting ``_idle``
+        # under the lock); whoever next gives it work or ends the link clears ``_idle`` and
+        # puts one token. So a token is put only for a consumer committed to waiting, and it
+        # takes exactly that one: none is lost or left over. (A SimpleQueue hand-off is C
+        # code; a Condition's wait and notify are Python, a lock allocated per wait.)
+        self._wakeup: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._idle = False
         self._pipes: dict[tuple[int, int], RelayPipe] = {}
         self._ready: collections.deque[RelayPipe] = collections.deque()
         self._queued: set[tuple[int, int]] = set()
@@ -125,7 +132,13 @@ class Link:
         if pipe.key not in self._queued:
             self._queued.add(pipe.key)
             self._ready.append(pipe)
-            self._work.notify()
+            self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        """The consumer has work, or the link is over (lock held)."""
+        if self._idle:
+            self._idle = False
+            self._wakeup.put(None)
 
     # -- socket -> host ----------------------------------------------------------------------
 
@@ -134,11 +147,16 @@ class Link:
         yield hvsock_pb2.SessionDataRequest(
             session=self._session, early_frames=True
         ).SerializeToString()
-        ready, queued, work = self._ready, self._queued, self._work
+        ready, queued, lock = self._ready, self._queued, self.lock
         while True:
-            with work:
+            with lock:
                 while not ready and not self._over:
-                    work.wait()
+                    self._idle = True
+                    lock.release()
+                    try:
+                        self._wakeup.get()
+                    finally:
+                        lock.acquire()
                 if self._over:
                     return
                 frames, budget = FrameWriter(REQUEST_FRAMES), MAX_REQUEST_DATA
@@ -207,7 +225,7 @@ class Link:
                 if not lost:
                     pipe.ended_by_host = True
                 pipe.lost()
-            self._work.notify_all()
+            self._wake_consumer()
         if lost:
             for pipe in pipes:
                 pipe.on_lost()
@@ -216,7 +234,7 @@ class Link:
         """The session is over: end the stream; ends still open are lost."""
         with self.lock:
             self._over = True
-            self._work.notify_all()
+            self._wake_consumer()
             call = self._call
         if call is not None:
             call.cancel()
