@@ -377,7 +377,14 @@ def _measure(
         received = 0
         for answer in channel.stream_stream(f"/ceiling.Relay/{kind}")(sends()):
             received = int.from_bytes(answer, "little")
-    elapsed = time.perf_counter() - began
+    return _figure(kind, sent, received, (began, cpu, server_cpu), server_pid)
+
+
+def _figure(
+    kind: str, sent: int, received: int, start: tuple[float, float, float], server_pid: int
+) -> dict[str, Any]:
+    """One throughput point, from ``start``: (wall clock, this process's CPU, the server's)."""
+    elapsed = time.perf_counter() - start[0]
     if received != sent:
         raise RuntimeError(f"{kind}: server counted {received} bytes, client sent {sent}")
     gigabytes = sent / 1e9
@@ -386,8 +393,8 @@ def _measure(
         "seconds": elapsed,
         "MBps": sent / elapsed / 1e6,
         "cpu_s_per_GB": {
-            "client": (time.process_time() - cpu) / gigabytes,
-            "server": (cpu_seconds(server_pid) - server_cpu) / gigabytes,
+            "client": (time.process_time() - start[1]) / gigabytes,
+            "server": (cpu_seconds(server_pid) - start[2]) / gigabytes,
         },
     }
 
@@ -414,7 +421,7 @@ def _measure_from_thread(
                 handed.put(piece)
         handed.put(None)
 
-    began, cpu, server_cpu = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
+    start = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
     sender = threading.Thread(target=program)
     sender.start()
     for answer in channel.stream_stream("/ceiling.Relay/bidi+credit")(iter(handed.get, None)):
@@ -422,19 +429,7 @@ def _measure_from_thread(
             credited = int.from_bytes(answer, "little")
             room.notify()
     sender.join()
-    elapsed = time.perf_counter() - began
-    if credited != accepted:
-        raise RuntimeError(f"server counted {credited} bytes, client sent {accepted}")
-    gigabytes = accepted / 1e9
-    return {
-        "bytes": accepted,
-        "seconds": elapsed,
-        "MBps": accepted / elapsed / 1e6,
-        "cpu_s_per_GB": {
-            "client": (time.process_time() - cpu) / gigabytes,
-            "server": (cpu_seconds(server_pid) - server_cpu) / gigabytes,
-        },
-    }
+    return _figure("bidi+credit+thread", accepted, credited, start, server_pid)
 
 
 def _round_trips(channel: grpc.Channel, method: str, count: int) -> float:
