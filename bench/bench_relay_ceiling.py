@@ -67,8 +67,8 @@ Their rates are the most the testbed's ``vm-windows`` line can reach.
 All over Unix sockets, client and servers in separate processes, in the same run. Writes
 bench/results/relay_ceiling.json and prints each transport's throughput and round trip and
 their ratios to ``grpc-raw``: the ratio ``bidi+credit+thread`` reaches is the most the relay
-could reach against the ``relay/grpc-raw`` targets of bench_e2e, the one ``aio+ring`` reaches the
-least a relayed VM's round trip can cost against its ``rtt_p50 relay-vm/grpc-raw`` target.
+could reach against the ``relay/grpc-raw`` targets of bench_e2e, the one ``aio+ring`` reaches
+the least a relayed VM's round trip can cost against its ``rtt_p50 relay-vm/grpc-raw`` target.
 """
 
 from __future__ import annotations
