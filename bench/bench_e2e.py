@@ -888,7 +888,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.rounds < 0:
-        parser.error(f"--rounds must be at least 1, not {args.rounds}")
+        parser.error(f"--rounds must be at least 1 (0: the default), not {args.rounds}")
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     results = run(args)
