@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
-from hvsock_common.conventions import MAX_ATTACH_BATCH
+from hvsock_common.batching import next_batch
 
 from . import _pipe, errors
 from ._channel import ChannelEnd, Listener
@@ -621,15 +621,19 @@ class AttachOutbox:
     def __iter__(self) -> Iterator[hvsock_pb2.AttachRequest]:
         # One consumer (gRPC's request thread): empty() false means get() will not block.
         waiting = self._queue
+
+        def queued() -> bool:
+            return not waiting.empty()
+
         while (request := waiting.get()) is not None:
             if not self.batches:
                 yield request
                 continue
-            batch = [request]
-            while len(batch) < MAX_ATTACH_BATCH and not waiting.empty():
-                if (request := waiting.get()) is None:
-                    break
-                batch.append(request)
-            yield batch[0] if len(batch) == 1 else hvsock_pb2.AttachRequest(batch=batch)
-            if request is None:
+            message, ended = next_batch(request, queued, waiting.get, _batched)
+            yield message
+            if ended:
                 return
+
+
+def _batched(requests: list[hvsock_pb2.AttachRequest]) -> hvsock_pb2.AttachRequest:
+    return hvsock_pb2.AttachRequest(batch=requests)

@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.addresses import Address
+from hvsock_common.batching import next_batch
 from hvsock_common.conventions import MAX_ATTACH_BATCH, TOKEN_METADATA, new_token
 
 from . import __version__, metrics
@@ -130,6 +131,10 @@ def _geometry(ring: RingGeometry, max_payload: int) -> hvsock_pb2.RingGeometry:
 
 def _error(err: errors.HvError) -> hvsock_pb2.AttachResponse:
     return hvsock_pb2.AttachResponse(error=error_message(err))
+
+
+def _batched(responses: list[hvsock_pb2.AttachResponse]) -> hvsock_pb2.AttachResponse:
+    return hvsock_pb2.AttachResponse(batch=responses)
 
 
 @dataclass(eq=False)
@@ -926,13 +931,9 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
                 if not attachment.response_batches:
                     yield response
                     continue
-                batch = [response]
-                while len(batch) < MAX_ATTACH_BATCH and queued.qsize():
-                    if (response := queued.get_nowait()) is None:
-                        break
-                    batch.append(response)
-                yield batch[0] if len(batch) == 1 else hvsock_pb2.AttachResponse(batch=batch)
-                if response is None:
+                message, ended = next_batch(response, queued.qsize, queued.get_nowait, _batched)
+                yield message
+                if ended:
                     break
             reason = attachment.ended or reason
         finally:
