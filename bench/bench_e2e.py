@@ -27,7 +27,9 @@ trips, then the connects, in an order rotated from round to round. A ratio is ta
 each round, so a transport is compared with the baseline measured beside it (this machine's
 speed drifts by a third over minutes: a baseline measured minutes apart skews a ratio either
 way); the figure reported for each point, ratio and target is the median over the rounds (the
-lower middle for an even count), and every round's value is kept.
+lower middle for an even count), and every round's value is kept. Every process of the run,
+the baselines' included, has the allocator settings hvsock's processes give themselves
+(:func:`tune_allocators`), so no baseline runs on a slower allocator than the relay.
 
 The targets are the relay's (issue 12) and the shared-memory path's, as ratios to the
 baselines measured in the same run.
@@ -64,7 +66,7 @@ import guest_client as hv  # isort: skip
 import grpc
 
 from hvsock.v1 import hvsock_pb2
-from hvsock_common import grpc_io
+from hvsock_common import allocator, grpc_io
 from hvsock_tools.demo import local_host
 
 SIZES = [1024, 4096, 16384, 65536, 262144]
@@ -489,6 +491,21 @@ class Remote:
             self.proc.join()
 
 
+def tune_allocators() -> str:
+    """Give this process, and every process it starts from now on, the allocator settings the
+    hvsock processes give themselves (``hvsock_common.allocator``); returns what the results'
+    meta records of it.
+
+    The baselines need it as much as the relay: left to glibc's dynamic mmap threshold, one raw
+    grpcio stream of 256 KiB messages ran at about 800 MB/s and another at 1,200, side by side,
+    for as long as each process lived (alternated A/A pushes on this project's 2-core machine),
+    and whichever a run got moved every ratio against it. bench_e2e's workers used to be tuned
+    only once their first relayed end opened, and the ceiling bench's never."""
+    os.environ.update(allocator.ENVIRONMENT)
+    tuned = allocator.tune_for_large_messages()
+    return "tuned in every process" if tuned else "left alone (not glibc)"
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux /proc)."""
     try:
@@ -522,6 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rtt_count = 1000 if args.quick else 5000
     cycle_seconds = 0.5 if args.quick else 2.0
     rounds = args.rounds if args.rounds else (1 if args.quick else 3)
+    malloc = tune_allocators()
     results: dict[str, Any] = {
         "meta": {
             "quick": args.quick,
@@ -534,6 +552,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
             "grpc_io": grpc_io.stack(),
+            "allocator": malloc,
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -64,7 +64,8 @@ line (a relayed VM, one sync grpcio process) with no host hop, no rings and none
 
 Their rates are the most the testbed's ``vm-windows`` line can reach.
 
-All over Unix sockets, client and servers in separate processes, in the same run. Writes
+All over Unix sockets, client and servers in separate processes, in the same run, each with
+the allocator settings hvsock's processes give themselves (``bench_e2e.tune_allocators``). Writes
 bench/results/relay_ceiling.json and prints each transport's throughput and round trip and
 their ratios to ``grpc-raw``: the ratio ``bidi+credit+thread`` reaches is the most the relay
 could reach against the ``relay/grpc-raw`` targets of bench_e2e, the one ``aio+ring`` reaches
@@ -90,7 +91,7 @@ from typing import Any
 
 # bench_e2e imports the guest library before grpc: this bench's processes run on the gRPC I/O
 # stack hvsock's do (hvsock_common.grpc_io), as bench_e2e's do.
-from bench_e2e import RTT_MSG, cpu_seconds  # isort: skip
+from bench_e2e import RTT_MSG, cpu_seconds, tune_allocators  # isort: skip
 import grpc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -629,8 +630,10 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     # (seconds per point, rounds, round trips, bytes per echo, connects in flight)
     scale = (0.3, 2, 1000, 32 << 20, 1024) if args.quick else (1.5, 3, 5000, 256 << 20, 10_240)
+    malloc = tune_allocators()  # before any process starts
     results = run(*scale)
     results["meta"] = {
+        "allocator": malloc,
         "quick": args.quick,
         "grpcio": grpc.__version__,
         "grpc_io": grpc_io.stack(),

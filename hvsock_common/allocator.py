@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["tune_for_large_messages"]
+__all__ = ["ENVIRONMENT", "tune_for_large_messages"]
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -28,6 +28,12 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 4 << 20
 #: Free memory kept at the top of the heap before it is returned.
 TRIM_THRESHOLD = 32 << 20
+#: The same settings for processes not yet started: glibc reads these variables as a process
+#: starts (mallopt(3)), so a child given them is tuned from its first allocation.
+ENVIRONMENT = {
+    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+}
 
 
 def tune_for_large_messages(
