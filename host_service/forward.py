@@ -35,6 +35,7 @@ from .core.forward import (
     SenderFin,
 )
 from .core.types import Side
+from .relayframes import kept
 from .ringrelay import MAX_UNSENT
 from .sessiondata import DataFrame, SessionData, is_close, is_fin
 from .status import error_message
@@ -92,8 +93,8 @@ class ForwardEnd:
     # -- from SessionData (on the loop) ------------------------------------------------------
 
     def push(self, item: object) -> None:
-        if isinstance(item, bytes):
-            effects = self.out.push(item)
+        if isinstance(item, bytes | memoryview):
+            effects = self.out.push(kept(item))
         elif is_fin(item):
             effects = self.out.push_fin()
         elif is_close(item):

@@ -64,6 +64,7 @@ from ring.watcher import RingWatcher, Watch, room_for
 from . import metrics
 from .core.relay import MAX_FRAME_DATA
 from .core.types import Side
+from .relayframes import kept
 
 if TYPE_CHECKING:
     from .sessiondata import SessionData
@@ -201,7 +202,7 @@ class RingRelay:
         self._closed = False  # mapping released
         # A list, not a deque: it holds a few frames at most (the window), and an empty deque
         # costs 600 bytes per end, idle or not.
-        self._inbound: list[bytes | _Fin | _Close] = []
+        self._inbound: list[bytes | memoryview | _Fin | _Close] = []
         # The writer's own (only the one writer job touches them).
         self._item: memoryview | _Fin | _Close | None = None  # taken, not yet all written
         self._item_size = 0  # bytes of the data item taken (``_item`` is what is left of it)
@@ -223,13 +224,13 @@ class RingRelay:
 
     # -- loop side -------------------------------------------------------------------------
 
-    def push(self, item: bytes | _Fin | _Close) -> None:
+    def push(self, item: bytes | memoryview | _Fin | _Close) -> None:
+        """The client's data (a view of its request, ``relaywire.Frame.data``), FIN or close."""
         with self._lock:
-            self._inbound.append(item)
             # Nothing queued before it and no job: the loop writes it itself if it fits now,
             # which saves a round trip's hand-off to a worker (and its wake-up) per message.
             inline = (
-                len(self._inbound) == 1
+                not self._inbound
                 and self._item is None
                 and self._send_open
                 and not (self._tx_active or self._tx_over or self._stopping)
@@ -237,13 +238,14 @@ class RingRelay:
             if inline:
                 self._tx_active = True  # the loop is this direction's job for the moment
                 self._alive += 1
-                self._inbound.pop()
+            else:
+                self._inbound.append(item if isinstance(item, _Fin | _Close) else kept(item))
         if not inline:
             self._kick_writer()
-        elif type(item) is bytes:
-            self._write_inline(item)
+        elif isinstance(item, _Fin | _Close):
+            self._end_inline(item)
         else:
-            self._end_inline(item)  # type: ignore[arg-type]
+            self._write_inline(item)
 
     def _end_inline(self, item: _Fin | _Close) -> None:
         """On the loop, as the writer's job: the client's FIN or close, when everything before
@@ -271,7 +273,7 @@ class RingRelay:
         self.owner.post(_FIN_WRITTEN, self, None)
         return False
 
-    def _write_inline(self, data: bytes) -> None:
+    def _write_inline(self, data: bytes | memoryview) -> None:
         """On the loop, as the writer's job: write ``data`` without waiting, then end the job,
         or leave what did not fit (and anything else to do) to a worker, which may wait."""
         tx = self.end.tx
@@ -293,7 +295,7 @@ class RingRelay:
                 return
         else:
             with self._lock:
-                self._item, self._item_size = memoryview(data)[written:], size
+                self._item, self._item_size = memoryview(kept(memoryview(data)[written:])), size
         _WORKERS.run(self._write_ring, "hvsock-relay-tx")
 
     def credit(self, limit: int) -> None:
@@ -446,10 +448,10 @@ class RingRelay:
                         break
                     if self._item is None and self._inbound:
                         queued = self._inbound.pop(0)
-                        if isinstance(queued, bytes):
-                            self._item, self._item_size = memoryview(queued), len(queued)
-                        else:
+                        if isinstance(queued, _Fin | _Close):
                             self._item = queued
+                        else:
+                            self._item, self._item_size = memoryview(queued), len(queued)
                     elif self._item is None:
                         at_limit = not self._fin and self._pulled >= self._told
                         if not at_limit or self._room_told == self._told:

@@ -60,6 +60,7 @@ from .core.relay import (
     ResetEnd,
 )
 from .core.types import Side
+from .relayframes import Request
 from .ringrelay import (
     _CLOSE,
     _CLOSED,
@@ -97,7 +98,7 @@ class DataFrame(NamedTuple):
 
     channel_id: int
     end: int
-    data: bytes
+    data: bytes | memoryview
 
 
 def is_fin(item: object) -> bool:
@@ -328,7 +329,7 @@ class SessionData:
             self._drained.clear()
         self._wake.set()
 
-    def _apply(self, request: hvsock_pb2.SessionDataRequest) -> None:
+    def _apply(self, request: Request) -> None:
         """Carry out one request's frames (on the loop)."""
         rules, relays = self.rules, self.relays
         for frame in request.frames:
@@ -339,7 +340,7 @@ class SessionData:
                 fin=frame.fin,
                 credit=frame.credit,
                 close=frame.close,
-                reset=frame.HasField("reset") or frame.close_done,
+                reset=frame.reset or frame.close_done,
             )
             for effect in effects:
                 if isinstance(effect, ClientData):
@@ -375,8 +376,8 @@ class SessionData:
 
     async def serve(
         self,
-        first: hvsock_pb2.SessionDataRequest,
-        requests: AsyncIterator[hvsock_pb2.SessionDataRequest],
+        first: Request,
+        requests: AsyncIterator[Request],
     ) -> AsyncGenerator[bytes, None]:
         """The stream's responses (after :meth:`open_stream`), reading ``requests``
         meanwhile; every relayed end still open when the stream ends (however it ends) is
@@ -431,8 +432,8 @@ class SessionData:
 
     async def _read(
         self,
-        first: hvsock_pb2.SessionDataRequest,
-        requests: AsyncIterator[hvsock_pb2.SessionDataRequest],
+        first: Request,
+        requests: AsyncIterator[Request],
     ) -> None:
         self._apply(first)
         await self._drained.wait()

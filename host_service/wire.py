@@ -15,7 +15,10 @@ errno detail (through :func:`status.abort`, the one mapping to gRPC):
 
 A servicer may also answer with a response already encoded (``bytes``), which goes out as it
 is: SessionData does, its data frames written by hand (``hvsock_common.relaywire``) to save
-protobuf's copies of every relayed byte.
+protobuf's copies of every relayed byte. For the same reason SessionData's requests are decoded
+by hand (:data:`HAND_DECODED`, ``relayframes``), into values whose frame data is a view of the
+received message; that decoder raises ``DecodeError`` where protobuf would, so a malformed
+request ends the call as above.
 
 Response streams are written here with ``context.write`` and the servicer's async generator is
 closed explicitly (``aclose``) however the call ends. Left to grpc.aio, a generator suspended at
@@ -35,8 +38,14 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from . import relayframes
 from .core import errors
 from .status import abort
+
+#: Methods whose requests are decoded by hand instead of by the generated message's parser.
+HAND_DECODED: dict[str, Callable[[bytes], Any]] = {
+    relayframes.SESSION_DATA: relayframes.decode_request,
+}
 
 
 class MalformedRequest(errors.InvalidArgument):
@@ -82,12 +91,13 @@ def _encoder(serializer: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return encode
 
 
-def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     if handler.request_deserializer is None:
         return handler
     if handler.response_serializer is not None:
         handler = handler._replace(response_serializer=_encoder(handler.response_serializer))
-    decode = _decoder(handler.request_deserializer, handler.request_streaming)
+    deserializer = HAND_DECODED.get(method, handler.request_deserializer)
+    decode = _decoder(deserializer, handler.request_streaming)
     if not handler.request_streaming and not handler.response_streaming:
         unary_unary = handler.unary_unary
 
@@ -145,5 +155,5 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # unty
         # Only registered methods get here, so the cache is as small as the API.
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = self._wrapped[method] = (handler, _wrap(handler))
+            cached = self._wrapped[method] = (handler, _wrap(handler, method))
         return cached[1]

@@ -139,7 +139,7 @@ _TERMINAL = frozenset({FlowState.CLOSED, FlowState.RESET})
 class ForwardData:
     """Put ``data`` on the receiver's stream (within its credit; count it as sent to it)."""
 
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +206,7 @@ class Flow:
         #: What the receiver's client grants beyond what it consumed: the ring plus its window.
         self.capacity = capacity
         self.max_unsent = max_unsent
-        self._queue: collections.deque[bytes | str] = collections.deque()
+        self._queue: collections.deque[bytes | memoryview | str] = collections.deque()
         self.received = 0
         self.delivered = 0
         self.forwarded = 0
@@ -246,7 +246,7 @@ class Flow:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def push(self, data: bytes) -> list[FlowEffect]:
+    def push(self, data: bytes | memoryview) -> list[FlowEffect]:
         """The sender's data (non-empty, already within its send limit)."""
         self._pushable("data")
         self._queue.append(data)
@@ -299,7 +299,7 @@ class Flow:
         queue = self._queue
         while queue and not self.stalled and self.state not in _TERMINAL:
             head = queue[0]
-            if isinstance(head, bytes):
+            if not isinstance(head, str):  # data (bytes, or a view of a request)
                 if self.state is FlowState.ORPHANED:
                     queue.popleft()
                     self._move(FlowInput.DATA)

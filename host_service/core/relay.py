@@ -174,7 +174,7 @@ class ClientData:
 
     channel_id: int
     end: int
-    data: bytes
+    data: bytes | memoryview  # a view of the client's request (relaywire.Frame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +344,7 @@ class RelaySession:
         channel_id: int,
         end: int = 0,
         *,
-        data: bytes = b"",
+        data: bytes | memoryview = b"",
         fin: bool = False,
         credit: int = 0,
         close: bool = False,
