@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from hvsock.v1 import hvsock_pb2
-from hvsock_common.relaywire import FrameWriter
+from hvsock_common.relaywire import Frame, FrameWriter, kept
 from ring import (
     CONTROL_PAGE_SIZE,
     FIN_PACKET_LEN,
@@ -371,7 +371,7 @@ class RelayReceive:
         self._kick = kick
         self._capacity = capacity
         self._step = max(capacity // 4, 64)
-        self._frames: collections.deque[bytes] = collections.deque()
+        self._frames: collections.deque[bytes | memoryview] = collections.deque()
         self._offset = 0  # into the first frame
         self._size = 0  # bytes buffered
         self._consumed = 0  # bytes read in all
@@ -453,7 +453,7 @@ class RelayReceive:
         ``wait_readable``, which only waits on this end's condition."""
         return self.wait_readable(timeout)
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | memoryview) -> None:
         """A frame from the host (lock held)."""
         if self._rescinded:
             return  # closed: nobody reads it any more
@@ -599,23 +599,23 @@ class RelayPipe(_NeverStalled):
 
     # -- host -> socket (lock held) ------------------------------------------------------------
 
-    def on_frame(self, frame: hvsock_pb2.RelayFrame) -> None:
+    def on_frame(self, frame: Frame) -> None:
         tx, rx = self.tx, self.rx
         if frame.credit:
             tx.grant(frame.credit)
         if frame.data:
-            rx.deliver(frame.data)
+            rx.deliver(kept(frame.data))
         if frame.fin:
             rx.end()
         if frame.close_done:
             self._finish()
-        elif frame.HasField("reset"):
+        elif frame.reset is not None:
             self.ended_by_host = True
-            if frame.reset.code == _DATA_LOSS:
+            reset = hvsock_pb2.Error.FromString(frame.reset)
+            if reset.code == _DATA_LOSS:
                 rx.fail(
                     RingCorruptError.reported(
-                        frame.reset.errno.errno or errno.EPROTO,
-                        frame.reset.message or "corrupt ring",
+                        reset.errno.errno or errno.EPROTO, reset.message or "corrupt ring"
                     )
                 )
             self._finish()

@@ -39,7 +39,7 @@ from grpc_status import rpc_status
 
 from hvsock.v1 import hvsock_pb2
 from hvsock_common.allocator import tune_for_large_messages
-from hvsock_common.relaywire import REQUEST_FRAMES, FrameWriter
+from hvsock_common.relaywire import REQUEST_FRAMES, Frame, FrameWriter, decode_response, kept
 from hvsock_common.workers import WorkerPool
 
 from ._pipe import RelayPipe
@@ -49,13 +49,25 @@ log = logging.getLogger("hvsock.client")
 #: Data bytes in one request, about (the host takes messages of up to 1 MiB).
 MAX_REQUEST_DATA = 1_000_000
 
-#: The method's path. Its requests are encoded by hand (hvsock_common.relaywire), so the call
-#: is made without the stub's serializer; the responses are protobuf's to parse.
+#: The method's path. Its requests are encoded and its responses decoded by hand
+#: (hvsock_common.relaywire: frame data is copied once each way), so the call is made without
+#: the stub's serializer and deserializer.
 _SERVICE = hvsock_pb2.DESCRIPTOR.services_by_name["HostService"]
 SESSION_DATA = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['SessionData'].name}"
 
 #: google.rpc.Code NOT_FOUND: a reset for an end the host does not know (or no longer).
 _NOT_FOUND = 5
+
+
+def _decode_frames(raw: bytes) -> list[Frame]:
+    """A SessionDataResponse's frames (``relaywire.decode_response``), any reset's Error checked
+    by protobuf here, where a malformed response fails the call as protobuf's parse would."""
+    frames = decode_response(raw)
+    for frame in frames:
+        if frame.reset is not None:
+            hvsock_pb2.Error.FromString(frame.reset)
+    return frames
+
 
 #: Runs each session's stream thread.
 _WORKERS = WorkerPool()
@@ -82,7 +94,7 @@ class Link:
 
     def __init__(self, channel: grpc.Channel, session: str) -> None:
         self._session_data = channel.stream_stream(
-            SESSION_DATA, response_deserializer=hvsock_pb2.SessionDataResponse.FromString
+            SESSION_DATA, response_deserializer=_decode_frames
         )
         self._session = session
         self.lock = threading.Lock()
@@ -97,7 +109,7 @@ class Link:
         self._ready: collections.deque[RelayPipe] = collections.deque()
         self._queued: set[tuple[int, int]] = set()
         # Frames for ends not registered yet (see "Early frames" above), in arrival order.
-        self._early: dict[tuple[int, int], list[hvsock_pb2.RelayFrame]] = {}
+        self._early: dict[tuple[int, int], list[Frame]] = {}
         self._started = False
         self._over = False  # the stream ended (or the link was closed)
         self._call: Any = None  # the stream, once open (cancelled by close())
@@ -185,9 +197,9 @@ class Link:
                 self._call = call
                 if self._over:
                     call.cancel()
-            for response in call:
+            for frames in call:
                 with self.lock:
-                    self._route(response.frames)
+                    self._route(frames)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
                 # Cancelled here (close(), or the attach stream found the host gone), maybe
@@ -202,7 +214,7 @@ class Link:
             lost = True
         self._end(lost)
 
-    def _route(self, frames: Iterable[hvsock_pb2.RelayFrame]) -> None:
+    def _route(self, frames: Iterable[Frame]) -> None:
         """Hand the host's frames to their ends (lock held)."""
         pipes = self._pipes
         for frame in frames:
@@ -212,7 +224,8 @@ class Link:
                 pipe.on_frame(frame)
                 if pipe.over:
                     del pipes[key]
-            elif not (frame.HasField("reset") and frame.reset.code == _NOT_FOUND):
+            elif frame.reset is None or hvsock_pb2.Error.FromString(frame.reset).code != _NOT_FOUND:
+                frame.data = kept(frame.data)  # held until the end is built
                 self._early.setdefault(key, []).append(frame)
 
     def _end(self, lost: bool) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hvsock.v1 import hvsock_pb2
+from hvsock_common.relaywire import kept
 from ring import shm
 
 from . import metrics
@@ -35,7 +36,6 @@ from .core.forward import (
     SenderFin,
 )
 from .core.types import Side
-from .relayframes import kept
 from .ringrelay import MAX_UNSENT
 from .sessiondata import DataFrame, SessionData, is_close, is_fin
 from .status import error_message

@@ -57,6 +57,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hvsock_common.relaywire import kept
 from hvsock_common.workers import WorkerPool
 from ring import FIN_PACKET_LEN, RingCorruptError, shm
 from ring.watcher import RingWatcher, Watch, room_for
@@ -64,7 +65,6 @@ from ring.watcher import RingWatcher, Watch, room_for
 from . import metrics
 from .core.relay import MAX_FRAME_DATA
 from .core.types import Side
-from .relayframes import kept
 
 if TYPE_CHECKING:
     from .sessiondata import SessionData

@@ -25,11 +25,12 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
+from hvsock_common import relaywire
 from hvsock_common.addresses import Address
 from hvsock_common.batching import next_batch
 from hvsock_common.conventions import MAX_ATTACH_BATCH, TOKEN_METADATA, new_token
 
-from . import __version__, metrics, relayframes
+from . import __version__, metrics
 from .core import errors
 from .core.channel import ChannelState
 from .core.events import (
@@ -1197,7 +1198,7 @@ class HostServicer(hvsock_pb2_grpc.HostServiceServicer):  # type: ignore[misc]  
 
     async def SessionData(
         self,
-        request_iterator: AsyncIterator[relayframes.Request],  # decoded by hand (wire.py)
+        request_iterator: AsyncIterator[relaywire.Request],  # decoded by hand (wire.py)
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[bytes]:  # SessionDataResponse, encoded (wire: sent as they are)
         try:

@@ -46,7 +46,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from hvsock.v1 import hvsock_pb2
-from hvsock_common.relaywire import RESPONSE_FRAMES, FrameWriter
+from hvsock_common.relaywire import RESPONSE_FRAMES, FrameWriter, Request
 from ring import RingCorruptError, shm
 
 from .core import errors
@@ -60,7 +60,6 @@ from .core.relay import (
     ResetEnd,
 )
 from .core.types import Side
-from .relayframes import Request
 from .ringrelay import (
     _CLOSE,
     _CLOSED,
@@ -340,7 +339,7 @@ class SessionData:
                 fin=frame.fin,
                 credit=frame.credit,
                 close=frame.close,
-                reset=frame.reset or frame.close_done,
+                reset=frame.reset is not None or frame.close_done,
             )
             for effect in effects:
                 if isinstance(effect, ClientData):

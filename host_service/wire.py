@@ -44,7 +44,7 @@ from .status import abort
 
 #: Methods whose requests are decoded by hand instead of by the generated message's parser.
 HAND_DECODED: dict[str, Callable[[bytes], Any]] = {
-    relayframes.SESSION_DATA: relayframes.decode_request,
+    relayframes.SESSION_DATA: relayframes.decode_session_data,
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guest_client._relay import Link
+from guest_client._relay import Link, _decode_frames
 from hvsock.v1 import hvsock_pb2
 
 pytestmark = pytest.mark.property
@@ -80,8 +80,10 @@ def test_every_end_reads_its_bytes_whatever_the_interleaving(
                 frame = hvsock_pb2.RelayFrame(
                     channel_id=key[0], end=key[1], reset=hvsock_pb2.Error(code=_NOT_FOUND)
                 )
+            # As the stream thread gets it: decoded from the wire (data a view of the message).
+            response = hvsock_pb2.SessionDataResponse(frames=[frame]).SerializeToString()
             with link.lock:
-                link._route([frame])
+                link._route(_decode_frames(response))
     assert not link._early
     buffer = bytearray(512)
     for key, (_, chunks) in zip(keys, ends, strict=True):

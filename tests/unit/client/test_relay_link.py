@@ -31,8 +31,10 @@ class _FakeCall:
         self._asked = threading.Condition()
         self._asks = 0  # how many responses the link has asked for
         self._sent = 0
+        #: The link's response deserializer: responses reach it as from the wire.
+        self.deserialize: Any = None
 
-    def __iter__(self) -> Iterator[hvsock_pb2.SessionDataResponse]:
+    def __iter__(self) -> Iterator[Any]:
         while True:
             with self._asked:
                 self._asks += 1
@@ -40,7 +42,7 @@ class _FakeCall:
             response = self.responses.get()
             if response is None:
                 return
-            yield response
+            yield self.deserialize(response.SerializeToString())
 
     def send(self, *frames: hvsock_pb2.RelayFrame) -> None:
         self._sent += 1
@@ -56,7 +58,8 @@ class _FakeChannel:
     def __init__(self) -> None:
         self.call = _FakeCall()
 
-    def stream_stream(self, *_args: Any, **_kwargs: Any) -> Any:
+    def stream_stream(self, _method: str, response_deserializer: Any) -> Any:
+        self.call.deserialize = response_deserializer
         return lambda _requests: self.call
 
 

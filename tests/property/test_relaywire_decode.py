@@ -1,7 +1,8 @@
-"""The host's hand-written SessionData request decoder (host_service.relayframes) against
-protobuf's own parse: for any request protobuf builds, and for any bytes at all (garbage, or a
-valid request cut, spliced or grown with unknown fields), the decoder fails exactly when
-protobuf fails and otherwise reads every field protobuf reads."""
+"""The hand-written SessionData decoders (hvsock_common.relaywire) against protobuf's own parse,
+as each side deploys them: the host's request decoder (host_service.relayframes) and the guest
+library's response decoder (guest_client._relay). For any message protobuf builds, and for any
+bytes at all (garbage, or a valid message cut, spliced or grown with unknown fields), each
+fails exactly when protobuf fails and otherwise reads every field protobuf reads."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from host_service.relayframes import Frame, decode_request, kept
+from guest_client._relay import _decode_frames
+from host_service.relayframes import decode_session_data
 from hvsock.v1 import hvsock_pb2
+from hvsock_common.relaywire import Frame, kept
 
 pytestmark = pytest.mark.property
 
@@ -59,43 +62,58 @@ unknown_fields = st.sampled_from(
 )
 
 
-def _protobuf(raw: bytes) -> hvsock_pb2.SessionDataRequest | None:
+def _parsed(message: type, raw: bytes) -> object:
     try:
-        return hvsock_pb2.SessionDataRequest.FromString(raw)
+        return message.FromString(raw)
     except DecodeError:
         return None
 
 
-def _hand(raw: bytes) -> object:
+def _decoded(decode: object, raw: bytes) -> object:
     try:
-        return decode_request(raw)
+        return decode(raw)  # type: ignore[operator]
     except DecodeError:
         return None
 
 
-def _same_as_protobuf(raw: bytes) -> None:
-    expected, got = _protobuf(raw), _hand(raw)
-    assert (expected is None) == (got is None), (raw, expected, got)
-    if expected is None:
-        return
-    assert got.session == expected.session  # type: ignore[attr-defined]
-    assert got.early_frames == expected.early_frames  # type: ignore[attr-defined]
-    frames: list[Frame] = got.frames  # type: ignore[attr-defined]
-    assert len(frames) == len(expected.frames)
-    for frame, want in zip(frames, expected.frames, strict=True):
+def _same_frames(frames: list[Frame], expected: object) -> None:
+    assert len(frames) == len(expected)  # type: ignore[arg-type]
+    for frame, want in zip(frames, expected, strict=True):  # type: ignore[call-overload]
         assert (frame.channel_id, frame.end, frame.credit) == (
             want.channel_id,
             want.end,
             want.credit,
         )
         assert (frame.fin, frame.close, frame.close_done) == (want.fin, want.close, want.close_done)
-        assert frame.reset == want.HasField("reset")
         assert bytes(frame.data) == want.data
+        assert (frame.reset is not None) == want.HasField("reset")
+        if frame.reset is not None:
+            assert hvsock_pb2.Error.FromString(frame.reset) == want.reset
+
+
+def _same_as_protobuf(raw: bytes) -> None:
+    """``raw`` read as a request by the host, and as a response by the guest library (the two
+    messages share RelayFrame and differ in their own fields), each as protobuf reads it."""
+    expected, got = _parsed(hvsock_pb2.SessionDataRequest, raw), _decoded(decode_session_data, raw)
+    assert (expected is None) == (got is None), (raw, expected, got)
+    if expected is not None:
+        assert got.session == expected.session  # type: ignore[attr-defined]
+        assert got.early_frames == expected.early_frames  # type: ignore[attr-defined]
+        _same_frames(got.frames, expected.frames)  # type: ignore[attr-defined]
+    expected, got = _parsed(hvsock_pb2.SessionDataResponse, raw), _decoded(_decode_frames, raw)
+    assert (expected is None) == (got is None), (raw, expected, got)
+    if expected is not None:
+        _same_frames(got, expected.frames)  # type: ignore[arg-type, attr-defined]
 
 
 @given(requests_strategy)
 def test_any_request_reads_as_protobuf_reads_it(request: hvsock_pb2.SessionDataRequest) -> None:
     _same_as_protobuf(request.SerializeToString())
+
+
+@given(frames_strategy)
+def test_any_response_reads_as_protobuf_reads_it(frames: list[hvsock_pb2.RelayFrame]) -> None:
+    _same_as_protobuf(hvsock_pb2.SessionDataResponse(frames=frames).SerializeToString())
 
 
 @given(requests_strategy, st.lists(st.tuples(st.integers(0, 10_000), unknown_fields), max_size=4))
@@ -142,9 +160,9 @@ def test_arbitrary_bytes_fail_as_protobuf_fails(raw: bytes) -> None:
     ],
 )
 def test_malformed_requests_raise_decode_error(raw: bytes) -> None:
-    assert _protobuf(raw) is None
+    assert _parsed(hvsock_pb2.SessionDataRequest, raw) is None
     with pytest.raises(DecodeError):
-        decode_request(raw)
+        decode_session_data(raw)
 
 
 @pytest.mark.parametrize(
@@ -156,6 +174,9 @@ def test_malformed_requests_raise_decode_error(raw: bytes) -> None:
         b"\x12\x0b\x08" + b"\xff" * 9 + b"\x7f",  # channel_id beyond 64 bits: cut to 64
         b"\x12\x02\x18\x02\x12\x02\x28\x00",  # fin as 2 (true); close as 0 (false)
         b"\x12\x04\x12\x01a\x12\x00" + b"\x12\x06\x12\x01a\x12\x01b",  # last data wins
+        # A reset given twice: protobuf merges the two Errors (code from one, message the other).
+        b"\x12\x09\x3a\x02\x08\x05\x3a\x03\x12\x01a",
+        b"\x0a\x09\x3a\x02\x08\x05\x3a\x03\x12\x01a",
     ],
 )
 def test_edge_encodings_read_as_protobuf_reads_them(raw: bytes) -> None:
@@ -164,9 +185,11 @@ def test_edge_encodings_read_as_protobuf_reads_them(raw: bytes) -> None:
 
 def test_deeply_nested_groups_raise_decode_error_not_recursion_error() -> None:
     raw = b"\x6b" * 5000 + b"\x6c" * 5000
-    assert _protobuf(raw) is None
+    assert _parsed(hvsock_pb2.SessionDataRequest, raw) is None
     with pytest.raises(DecodeError):
-        decode_request(raw)
+        decode_session_data(raw)
+    with pytest.raises(DecodeError):
+        _decode_frames(raw)
 
 
 def test_frame_data_is_a_view_of_the_received_message() -> None:
@@ -174,7 +197,7 @@ def test_frame_data_is_a_view_of_the_received_message() -> None:
         frames=[hvsock_pb2.RelayFrame(channel_id=3, end=1, data=b"x" * 1000)]
     )
     raw = request.SerializeToString()
-    (frame,) = decode_request(raw).frames
+    (frame,) = decode_session_data(raw).frames
     assert isinstance(frame.data, memoryview)
     assert frame.data.obj is raw
     assert frame.data == b"x" * 1000
