@@ -53,6 +53,9 @@ log = logging.getLogger("hvsock.client")
 
 #: Largest relay frame's data (the API's limit); also the coalescing size of small sends.
 MAX_FRAME_DATA = 262144
+#: A ``bytes`` sent over the relay with at least this many bytes is referenced until its frame
+#: goes out, not copied (see :class:`RelaySend`); smaller ones are coalesced.
+REFERENCED_SEND = 16384
 
 
 class Pipe(Protocol):
@@ -223,11 +226,21 @@ class RelaySend:
     """The send half of a relayed end, in place of a send ring: the same calls, errors,
     partial writes and FIN rules as a ``ring.Ring`` writer.
 
-    A write appends to a buffer bounded by the host's credit — what was accepted never exceeds
+    A write appends to a queue bounded by the host's credit — what was accepted never exceeds
     the send limit, which the host grants from its peer ring's free space plus the relay
     window — so back-pressure is that ring's (and the window's). The session stream takes
-    frames from the buffer (:meth:`RelayPipe.frames`), so a loop of small sends still travels
-    in large frames.
+    frames from the queue (:meth:`take`), so a loop of small sends still travels in large
+    frames.
+
+    The queue (``_chunks``) holds the bytes accepted and not yet taken, in order, as:
+
+    * ``bytes`` objects of the program's own, or views of them, referenced and not copied: a
+      ``bytes`` cannot change, so a send of :data:`REFERENCED_SEND` bytes or more costs no
+      copy before the frame's (the stream's message is the only one);
+    * bytearrays holding copies of everything else (small sends, and buffers the program may
+      change once the call returns). Only the last chunk is ever appended to, and only while it
+      is in the queue: a bytearray taken whole leaves it first, so nothing resizes a buffer a
+      frame still refers to.
     """
 
     def __init__(
@@ -237,7 +250,8 @@ class RelaySend:
         self._room = threading.Condition(lock)  # credit arrived, or the end is over
         self._kick = kick  # (lock held) tell the session stream this end has work
         self._max_payload = max_payload
-        self.buffer = bytearray()  # accepted, not yet taken into a frame
+        self._chunks: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        self.queued = 0  # bytes accepted, not yet taken into a frame (in ``_chunks``)
         self.accepted = 0  # bytes accepted in all
         self.sent = 0  # bytes taken into frames in all
         self.limit = limit  # the host's send limit (bytes in all): frames stay within it
@@ -281,10 +295,16 @@ class RelaySend:
                 room = self.limit - self.accepted
                 if room > 0:
                     take = min(room, n - done)
-                    if take == n:
-                        self.buffer += src  # all of it: no slice
+                    chunks = self._chunks
+                    if take >= REFERENCED_SEND and type(src) is bytes:
+                        chunks.append(src if take == n else memoryview(src)[done : done + take])
                     else:
-                        self.buffer += memoryview(src)[done : done + take]
+                        piece = src if take == n else memoryview(src)[done : done + take]
+                        if chunks and type(chunks[-1]) is bytearray:
+                            chunks[-1] += piece
+                        else:
+                            chunks.append(bytearray(piece))
+                    self.queued += take
                     self.accepted += take
                     done += take
                     self._kick()
@@ -332,8 +352,38 @@ class RelaySend:
         if limit > self.limit:
             self.limit = limit
             self._room.notify_all()
-            if self.buffer:
+            if self.queued:
                 self._kick()
+
+    def take(self, n: int) -> list[bytes | bytearray | memoryview]:
+        """The next ``n`` (at most :attr:`queued`) bytes, taken for a frame (lock held): the
+        queue's own objects where they are taken whole or cannot change, else copies. They are
+        read after the lock is let go (the frame's message is joined then)."""
+        chunks, parts, left = self._chunks, [], n
+        while left:
+            chunk = chunks[0]
+            size = len(chunk)
+            if size <= left:
+                parts.append(chunks.popleft())
+                left -= size
+            elif type(chunk) is bytearray:  # still appended to: its head is copied out
+                with memoryview(chunk) as view:
+                    parts.append(bytes(view[:left]))
+                del chunk[:left]
+                left = 0
+            else:  # a bytes object, or a view of one: a view of its head
+                view = memoryview(chunk)
+                parts.append(view[:left])
+                chunks[0] = view[left:]
+                left = 0
+        self.queued -= n
+        self.sent += n
+        return parts
+
+    def drop(self) -> None:
+        """Forget what is queued (lock held): the end was rescinded."""
+        self._chunks.clear()
+        self.queued = 0
 
     def rescind(self) -> None:
         """Sends fail (EPIPE) from now on; what is buffered is dropped."""
@@ -552,32 +602,25 @@ class RelayPipe(_NeverStalled):
             if credit:
                 writer.add(self.channel_id, self.end, credit=credit)
             return 0
-        chunk: bytes | bytearray = b""
+        parts: list[bytes | bytearray | memoryview] = []
+        n = 0
         if tx.is_rescinded:
-            tx.buffer.clear()
-        elif tx.buffer and budget > 0:
-            buffer = tx.buffer
-            n = min(len(buffer), MAX_FRAME_DATA, tx.limit - tx.sent, budget)
-            if n == len(buffer):
-                # All of it: the frame takes the buffer itself, uncopied (the writer reads it
-                # after the lock is let go, when writes already go to the new buffer).
-                chunk, tx.buffer = buffer, bytearray()
-            elif n > 0:
-                with memoryview(buffer) as view:
-                    chunk = bytes(view[:n])
-                del buffer[:n]
-            tx.sent += len(chunk)
+            tx.drop()
+        elif tx.queued and budget > 0:
+            n = max(min(tx.queued, MAX_FRAME_DATA, tx.limit - tx.sent, budget), 0)
+            if n:
+                parts = tx.take(n)
         fin = close = False
         # FIN and close go behind the rest of the data.
-        if not tx.buffer and not tx.is_rescinded:
+        if not tx.queued and not tx.is_rescinded:
             if self._closed:
                 # close() implies the FIN (one frame says both).
                 self._close_sent = self._fin_sent = close = True
             elif tx.fin_sent and not self._fin_sent:
                 self._fin_sent = fin = True
-        if credit or chunk or fin or close:
-            writer.add(self.channel_id, self.end, data=chunk, credit=credit, fin=fin, close=close)
-        return len(chunk)
+        if credit or n or fin or close:
+            writer.add(self.channel_id, self.end, data=parts, credit=credit, fin=fin, close=close)
+        return n
 
     def _owes_credit(self) -> bool:
         """Whether the host is to hear of more receive credit (lock held)."""
@@ -593,7 +636,7 @@ class RelayPipe(_NeverStalled):
             return True
         if tx.is_rescinded:
             return False
-        if tx.buffer:
+        if tx.queued:
             return tx.limit > tx.sent
         return self._closed or (tx.fin_sent and not self._fin_sent)
 

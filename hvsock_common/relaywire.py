@@ -103,18 +103,19 @@ class FrameWriter:
         channel_id: int,
         end: int = 0,
         *,
-        data: Buffer = b"",
+        data: Buffer | list[Buffer] = b"",
         fin: bool = False,
         credit: int = 0,
         close: bool = False,
     ) -> None:
-        """One RelayFrame. ``data`` is referenced, not copied, until :meth:`message`: it must
-        not change before then."""
+        """One RelayFrame. ``data`` (a buffer, or a list of buffers whose bytes follow one
+        another) is referenced, not copied, until :meth:`message`: it must not change before
+        then."""
         head = bytearray()
         if channel_id:
             head += _CHANNEL_ID
             head += encode_varint(channel_id)
-        size = len(data)
+        size = sum(map(len, data)) if isinstance(data, list) else len(data)
         if fin:
             head += _FIN
         if credit:
@@ -133,7 +134,9 @@ class FrameWriter:
         parts.append(self._key)
         parts.append(encode_varint(len(head) + size))
         parts.append(bytes(head))
-        if size:
+        if isinstance(data, list):
+            parts.extend(data)
+        elif size:
             parts.append(data)
         self.count += 1
         self.data_bytes += size

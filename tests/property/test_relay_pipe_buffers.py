@@ -1,18 +1,21 @@
 """A relayed end's byte buffers (guest_client._pipe.RelaySend and RelayReceive) against a plain
 bytes model: whatever the buffer types (bytes, bytearray, memoryviews, arrays, strided views)
 and sizes, a receiver's reads give back exactly the frames' bytes in order, never more than
-asked for, and a sender's buffer holds exactly what its writes accepted, within the credit."""
+asked for, and a sender's queue holds exactly what its writes accepted, within the credit, for
+frames to take in order."""
 
 from __future__ import annotations
 
 import array
 import threading
 from typing import Any
+from unittest import mock
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from guest_client import _pipe
 from guest_client._pipe import RelayReceive, RelaySend
 
 pytestmark = pytest.mark.property
@@ -70,31 +73,64 @@ def test_reads_give_back_the_frames_in_order(
     assert rx.readable() == len(expected) - len(got)
 
 
+def _scribble(buffer: Any) -> None:
+    """The program reuses its buffer once the call returned (a ``bytes`` cannot change)."""
+    if isinstance(buffer, array.array):
+        buffer[:] = array.array("B", b"\xee" * len(buffer))
+    elif isinstance(buffer, bytearray | memoryview):
+        buffer[:] = b"\xee" * len(buffer)
+
+
 @given(
-    writes=st.lists(
-        st.tuples(st.binary(max_size=300), st.sampled_from(KINDS), st.booleans()), max_size=12
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("write"), st.binary(max_size=300), st.sampled_from(KINDS), st.booleans()
+            ),
+            st.tuples(st.just("take"), st.integers(1, 120)),  # often inside a write's bytes
+        ),
+        max_size=16,
     ),
-    limit=st.integers(0, 400),  # small: the writes run into it
+    limit=st.integers(0, 800),  # small: the writes run into it
+    referenced_at=st.sampled_from([1, 64, _pipe.REFERENCED_SEND]),
 )
-def test_writes_buffer_what_they_accept_within_the_credit(
-    writes: list[tuple[bytes, str, bool]], limit: int
+@example(  # a frame ending inside a referenced bytes, then one taking its rest
+    ops=[("write", bytes(range(100)), "bytes", True), ("take", 30), ("take", 100)],
+    limit=800,
+    referenced_at=1,
+)
+def test_writes_queue_what_they_accept_and_frames_take_it_in_order(
+    ops: list[tuple[Any, ...]], limit: int, referenced_at: int
 ) -> None:
-    lock = threading.Lock()
-    tx = RelaySend(lock, lambda: None, limit, 16384)
-    model = b""
-    for data, kind, whole in writes:
-        room = limit - len(model)
-        if whole:
-            if len(data) > room:
-                continue  # would block for credit: not what this test is about
-            tx.write_all(as_kind(data, kind), 0)
-            model += data
-        elif room == 0 and data:
-            with pytest.raises(BlockingIOError):
-                tx.write(as_kind(data, kind), 0)
-        else:
-            n = tx.write(as_kind(data, kind), 0)
-            assert n == min(len(data), room)
-            model += data[:n]
-        assert bytes(tx.buffer) == model
-        assert tx.accepted == len(model) <= limit
+    """Whatever mix of referenced ``bytes`` and copied buffers the queue holds, and wherever
+    frames cut it, the frames carry exactly the accepted bytes in order, within the credit,
+    however the program changes its buffers after each call."""
+    tx = RelaySend(threading.Lock(), lambda: None, limit, 16384)
+    model, taken = b"", b""  # everything accepted, and what frames took of it
+    with mock.patch.object(_pipe, "REFERENCED_SEND", referenced_at):
+        for op in ops:
+            if op[0] == "take":
+                n = min(op[1], tx.queued)
+                taken += b"".join(bytes(part) for part in tx.take(n))
+                assert tx.sent == len(taken)
+                continue
+            _, data, kind, whole = op
+            room = limit - len(model)
+            buffer = as_kind(data, kind)
+            if whole:
+                if len(data) > room:
+                    continue  # would block for credit: not what this test is about
+                tx.write_all(buffer, 0)
+                model += data
+            elif room == 0 and data:
+                with pytest.raises(BlockingIOError):
+                    tx.write(buffer, 0)
+            else:
+                n = tx.write(buffer, 0)
+                assert n == min(len(data), room)
+                model += data[:n]
+            _scribble(buffer)
+            assert tx.accepted == len(model) <= limit
+            assert tx.queued == len(model) - len(taken)
+        taken += b"".join(bytes(part) for part in tx.take(tx.queued))
+    assert taken == model
