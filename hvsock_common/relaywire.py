@@ -256,6 +256,15 @@ def _key(buf: bytes, pos: int, limit: int) -> tuple[int, int]:
     return key, pos
 
 
+def _delimited(buf: bytes, pos: int, limit: int, what: str) -> tuple[int, int]:
+    """A length-delimited field's bytes, ``buf[start:end]``, ``pos`` at its length."""
+    size, pos = _varint(buf, pos, limit)
+    end = pos + size
+    if end > limit:
+        raise DecodeError(f"truncated message (in {what})")
+    return pos, end
+
+
 def _frame(buf: bytes, view: memoryview, pos: int, limit: int) -> Frame:
     frame = Frame()
     while pos < limit:
@@ -265,11 +274,8 @@ def _frame(buf: bytes, view: memoryview, pos: int, limit: int) -> Frame:
         else:
             key, pos = _key(buf, pos, limit)
         if key == 0x12:  # data (2, length-delimited)
-            size, pos = _varint(buf, pos, limit)
-            if pos + size > limit:
-                raise DecodeError("truncated message (in data)")
-            frame.data = view[pos : pos + size] if size else b""
-            pos += size
+            start, pos = _delimited(buf, pos, limit, "data")
+            frame.data = view[start:pos] if pos > start else b""
         elif key == 0x08:  # channel_id (1, varint)
             frame.channel_id, pos = _varint(buf, pos, limit)
         elif key == 0x40:  # end (8, varint: a uint32)
@@ -287,12 +293,9 @@ def _frame(buf: bytes, view: memoryview, pos: int, limit: int) -> Frame:
             value, pos = _varint(buf, pos, limit)
             frame.close_done = value != 0
         elif key == 0x3A:  # reset (7, an Error message: its fields are the caller's to parse)
-            size, pos = _varint(buf, pos, limit)
-            if pos + size > limit:
-                raise DecodeError("truncated message (in reset)")
+            start, pos = _delimited(buf, pos, limit, "reset")
             # A repeated message field merges, as protobuf does: the encodings concatenated.
-            frame.reset = (frame.reset or b"") + buf[pos : pos + size]
-            pos += size
+            frame.reset = (frame.reset or b"") + buf[start:pos]
         else:
             pos = _skip(buf, pos, limit, key)
     return frame
@@ -317,12 +320,8 @@ def decode_response(raw: bytes) -> list[Frame]:
     while pos < limit:
         key, pos = _key(raw, pos, limit)
         if key == 0x0A:  # frames (1, length-delimited RelayFrame)
-            size, pos = _varint(raw, pos, limit)
-            end = pos + size
-            if end > limit:
-                raise DecodeError("truncated message (in a frame)")
-            frames.append(_frame(raw, view, pos, end))
-            pos = end
+            start, pos = _delimited(raw, pos, limit, "a frame")
+            frames.append(_frame(raw, view, start, pos))
         else:
             pos = _skip(raw, pos, limit, key)
     return frames
@@ -338,18 +337,11 @@ def decode_request(raw: bytes) -> Request:
         while pos < limit:
             key, pos = _key(raw, pos, limit)
             if key == 0x12:  # frames (2, length-delimited RelayFrame)
-                size, pos = _varint(raw, pos, limit)
-                end = pos + size
-                if end > limit:
-                    raise DecodeError("truncated message (in a frame)")
-                request.frames.append(_frame(raw, view, pos, end))
-                pos = end
+                start, pos = _delimited(raw, pos, limit, "a frame")
+                request.frames.append(_frame(raw, view, start, pos))
             elif key == 0x0A:  # session (1, a string)
-                size, pos = _varint(raw, pos, limit)
-                if pos + size > limit:
-                    raise DecodeError("truncated message (in session)")
-                request.session = str(raw[pos : pos + size], "utf-8")
-                pos += size
+                start, pos = _delimited(raw, pos, limit, "session")
+                request.session = str(raw[start:pos], "utf-8")
             elif key == 0x18:  # early_frames (3)
                 value, pos = _varint(raw, pos, limit)
                 request.early_frames = value != 0
