@@ -167,13 +167,38 @@ def test_the_relay_budget_bounds_the_windows_and_a_starved_end_still_delivers(
 
 
 @pytest.mark.parametrize(
+    ("flag", "loop_class"), [(None, "uvloop.Loop"), ("asyncio", "asyncio.unix_events.")]
+)
+def test_the_host_serves_relayed_data_on_either_event_loop(
+    tmp_path: pathlib.Path, flag: str | None, loop_class: str
+) -> None:
+    extra = [f"--event-loop={flag}"] if flag else []  # none: the default (uvloop)
+    with run_host(tmp_path, *extra) as host:
+        serving = next(line for line in host.log if "serving on" in line)
+        assert f"(event loop: {loop_class}" in serving
+        vm = create_vm(host, "vm1")
+        guest, root = attach_vm(host, vm), attach_host(host)
+        g, h = open_pair(guest, root)
+        payload = bytes(range(256)) * 4096  # beyond the ring: credit must come back
+        to_host, from_guest = RelayStream(guest, g.channel_id), RelayStream(root, h.channel_id)
+        writer = threading.Thread(target=lambda: (to_host.send_all(payload), to_host.send_fin()))
+        writer.start()
+        assert from_guest.read_all() == payload
+        writer.join()
+        guest.close()
+        root.close()
+
+
+@pytest.mark.parametrize(
     ("args", "env", "error"),
     [
         (["--relay-window-budget", "-1"], {}, "must be at least 0, not -1"),
         ([], {"HVSOCK_RELAY_WINDOW_BUDGET": "lots"}, "HVSOCK_RELAY_WINDOW_BUDGET"),
+        (["--event-loop", "trio"], {}, "must be one of uvloop, asyncio, not 'trio'"),
+        ([], {"HVSOCK_EVENT_LOOP": "twisted"}, "HVSOCK_EVENT_LOOP='twisted'"),
     ],
 )
-def test_a_bad_relay_budget_is_a_usage_error(
+def test_a_bad_setting_is_a_usage_error(
     tmp_path: pathlib.Path, args: list[str], env: dict[str, str], error: str
 ) -> None:
     assert error in usage_error(tmp_path, args, env)
