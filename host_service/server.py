@@ -185,16 +185,16 @@ async def serve(args: argparse.Namespace, token: str) -> None:
     if args.metrics_port is not None:
         metrics_port = metrics.serve(args.metrics_address, args.metrics_port)
         metrics_note = f", metrics on {args.metrics_address}:{metrics_port}"
+    loop = asyncio.get_running_loop()
     log.info(
         "serving on %s%s%s (event loop: %s)",
         where,
         " (TLS)" if credentials else "",
         metrics_note,
-        _loop_name(asyncio.get_running_loop()),
+        _loop_name(loop),
     )
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()

@@ -219,9 +219,8 @@ def _skip(buf: bytes, pos: int, limit: int, key: int) -> int:
     if wire_type == _VARINT:
         return _varint(buf, pos, limit)[1]
     if wire_type == _LENGTH:
-        size, pos = _varint(buf, pos, limit)
-        end = pos + size
-    elif wire_type == _FIXED64:
+        return _delimited(buf, pos, limit, "an unknown field")[1]
+    if wire_type == _FIXED64:
         end = pos + 8
     elif wire_type == _FIXED32:
         end = pos + 4
