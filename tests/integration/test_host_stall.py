@@ -14,6 +14,7 @@ import time
 import pytest
 
 import guest_client as hv
+from host_service.core.relay import DEFAULT_RELAY_WINDOW
 from hvsock.v1 import hvsock_pb2
 
 from ..conformance.conftest import Env, host, host_env
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.integration
 __all__ = ["host", "host_env"]  # fixtures
 
 CHUNK = 8192
-#: Far beyond any ring plus relay buffering: a send that never blocks would pass it.
-BOUND = 4 << 20
+#: Far beyond any ring plus the relay window: a send that never blocks would pass it.
+BOUND = DEFAULT_RELAY_WINDOW + (4 << 20)
 
 
 def _vm_id(sock: hv.HvSocket) -> str:
