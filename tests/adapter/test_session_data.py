@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
+from host_service.core.relay import DEFAULT_RELAY_WINDOW
 from hvsock.v1 import hvsock_pb2
 from hvsock_common import addresses
-from host_service.core.relay import DEFAULT_RELAY_WINDOW
 
 from .harness import AttachStream, InProcessHost, in_process_host
 
