@@ -175,7 +175,14 @@ class Link:
                 # Round robin: an end with more than this message takes goes to the back.
                 for _ in range(len(ready)):
                     pipe = ready.popleft()
-                    budget -= pipe.frames(frames, budget)
+                    # Frames of one end while it has data and the message has room: a lone
+                    # busy end fills the message (four 256 KiB frames), and every message
+                    # costs each process on its way far more than its bytes do.
+                    while True:
+                        took = pipe.frames(frames, budget)
+                        budget -= took
+                        if not took or budget <= 0 or not pipe.pending():
+                            break
                     if pipe.pending():
                         ready.append(pipe)
                     else:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from guest_client._relay import Link
+from guest_client._pipe import MAX_FRAME_DATA
+from guest_client._relay import MAX_REQUEST_DATA, Link
 from hvsock.v1 import hvsock_pb2
 
 pytestmark = pytest.mark.unit
@@ -131,3 +132,26 @@ def test_an_end_reset_before_it_is_built_opens_over(link: tuple[Link, _FakeCall]
     pipe = link_.open_end(_channel(11, credited=True), 0)
     assert pipe.over and pipe.ended_by_host
     assert _read_all(pipe) == b"last"
+
+
+def test_a_lone_busy_end_fills_each_request(link: tuple[Link, _FakeCall]) -> None:
+    """An end with much queued goes out in requests of several full frames up to the request's
+    data budget, not in a request per frame: every message costs each process on its way."""
+    link_, _call = link
+    channel = _channel(12, credited=True)
+    channel.relay_send_limit = 3 * MAX_REQUEST_DATA
+    pipe = link_.open_end(channel, 0)
+    data = bytes(range(256)) * (2 * MAX_REQUEST_DATA // 256)
+    pipe.tx.write_all(data, 5)
+    requests = link_._requests()  # the stream's requests, pulled here instead of by gRPC
+    assert hvsock_pb2.SessionDataRequest.FromString(next(requests)).session == "session"
+    sent, sizes = bytearray(), []
+    while len(sent) < len(data):
+        request = hvsock_pb2.SessionDataRequest.FromString(next(requests))
+        frames = [frame for frame in request.frames if frame.channel_id == 12]
+        sizes.append(sum(len(frame.data) for frame in frames))
+        assert all(len(frame.data) <= MAX_FRAME_DATA for frame in frames)
+        for frame in frames:
+            sent += frame.data
+    assert bytes(sent) == data
+    assert sizes == [MAX_REQUEST_DATA, len(data) - MAX_REQUEST_DATA]
