@@ -300,12 +300,19 @@ def _frame(buf: bytes, view: memoryview, pos: int, limit: int) -> Frame:
     return frame
 
 
+#: A frame's view is held only while it is at least 1/KEEP_RATIO of the message it keeps
+#: alive. 5: a full request or response (about 1 MB of data in frames of at most 256 KiB)
+#: has every frame above a fifth of it, so bulk data is held without a copy.
+KEEP_RATIO = 5
+
+
 def kept(data: bytes | memoryview) -> bytes | memoryview:
     """What to hold of a decoded frame's ``data`` beyond handling it: the view itself when it
-    is at least half of the message it keeps alive, else a copy of it. A frame held for long
-    (its end stalled, its ring full) then never keeps alive more than twice its own bytes,
-    which the relay windows bound: a client cannot make a few held bytes pin whole messages."""
-    if type(data) is memoryview and len(data) * 2 < memoryview(data.obj).nbytes:
+    is at least a fifth of the message it keeps alive (``KEEP_RATIO``), else a copy of it. A
+    frame held for long (its end stalled, its ring full) then never keeps alive more than five
+    times its own bytes, which the relay windows bound: a client cannot make a few held bytes
+    pin whole messages."""
+    if type(data) is memoryview and len(data) * KEEP_RATIO < memoryview(data.obj).nbytes:
         return bytes(data)
     return data
 
