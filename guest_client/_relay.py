@@ -175,13 +175,14 @@ class Link:
                 # Round robin: an end with more than this message takes goes to the back.
                 for _ in range(len(ready)):
                     pipe = ready.popleft()
-                    # Frames of one end while it has data and the message has room: a lone
-                    # busy end fills the message (four 256 KiB frames), and every message
-                    # costs each process on its way far more than its bytes do.
+                    # Frames of one end while it has data, the message has room and no other
+                    # end waits: a lone busy end fills the message (four 256 KiB frames), as
+                    # every message costs each process on its way far more than its bytes do;
+                    # busy ends side by side still take a frame each in turn.
                     while True:
                         took = pipe.frames(frames, budget)
                         budget -= took
-                        if not took or budget <= 0 or not pipe.pending():
+                        if not took or budget <= 0 or ready or not pipe.pending():
                             break
                     if pipe.pending():
                         ready.append(pipe)

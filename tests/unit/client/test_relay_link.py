@@ -155,3 +155,21 @@ def test_a_lone_busy_end_fills_each_request(link: tuple[Link, _FakeCall]) -> Non
             sent += frame.data
     assert bytes(sent) == data
     assert sizes == [MAX_REQUEST_DATA, len(data) - MAX_REQUEST_DATA]
+
+
+def test_busy_ends_side_by_side_take_a_frame_each_in_turn(link: tuple[Link, _FakeCall]) -> None:
+    """Two ends with much queued share each request frame by frame: neither waits behind a
+    whole request of the other's."""
+    link_, _call = link
+    pipes = []
+    for channel_id in (13, 14):
+        channel = _channel(channel_id, credited=True)
+        channel.relay_send_limit = 3 * MAX_REQUEST_DATA
+        pipes.append(link_.open_end(channel, 0))
+    for pipe in pipes:
+        pipe.tx.write_all(bytes(2 * MAX_FRAME_DATA), 5)
+    requests = link_._requests()
+    next(requests)  # the session
+    request = hvsock_pb2.SessionDataRequest.FromString(next(requests))
+    data_frames = [(f.channel_id, len(f.data)) for f in request.frames if f.data]
+    assert data_frames == [(13, MAX_FRAME_DATA), (14, MAX_FRAME_DATA)]
