@@ -204,8 +204,9 @@ async def test_a_stream_that_stops_reading_costs_only_its_own_channel() -> None:
         bound = DEFAULT_RELAY_WINDOW + (6 << 20)
         limit = _theirs.relay_send_limit
         sent = stalls = 0
-        reading: asyncio.Future[Any] | None = None  # kept across waits: cancelling a read
-        while sent < 2 * bound and stalls < 3:  # would cancel the whole stream
+        # A read is kept across waits for credit: cancelling one would cancel the stream.
+        reading: asyncio.Future[Any] | None = None
+        while sent < 2 * bound and stalls < 3:
             chunk = min(262144, limit - sent)
             if chunk <= 0:
                 reading = reading or asyncio.ensure_future(rs.read())
