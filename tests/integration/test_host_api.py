@@ -179,7 +179,7 @@ def test_the_host_serves_relayed_data_on_either_event_loop(
         vm = create_vm(host, "vm1")
         guest, root = attach_vm(host, vm), attach_host(host)
         g, h = open_pair(guest, root)
-        payload = bytes(range(256)) * 4096  # beyond the ring: credit must come back
+        payload = bytes(range(256)) * (2 * DEFAULT_RELAY_WINDOW // 256)  # beyond ring and window
         to_host, from_guest = RelayStream(guest, g.channel_id), RelayStream(root, h.channel_id)
         writer = threading.Thread(target=lambda: (to_host.send_all(payload), to_host.send_fin()))
         writer.start()
