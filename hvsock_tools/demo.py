@@ -49,7 +49,7 @@ HOST_ECHO_PORT = 7001  # the host's echo service (a vsock-template service id)
 VM_ECHO_PORT = 7002  # each VM's echo service
 BUFFER = 256 * 1024  # SO_SNDBUF/SO_RCVBUF asked for: 64-page rings (default rings are small)
 CHUNK = 64 * 1024
-WINDOW = 128 * 1024  # echo bytes in flight per connection: half a 64-page ring
+WINDOW = 128 * 1024  # `testbed stream`'s echo bytes in flight: half a 64-page ring
 
 
 # ---- a private host service ----------------------------------------------------------------
@@ -246,8 +246,9 @@ def echo_client(
     """Connect, send ``nbytes`` of random data, read the echo back; a result dict
     (``on_connected(sock)`` runs once the connection is up, before any data).
 
-    At most ``WINDOW`` bytes are in flight (sent, not yet echoed back), less than one ring, so
-    the echo server's sends always find room and neither side waits on the other.
+    Full duplex, as a program measuring a stream would be: a thread sends while this one
+    reads, so the echo server's sends always drain and what is in flight is bounded only by
+    the connection's own flow control (the rings, and a relayed end's window).
     """
     result: dict[str, Any] = {"connected": False, "bytes": 0, "seconds": 0.0, "ok": False}
     pattern = os.urandom(CHUNK + 251)
@@ -255,6 +256,20 @@ def echo_client(
     got_hash = hashlib.sha256()
     received = 0
     start = time.perf_counter()
+
+    def send_all(sock: Any) -> None:
+        sent = 0
+        try:
+            while sent < nbytes:
+                offset = sent % 251  # vary the content from chunk to chunk
+                piece = memoryview(pattern)[offset : offset + min(CHUNK, nbytes - sent)]
+                sock.sendall(piece)
+                sent_hash.update(piece)
+                sent += len(piece)
+            sock.shutdown(hv.SHUT_WR)
+        except OSError:
+            pass  # the reader sees the connection end and says how
+
     try:
         sock = partition.socket()
         _ask_for_big_rings(sock)
@@ -265,23 +280,17 @@ def echo_client(
             if on_connected is not None:
                 on_connected(sock)
             buf = bytearray(CHUNK)
-            sent = 0
             start = time.perf_counter()
-            while True:
-                if sent < nbytes and sent - received + CHUNK <= WINDOW:
-                    offset = sent % 251  # vary the content from chunk to chunk
-                    piece = memoryview(pattern)[offset : offset + min(CHUNK, nbytes - sent)]
-                    sock.sendall(piece)
-                    sent_hash.update(piece)
-                    sent += len(piece)
-                    if sent == nbytes:
-                        sock.shutdown(hv.SHUT_WR)
-                    continue
-                n = sock.recv_into(buf)
-                if not n:
-                    break
-                got_hash.update(memoryview(buf)[:n])
-                received += n
+            sender = threading.Thread(target=send_all, args=(sock,), name="echo-send")
+            sender.start()
+            try:
+                while n := sock.recv_into(buf):
+                    got_hash.update(memoryview(buf)[:n])
+                    received += n
+            finally:
+                # A reset or rescind fails the sender's sendall too; a peer that closed early
+                # (EPIPE there) is told by the short count below, as a truncated echo.
+                sender.join()
     except OSError as exc:
         # After the connect, say how far the echo got: "reset after 3 MiB" is a different
         # story from "refused".

@@ -328,6 +328,38 @@ def test_a_truncated_echo_says_so_with_the_byte_count(host: HostProcess) -> None
         root.close()
 
 
+def test_the_echo_client_keeps_sending_while_nothing_comes_back(host: HostProcess) -> None:
+    """Full duplex: a server that echoes only once it has read everything (a store and
+    forward) still gets all of it, as it would from any program that streams; a client that
+    stopped sending once some bytes were in flight would wait on it forever."""
+    created = host.create_vm()
+    vm = hv.attach(host.target, vm_id=created.partition.vm_id, token=created.token)
+    root = hv.attach_host(host.target, token=host.token)
+    service = hv.service_id_for_port(7101)
+    try:
+        listener = vm.socket()
+        listener.bind((hv.HV_GUID_WILDCARD, service))
+        listener.listen(1)
+
+        def store_then_echo() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                stored = bytearray()
+                while data := conn.recv(65536):
+                    stored += data
+                conn.sendall(stored)
+
+        server = threading.Thread(target=store_then_echo, daemon=True)
+        server.start()
+        result = echo_client(root, (vm.vm_id, service), 2_000_000)
+        server.join(10)
+        assert result["ok"] and result["bytes"] == 2_000_000, result
+        listener.close()
+    finally:
+        vm.close()
+        root.close()
+
+
 def test_summary_rows_and_table_for_a_failed_echo() -> None:
     failed = {
         "ok": False,
