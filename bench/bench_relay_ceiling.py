@@ -52,9 +52,8 @@ on the peer's stream and, on its accept, answers ``opened`` to both: five tiny m
 connect, many in flight. Its rate is the most bench_scale's ``connect+accept per second`` can
 reach, and its server CPU per connect is the part of the host's that is gRPC's alone.
 
-And the testbed's echo (``hvsock_tools.demo.echo_client``: ``CHUNK`` sends, at most ``WINDOW``
-bytes sent and not yet echoed) from a sync grpcio client to the grpc.aio echo, one message per
-send, every byte echoed by the server itself: the shape of the testbed summary's ``vm-windows``
+And the testbed's echo (``hvsock_tools.demo.echo_client``: ``CHUNK`` sends, full duplex) from
+a sync grpcio client to the grpc.aio echo, one message per send, every byte echoed by the server itself: the shape of the testbed summary's ``vm-windows``
 line (a relayed VM, one sync grpcio process) with no host hop, no rings and none of hv_sock's
 16 KiB deliveries:
 
@@ -99,7 +98,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from host_service.core.relay import DEFAULT_RELAY_WINDOW, MAX_FRAME_DATA
 from hvsock_common import grpc_io
 from hvsock_tools.demo import CHUNK as ECHO_CHUNK
-from hvsock_tools.demo import WINDOW as ECHO_WINDOW
 from ring import shm
 
 SIZES = [16384, 65536, 262144]
@@ -460,28 +458,16 @@ RTT_KINDS = {
 
 
 def _echo(channel: grpc.Channel, nbytes: int) -> float:
-    """One windowed echo of ``nbytes`` or so (whole sends; the testbed's shape); its rate in
-    MB/s."""
-    lock = threading.Condition()
-    sent = received = 0
+    """One echo of ``nbytes`` or so (whole sends; the testbed's shape: full duplex, in flight
+    what gRPC's flow control lets through); its rate in MB/s."""
+    sends = nbytes // ECHO_CHUNK
     message = b"\xa5" * ECHO_CHUNK
-
-    def sends() -> Iterator[bytes]:
-        nonlocal sent
-        while sent < nbytes:
-            with lock:
-                while sent - received + ECHO_CHUNK > ECHO_WINDOW:
-                    lock.wait()
-                sent += ECHO_CHUNK
-            yield message
-
     began = time.perf_counter()
-    for answer in channel.stream_stream("/ceiling.Relay/Echo")(sends()):
-        with lock:
-            received += len(answer)
-            lock.notify()
-    if received != sent:
-        raise RuntimeError(f"echo: {received} of {sent} bytes came back")
+    received = 0
+    for answer in channel.stream_stream("/ceiling.Relay/Echo")(message for _ in range(sends)):
+        received += len(answer)
+    if received != sends * ECHO_CHUNK:
+        raise RuntimeError(f"echo: {received} of {sends * ECHO_CHUNK} bytes came back")
     return received / (time.perf_counter() - began) / 1e6
 
 
@@ -641,7 +627,6 @@ def main() -> int:
         "frame": FRAME,
         "credit_every_bytes": CREDIT_EVERY,
         "echo_chunk": ECHO_CHUNK,
-        "echo_window": ECHO_WINDOW,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "loadavg": os.getloadavg(),
     }
