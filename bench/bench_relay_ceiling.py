@@ -52,10 +52,10 @@ on the peer's stream and, on its accept, answers ``opened`` to both: five tiny m
 connect, many in flight. Its rate is the most bench_scale's ``connect+accept per second`` can
 reach, and its server CPU per connect is the part of the host's that is gRPC's alone.
 
-And the testbed's echo (``hvsock_tools.demo.echo_client``: ``CHUNK`` sends, full duplex) from
-a sync grpcio client to the grpc.aio echo, one message per send, every byte echoed by the server itself: the shape of the testbed summary's ``vm-windows``
-line (a relayed VM, one sync grpcio process) with no host hop, no rings and none of hv_sock's
-16 KiB deliveries:
+And the testbed's echo (``hvsock_tools.demo.echo_client``: ``CHUNK`` sends, full duplex) from a
+sync grpcio client to the grpc.aio echo, one message per send, every byte echoed by the server
+itself: the shape of the testbed summary's ``vm-windows`` line (a relayed VM, one sync grpcio
+process) with no host hop, no rings and none of hv_sock's 16 KiB deliveries:
 
 - ``echo``: one echo alone;
 - ``echo x2``: two at once on one channel, as the VM runs them (its echo of the host program's
