@@ -22,6 +22,12 @@ ours:
   (the sync API pulls requests on its own thread, grpc.aio only from its event loop), so
   this hand-off is in every client of the relay: this is the most the guest library can
   reach.
+- ``forward``: both ends relayed: the same messages as ``grpc-raw``, through a grpc.aio server
+  that writes each to the stream of a second client, in a process of its own (the receiver),
+  and answers the sender 8 bytes per quarter window passed on, like the relay's credit. One
+  server process reads and writes every byte, as the host does between two relayed ends
+  (with no frames, protobuf, windows or sockets of ours): the most ``relay`` can reach
+  against bench_e2e's raw gRPC baseline.
 
 And the 64-byte round trip (p50), a message each way on one bidi stream from a sync client:
 
@@ -101,7 +107,7 @@ from hvsock_tools.demo import CHUNK as ECHO_CHUNK
 from ring import shm
 
 SIZES = [16384, 65536, 262144]
-THROUGHPUT_KINDS = ["grpc-raw", "bidi", "bidi+credit", "bidi+credit+thread"]
+THROUGHPUT_KINDS = ["grpc-raw", "bidi", "bidi+credit", "bidi+credit+thread", "forward"]
 FRAME = MAX_FRAME_DATA  # the relay's largest frame
 CREDIT_EVERY = DEFAULT_RELAY_WINDOW // 4  # bytes per credit answer (the relay's grant step)
 OPTIONS = [
@@ -159,6 +165,29 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         async for message in requests:
+            yield message
+
+    # ``forward``: the sender's messages on their way to the receiver's stream (bounded, as
+    # gRPC's flow control bounds the host's reads); b"" ends one receiver's stream.
+    forwarded: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    async def forward(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        total = granted = 0
+        async for message in requests:
+            await forwarded.put(message)
+            total += len(message)
+            if total - granted >= CREDIT_EVERY:
+                granted = total
+                yield total.to_bytes(8, "little")
+        await forwarded.put(b"")
+        yield total.to_bytes(8, "little")
+
+    async def forward_out(
+        request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        while message := await forwarded.get():
             yield message
 
     def relay(credit: bool) -> grpc.RpcMethodHandler:
@@ -250,6 +279,8 @@ def _aio_server(address: str, ready: Any, ring_fd: Any) -> None:
                         "bidi": relay(False),
                         "bidi+credit": relay(True),
                         "Echo": grpc.stream_stream_rpc_method_handler(echo),
+                        "forward": grpc.stream_stream_rpc_method_handler(forward),
+                        "ForwardOut": grpc.unary_stream_rpc_method_handler(forward_out),
                         "EchoViaRing": grpc.stream_stream_rpc_method_handler(via_ring),
                         "connect": connect_attach(False),
                         "connect+accept": connect_attach(True),
@@ -280,6 +311,15 @@ def _queued(outgoing: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
     """A request iterator fed from a queue (grpcio's sync calls read it on a thread of theirs)."""
     while (message := outgoing.get()) is not None:
         yield message
+
+
+def _forward_receiver(address: str, commands: Any) -> None:
+    """``forward``'s receiver, in a process of its own: for each command, read one ForwardOut
+    stream to its end and answer the bytes it carried."""
+    with grpc.insecure_channel(address, options=OPTIONS) as channel:
+        forward_out = channel.unary_stream("/ceiling.Relay/ForwardOut")
+        while commands.recv():
+            commands.send(sum(len(message) for message in forward_out(b"")))
 
 
 def _accepting_peer(address: str, method: str) -> None:
@@ -350,8 +390,9 @@ def _connect_cycles(
 
 
 def _measure(
-    channel: grpc.Channel, kind: str, size: int, seconds: float, server_pid: int
+    channel: grpc.Channel, kind: str, size: int, seconds: float, server_pid: int, receiver: Any
 ) -> dict[str, Any]:
+    """One throughput point (``receiver``: the pipe to ``forward``'s receiving process)."""
     if kind == "bidi+credit+thread":
         return _measure_from_thread(channel, size, seconds, server_pid)
     message = b"\xa5" * size
@@ -362,7 +403,7 @@ def _measure(
         nonlocal sent
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
-            if kind == "grpc-raw":
+            if kind in ("grpc-raw", "forward"):
                 yield message
             else:
                 yield from frames
@@ -372,6 +413,11 @@ def _measure(
     if kind == "grpc-raw":
         answer = channel.stream_unary("/ceiling.Raw/Push")(sends())
         received = int.from_bytes(answer, "little")
+    elif kind == "forward":
+        receiver.send(True)  # the receiver reads its stream while this one sends
+        for _credit in channel.stream_stream("/ceiling.Relay/forward")(sends()):
+            pass
+        received = receiver.recv()  # once every byte reached the receiver
     else:
         received = 0
         for answer in channel.stream_stream(f"/ceiling.Relay/{kind}")(sends()):
@@ -552,6 +598,11 @@ def run(
             target=_ring_echo, args=(servers["aio"].pid, ring_fd.value), daemon=True
         )
         servers["ring-echo"].start()
+        receiver, receiver_end = ctx.Pipe()
+        servers["forward-receiver"] = ctx.Process(
+            target=_forward_receiver, args=(addresses["aio"], receiver_end), daemon=True
+        )
+        servers["forward-receiver"].start()
         results: dict[str, Any] = {"throughput": {}, "rtt_p50_us": {}, "ratios": {}}
         try:
             channels = {n: grpc.insecure_channel(a, options=OPTIONS) for n, a in addresses.items()}
@@ -564,7 +615,7 @@ def run(
                         server = "sync" if kind == "grpc-raw" else "aio"
                         pid = servers[server].pid
                         assert pid is not None
-                        figure = _measure(channels[server], kind, size, seconds, pid)
+                        figure = _measure(channels[server], kind, size, seconds, pid, receiver)
                         measured.setdefault((kind, size), []).append(figure)
             for kind in THROUGHPUT_KINDS:
                 row = results["throughput"][kind] = {}
