@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     token = host_token(args)
     run_on(args.event_loop, serve(args, token))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -51,10 +52,28 @@ def _relay_window(text: str) -> int:
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 
-def _event_loop(text: str) -> str:
-    if text not in EVENT_LOOPS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(EVENT_LOOPS)}, not {text!r}")
-    return text
+#: How the host logs: lines of text, or one JSON object per line.
+LOG_FORMATS = ("text", "json")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A type for a flag with fixed values (an environment value is checked by it as well)."""
+
+    def check(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, not {text!r}")
+        return text
+
+    return check
+
+
+def _log_level(text: str) -> str:
+    """A logging level's name, in either case (``info``, ``DEBUG``)."""
+    names = logging.getLevelNamesMapping()
+    if text.upper() not in names:
+        known = ", ".join(name for name in names if name not in ("NOTSET", "WARN", "FATAL"))
+        raise argparse.ArgumentTypeError(f"must be a logging level ({known}), not {text!r}")
+    return text.upper()
 
 
 def _port(text: str) -> int:
@@ -248,14 +267,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.option(
         "--event-loop",
-        type=_event_loop,
+        type=_one_of(EVENT_LOOPS),
         default=EVENT_LOOPS[0],
         metavar="LOOP",
         help="the event loop the host runs on: uvloop (its loop in C: less CPU for every relayed "
         "frame and connect) or asyncio (the standard library's)",
     )
-    p.option("--log-level", default="INFO", help="logging level")
-    p.option("--log-format", default="text", help="text, or json for one JSON object per line")
+    p.option("--log-level", type=_log_level, default="INFO", metavar="LEVEL", help="logging level")
+    p.option(
+        "--log-format",
+        type=_one_of(LOG_FORMATS),
+        default=LOG_FORMATS[0],
+        metavar="FORMAT",
+        help="text, or json for one JSON object per line",
+    )
     args = parser.parse_args(argv)
     if p.env_errors:
         parser.error("bad environment: " + "; ".join(p.env_errors))
@@ -265,8 +290,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--tls-ca needs --tls-cert and --tls-key")
     if args.connect_timeout_ms > 300_000:
         parser.error("--connect-timeout-ms is at most 300000")
-    if args.log_format not in ("text", "json"):
-        parser.error("--log-format must be text or json")
     if args.host_token_file is None:
         args.host_token_file = default_host_token_file()
     return args

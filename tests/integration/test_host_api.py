@@ -196,6 +196,9 @@ def test_the_host_serves_relayed_data_on_either_event_loop(
         ([], {"HVSOCK_RELAY_WINDOW_BUDGET": "lots"}, "HVSOCK_RELAY_WINDOW_BUDGET"),
         (["--event-loop", "trio"], {}, "must be one of uvloop, asyncio, not 'trio'"),
         ([], {"HVSOCK_EVENT_LOOP": "twisted"}, "HVSOCK_EVENT_LOOP='twisted'"),
+        (["--log-level", "chatty"], {}, "must be a logging level (CRITICAL, ERROR, WARNING"),
+        ([], {"HVSOCK_LOG_LEVEL": "loud"}, "HVSOCK_LOG_LEVEL='loud'"),
+        (["--log-format", "xml"], {}, "must be one of text, json, not 'xml'"),
     ],
 )
 def test_a_bad_setting_is_a_usage_error(
