@@ -30,6 +30,7 @@ from guest_client import DATA_PATH_NAMES, PERSONALITIES
 from hvsock.v1 import hvsock_pb2
 from hvsock_common import addresses
 from hvsock_common.conventions import DEFAULT_TARGET
+from hvsock_common.errors import BadAddress
 
 from . import proxies, run
 from ._api import Client, CliError, describe_rpc_error, open_channel
@@ -186,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", cmd_vms_resume, "resume a paused or stopped VM"),
         ("stop", cmd_vms_stop, "turn a VM off: rescind its channels and detach it"),
     ):
-        command(vm_commands, name, handler, text).add_argument("vm_id", metavar="VM_ID")
+        command(vm_commands, name, handler, text).add_argument(
+            "vm", metavar="VM", help="a VM id, or a VM's name (in any case)"
+        )
 
     services = commands.add_parser("services", help="the service registry")
     svc_commands = services.add_subparsers(dest="services_command", required=True, metavar="ACTION")
@@ -199,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument("service_id", metavar="SERVICE_ID")
 
     channels = command(commands, "channels", cmd_channels, "list channels (like ss)")
-    channels.add_argument("--vm", default="", metavar="VM_ID", help="only channels of this VM")
+    channels.add_argument(
+        "--vm", default="", metavar="VM", help="only channels of this VM (its id or name)"
+    )
 
     events = command(
         commands, "events", cmd_events, "follow lifecycle events until Ctrl-C (JSON lines)"
@@ -420,37 +425,50 @@ def cmd_vms_list(args: argparse.Namespace, client: Client) -> None:
         print(table(PARTITION_HEADERS, [partition_row(p) for p in partitions]))
 
 
+def vm_id_of(client: Client, vm: str) -> str:
+    """The VM id ``vm`` is: itself when it is one (the host checks it), else the id of the VM
+    with that name, compared ignoring case as the host compares names."""
+    try:
+        return addresses.parse_guid(vm)
+    except BadAddress:
+        pass
+    listed = client.call(client.admin.ListPartitions, hvsock_pb2.ListPartitionsRequest())
+    for partition in listed.partitions:
+        if partition.name and partition.name.casefold() == vm.casefold():
+            return str(partition.vm_id)
+    raise CliError("NOT_FOUND", f"no VM with id or name {vm!r} (see hvsock vms list)")
+
+
 def cmd_vms_get(args: argparse.Namespace, client: Client) -> None:
-    got = client.call(client.admin.GetPartition, hvsock_pb2.GetPartitionRequest(vm_id=args.vm_id))
+    vm_id = vm_id_of(client, args.vm)
+    got = client.call(client.admin.GetPartition, hvsock_pb2.GetPartitionRequest(vm_id=vm_id))
     show_partition(args, got.partition)
 
 
 def cmd_vms_delete(args: argparse.Namespace, client: Client) -> None:
-    client.call(client.admin.DeletePartition, hvsock_pb2.DeletePartitionRequest(vm_id=args.vm_id))
+    vm_id = vm_id_of(client, args.vm)
+    client.call(client.admin.DeletePartition, hvsock_pb2.DeletePartitionRequest(vm_id=vm_id))
     if args.json:
-        emit_json({"vm_id": args.vm_id, "deleted": True})
+        emit_json({"vm_id": vm_id, "deleted": True})
     else:
-        print(f"deleted {args.vm_id}")
+        print(f"deleted {vm_id}")
 
 
 def cmd_vms_pause(args: argparse.Namespace, client: Client) -> None:
-    done = client.call(
-        client.admin.PausePartition, hvsock_pb2.PausePartitionRequest(vm_id=args.vm_id)
-    )
+    vm_id = vm_id_of(client, args.vm)
+    done = client.call(client.admin.PausePartition, hvsock_pb2.PausePartitionRequest(vm_id=vm_id))
     show_partition(args, done.partition)
 
 
 def cmd_vms_resume(args: argparse.Namespace, client: Client) -> None:
-    done = client.call(
-        client.admin.ResumePartition, hvsock_pb2.ResumePartitionRequest(vm_id=args.vm_id)
-    )
+    vm_id = vm_id_of(client, args.vm)
+    done = client.call(client.admin.ResumePartition, hvsock_pb2.ResumePartitionRequest(vm_id=vm_id))
     show_partition(args, done.partition)
 
 
 def cmd_vms_stop(args: argparse.Namespace, client: Client) -> None:
-    done = client.call(
-        client.admin.StopPartition, hvsock_pb2.StopPartitionRequest(vm_id=args.vm_id)
-    )
+    vm_id = vm_id_of(client, args.vm)
+    done = client.call(client.admin.StopPartition, hvsock_pb2.StopPartitionRequest(vm_id=vm_id))
     show_partition(args, done.partition)
 
 
@@ -495,7 +513,8 @@ def cmd_services_unregister(args: argparse.Namespace, client: Client) -> None:
 
 
 def cmd_channels(args: argparse.Namespace, client: Client) -> None:
-    listed = client.call(client.admin.ListChannels, hvsock_pb2.ListChannelsRequest(vm_id=args.vm))
+    vm_id = vm_id_of(client, args.vm) if args.vm else ""
+    listed = client.call(client.admin.ListChannels, hvsock_pb2.ListChannelsRequest(vm_id=vm_id))
     channels = [channel_dict(c) for c in listed.channels]
     if args.json:
         emit_json({"channels": channels})

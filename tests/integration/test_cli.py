@@ -325,8 +325,24 @@ def test_vms_pause_resume_stop_delete(cli: Cli) -> None:
     assert cli.json("vms", "delete", second) == {"vm_id": second, "deleted": True}
 
 
+def test_vms_and_channels_take_a_vm_name_for_its_id(cli: Cli) -> None:
+    vm_id = new_vm(cli, "by-name")["vm_id"]
+    # Names are unique on a host ignoring case, and looked up so.
+    assert cli.json("vms", "get", "BY-NAME")["vm_id"] == vm_id
+    assert cli.json("vms", "pause", "by-name")["state"] == "paused"
+    assert cli.json("vms", "resume", "By-Name")["state"] == "running"
+    assert cli.json("channels", "--vm", "by-name") == {"channels": []}
+    assert cli.json("vms", "delete", "by-name") == {"vm_id": vm_id, "deleted": True}
+    gone = cli.fails("NOT_FOUND", "vms", "get", "by-name")
+    assert "no VM with id or name 'by-name'" in gone
+    assert "no VM with id or name 'nope'" in cli.fails("NOT_FOUND", "channels", "--vm", "nope")
+
+
 def test_vms_bad_input(cli: Cli) -> None:
-    assert "not a valid GUID" in cli.fails("INVALID_ARGUMENT", "vms", "get", "not-a-guid")
+    # Not a VM id: a name, and no VM has it.
+    assert "no VM with id or name 'not-a-guid'" in cli.fails(
+        "NOT_FOUND", "vms", "get", "not-a-guid"
+    )
     assert "not a valid GUID" in cli.fails(
         "INVALID_ARGUMENT", "vms", "create", "--name", "x", "--vm-id", "1234"
     )
@@ -458,7 +474,7 @@ def test_channels_table_and_json(cli: Cli, pair: Pair) -> None:
     other = new_vm(cli, "no-channels")["vm_id"]
     assert cli.json("channels", "--vm", other) == {"channels": []}
     assert cli.ok("channels", "--vm", other).splitlines()[1:] == []
-    cli.fails("INVALID_ARGUMENT", "channels", "--vm", "nope")
+    cli.fails("NOT_FOUND", "channels", "--vm", "nope")  # no VM has that name
 
 
 def test_stall(cli: Cli, pair: Pair) -> None:
