@@ -158,8 +158,10 @@ def parse_endpoint(text: str) -> Endpoint:
     if sep and scheme.lower() == "tcp":
         text = rest
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, not {text!r}")
+    if int(port) > 65535:
+        raise ValueError(f"not a TCP port: {port} (in {text!r}; 0-65535)")
     return PlainEndpoint(host=host.strip("[]") or "0.0.0.0", port=int(port))
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from hvsock_tools.bridge import Side
+from hvsock_tools.bridge import Side, parse_endpoint
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +82,19 @@ def test_bytes_and_eof_that_arrive_before_the_other_end_exists_are_passed_on() -
     accepted.buffer[:3] = b"end"
     accepted.buffer_updated(3)
     assert other_transport.written == b"GET /\nend"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("garbage", "expected HOST:PORT, not 'garbage'"),
+        ("tcp:127.0.0.1:http", "expected HOST:PORT, not '127.0.0.1:http'"),
+        ("tcp:127.0.0.1:99999", "not a TCP port: 99999 (in '127.0.0.1:99999'; 0-65535)"),
+        ("unix:", "unix: needs a path"),
+        ("hv:5", "expected hv:VM:SERVICE, not 'hv:5'"),
+    ],
+)
+def test_a_bad_endpoint_says_what_is_wrong(text: str, error: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_endpoint(text)
+    assert str(info.value) == error
