@@ -49,7 +49,6 @@ HOST_ECHO_PORT = 7001  # the host's echo service (a vsock-template service id)
 VM_ECHO_PORT = 7002  # each VM's echo service
 BUFFER = 256 * 1024  # SO_SNDBUF/SO_RCVBUF asked for: 64-page rings (default rings are small)
 CHUNK = 64 * 1024
-WINDOW = 128 * 1024  # `testbed stream`'s echo bytes in flight: half a 64-page ring
 
 
 # ---- a private host service ----------------------------------------------------------------

@@ -67,7 +67,7 @@ import guest_client as hv
 from hvsock.v1 import hvsock_pb2, hvsock_pb2_grpc
 from hvsock_common.conventions import TOKEN_METADATA
 
-from .demo import CHUNK, HOST_ECHO_PORT, VM_ECHO_PORT, WINDOW, echo_client, serve_echo
+from .demo import CHUNK, HOST_ECHO_PORT, VM_ECHO_PORT, echo_client, serve_echo
 
 HOST_ECHO = hv.service_id_for_port(HOST_ECHO_PORT)
 VM_ECHO = hv.service_id_for_port(VM_ECHO_PORT)
@@ -78,6 +78,8 @@ NOT_YET = (ConnectionRefusedError, TimeoutError, ConnectionResetError)
 #: refused at once; linux: no answer, so the connect times out).
 NO_SERVICE = ("ECONNREFUSED", "ETIMEDOUT")
 POLL = 1.0  # seconds between the host program's looks at the VM list
+#: `stream`'s echo bytes in flight: half a 64-page ring, so its sends never wait on its reads.
+STREAM_WINDOW = 128 * 1024
 #: The host program prints its table once every VM it echoed with has answered both ways, or,
 #: when one never does (a VM that died mid-echo, one that echoes later), once nothing changed
 #: for this long.
@@ -724,8 +726,8 @@ def stream_main(args: argparse.Namespace) -> int:
     buf = bytearray(CHUNK)
     sent = received = 0
     sock = partition.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * WINDOW)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * WINDOW)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * STREAM_WINDOW)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * STREAM_WINDOW)
     try:
         sock.connect((target, service))
         OUT.line(
@@ -734,7 +736,7 @@ def stream_main(args: argparse.Namespace) -> int:
         )
         deadline = time.monotonic() + args.seconds
         while time.monotonic() < deadline:
-            if sent - received + CHUNK <= WINDOW:
+            if sent - received + CHUNK <= STREAM_WINDOW:
                 sock.sendall(chunk)
                 sent += CHUNK
                 continue
