@@ -296,68 +296,62 @@ def test_echo_to_every_vm_skips_the_ones_without_an_echo_service(
     assert echoing["vm_name"] == "has-echo"
 
 
-def test_a_truncated_echo_says_so_with_the_byte_count(host: HostProcess) -> None:
+def _echo_with(
+    host: HostProcess, port: int, serve: Callable[[Any], None], nbytes: int
+) -> dict[str, Any]:
+    """``echo_client``'s result against a VM whose one connection ``serve(conn)`` answers."""
     created = host.create_vm()
     vm = hv.attach(host.target, vm_id=created.partition.vm_id, token=created.token)
     root = hv.attach_host(host.target, token=host.token)
-    service = hv.service_id_for_port(7100)
+    service = hv.service_id_for_port(port)
     try:
         listener = vm.socket()
         listener.bind((hv.HV_GUID_WILDCARD, service))
         listener.listen(1)
 
-        def echo_part_then_close() -> None:
+        def accept_and_serve() -> None:
             conn, _ = listener.accept()
             with conn:
-                got = 0
-                while got < 100_000:
-                    data = conn.recv(100_000 - got)
-                    conn.sendall(data)
-                    got += len(data)
+                serve(conn)
 
-        server = threading.Thread(target=echo_part_then_close, daemon=True)
+        server = threading.Thread(target=accept_and_serve, daemon=True)
         server.start()
-        result = echo_client(root, (vm.vm_id, service), 1_000_000)
+        result = echo_client(root, (vm.vm_id, service), nbytes)
         server.join(10)
-        assert result["connected"] and not result["ok"], result
-        assert result["truncated"] and result["bytes"] == 100_000, result
-        assert result["error"] == "truncated: 100000 of 1000000 bytes came back", result
         listener.close()
+        return result
     finally:
         vm.close()
         root.close()
+
+
+def test_a_truncated_echo_says_so_with_the_byte_count(host: HostProcess) -> None:
+    def echo_part_then_close(conn: Any) -> None:
+        got = 0
+        while got < 100_000:
+            data = conn.recv(100_000 - got)
+            conn.sendall(data)
+            got += len(data)
+
+    result = _echo_with(host, 7100, echo_part_then_close, 1_000_000)
+    assert result["connected"] and not result["ok"], result
+    assert result["truncated"] and result["bytes"] == 100_000, result
+    assert result["error"] == "truncated: 100000 of 1000000 bytes came back", result
 
 
 def test_the_echo_client_keeps_sending_while_nothing_comes_back(host: HostProcess) -> None:
     """Full duplex: a server that echoes only once it has read everything (a store and
     forward) still gets all of it, as it would from any program that streams; a client that
     stopped sending once some bytes were in flight would wait on it forever."""
-    created = host.create_vm()
-    vm = hv.attach(host.target, vm_id=created.partition.vm_id, token=created.token)
-    root = hv.attach_host(host.target, token=host.token)
-    service = hv.service_id_for_port(7101)
-    try:
-        listener = vm.socket()
-        listener.bind((hv.HV_GUID_WILDCARD, service))
-        listener.listen(1)
 
-        def store_then_echo() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                stored = bytearray()
-                while data := conn.recv(65536):
-                    stored += data
-                conn.sendall(stored)
+    def store_then_echo(conn: Any) -> None:
+        stored = bytearray()
+        while data := conn.recv(65536):
+            stored += data
+        conn.sendall(stored)
 
-        server = threading.Thread(target=store_then_echo, daemon=True)
-        server.start()
-        result = echo_client(root, (vm.vm_id, service), 2_000_000)
-        server.join(10)
-        assert result["ok"] and result["bytes"] == 2_000_000, result
-        listener.close()
-    finally:
-        vm.close()
-        root.close()
+    result = _echo_with(host, 7101, store_then_echo, 2_000_000)
+    assert result["ok"] and result["bytes"] == 2_000_000, result
 
 
 def test_summary_rows_and_table_for_a_failed_echo() -> None:
