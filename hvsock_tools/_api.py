@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -99,3 +99,13 @@ def list_vms(channel: grpc.Channel, token: str, *, errno_code: int, doing: str) 
     except grpc.RpcError as exc:
         raise OSError(errno_code, f"{doing}: {exc.details()}") from None
     return [p for p in listed.partitions if not p.host]
+
+
+def vm_named(partitions: Iterable[Any], name: str) -> str | None:
+    """The VM id of the partition called ``name``, compared ignoring case as the host compares
+    names (they are unique so); None when none is."""
+    folded = name.casefold()
+    for partition in partitions:
+        if partition.name and partition.name.casefold() == folded:
+            return str(partition.vm_id)
+    return None

@@ -33,7 +33,7 @@ from hvsock_common.conventions import DEFAULT_TARGET
 from hvsock_common.errors import BadAddress
 
 from . import proxies, run
-from ._api import Client, CliError, describe_rpc_error, open_channel
+from ._api import Client, CliError, describe_rpc_error, open_channel, vm_named
 
 PAGE = 4096
 
@@ -427,15 +427,15 @@ def cmd_vms_list(args: argparse.Namespace, client: Client) -> None:
 
 def vm_id_of(client: Client, vm: str) -> str:
     """The VM id ``vm`` is: itself when it is one (the host checks it), else the id of the VM
-    with that name, compared ignoring case as the host compares names."""
+    with that name."""
     try:
         return addresses.parse_guid(vm)
     except BadAddress:
         pass
     listed = client.call(client.admin.ListPartitions, hvsock_pb2.ListPartitionsRequest())
-    for partition in listed.partitions:
-        if partition.name and partition.name.casefold() == vm.casefold():
-            return str(partition.vm_id)
+    vm_id = vm_named(listed.partitions, vm)
+    if vm_id is not None:
+        return vm_id
     raise CliError("NOT_FOUND", f"no VM with id or name {vm!r} (see hvsock vms list)")
 
 

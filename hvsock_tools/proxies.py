@@ -14,7 +14,7 @@ from typing import Any
 
 from guest_client import Partition, attach, attach_host, find_token
 
-from ._api import CliError, list_vms, open_channel, tls_credentials
+from ._api import CliError, list_vms, open_channel, tls_credentials, vm_named
 from .bridge import _VM_NAME, Bridge, HvEndpoint, PlainEndpoint, _guid, parse_endpoint, parse_vm
 from .hybrid import HybridVsock
 
@@ -135,11 +135,10 @@ def _vm_resolver(args: Any) -> Callable[[str], str]:
             vms = list_vms(
                 channel, token, errno_code=errno.EHOSTUNREACH, doing=f"looking up VM {name!r}"
             )
-        # Names are unique on a host ignoring case, as the host compares them.
-        for partition in vms:
-            if partition.name.casefold() == name.casefold():
-                return str(partition.vm_id)
-        raise OSError(errno.EHOSTUNREACH, f"no VM named {name!r}")
+        vm_id = vm_named(vms, name)
+        if vm_id is None:
+            raise OSError(errno.EHOSTUNREACH, f"no VM named {name!r}")
+        return vm_id
 
     return resolve
 
